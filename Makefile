@@ -1,0 +1,29 @@
+# `make run`: set everything up and run the pipeline in process (SQLite, `airflow dags test`).
+# `make test`: set everything up and run the tests.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONF ?= {}
+
+.PHONY: setup run test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-base.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+run: setup
+	CONF='$(CONF)' scripts/run_local.sh
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) airflow_home .pytest_cache

@@ -1,0 +1,172 @@
+"""Evaluate the trained model on the test split.
+
+Writes ``metrics.json`` (test loss, accuracy, per-class accuracy, confusion
+matrix), ``confusion_matrix.png``, ``test_samples.png`` (a grid of test images
+with their predicted and true classes) and the same figures to TensorBoard
+under ``<run>/tensorboard/test``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from alexnet_tasks.atomic import atomic_write_bytes
+from alexnet_tasks.config import save_json
+from alexnet_tasks.shards import load_split, read_attrs, shard_path
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.json"
+CONFUSION_PNG = "confusion_matrix.png"
+SAMPLES_PNG = "test_samples.png"
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
+    return matrix
+
+
+def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    """Loss, accuracy, per-class accuracy and the confusion matrix from softmax outputs."""
+    if probabilities.shape != (len(labels), len(class_names)):
+        raise ValueError(
+            f"expected predictions of shape {(len(labels), len(class_names))}, got {probabilities.shape}"
+        )
+    picked = probabilities[np.arange(len(labels)), labels.astype(np.int64)]
+    loss = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+    predictions = probabilities.argmax(axis=1)
+    matrix = confusion_matrix(labels, predictions, len(class_names))
+    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    return {
+        "test_loss": loss,
+        "test_accuracy": float((predictions == labels).mean()),
+        "test_images": int(len(labels)),
+        "per_class_accuracy": {name: float(v) for name, v in zip(class_names, per_class)},
+        "confusion_matrix": matrix.tolist(),
+        "class_names": list(class_names),
+    }
+
+
+def confusion_figure(matrix: np.ndarray, class_names: list[str], accuracy: float) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    matrix = np.asarray(matrix)
+    fraction = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure, axes = plt.subplots(figsize=(8, 7), dpi=100)
+    image = axes.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axes.set_yticks(ticks, class_names)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(f"CIFAR-10 test confusion matrix (accuracy {accuracy:.1%})")
+    for row in ticks:
+        for column in ticks:
+            axes.text(
+                column, row, str(matrix[row, column]), ha="center", va="center", fontsize=8,
+                color="white" if fraction[row, column] > 0.5 else "black",
+            )
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def samples_figure(
+    images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, class_names: list[str]
+) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    count = min(32, len(labels))
+    columns = 8
+    rows = max(1, -(-count // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6), dpi=100, squeeze=False)
+    for slot, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if slot >= count:
+            continue
+        image = images[slot]
+        shown = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)  # undo standardization for display
+        axis.imshow(shown)
+        right = predictions[slot] == labels[slot]
+        axis.set_title(
+            f"{class_names[predictions[slot]]}\n({class_names[labels[slot]]})",
+            fontsize=7, color="green" if right else "red",
+        )
+    figure.suptitle("test images: predicted (true)", fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _write_tensorboard(log_dir: Path, metrics: dict, confusion_png: bytes, samples_png: bytes) -> None:
+    import tensorflow as tf
+
+    shutil.rmtree(log_dir, ignore_errors=True)  # a re-evaluation replaces, never duplicates
+    writer = tf.summary.create_file_writer(str(log_dir))
+    with writer.as_default():
+        tf.summary.scalar("test_loss", metrics["test_loss"], step=0)
+        tf.summary.scalar("test_accuracy", metrics["test_accuracy"], step=0)
+        for name, value in metrics["per_class_accuracy"].items():
+            tf.summary.scalar(f"test_accuracy_per_class/{name}", value, step=0)
+        for tag, png in (("confusion_matrix", confusion_png), ("test_samples", samples_png)):
+            tf.summary.image(tag, tf.expand_dims(tf.image.decode_png(png, channels=4), 0), step=0)
+    writer.flush()
+    writer.close()
+
+
+def evaluate(
+    model_path: Path,
+    shards_dir: Path,
+    run_dir: Path,
+    source_md5: str | None = None,
+    batch_size: int = 256,
+) -> dict:
+    """Evaluate ``model_path`` on ``test.h5``; returns the headline metrics and file paths."""
+    import keras
+
+    model_path, run_dir = Path(model_path), Path(run_dir)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: no trained model; run the train step first")
+    test_path = shard_path(shards_dir, "test")
+    images, labels = load_split(test_path, source_md5)
+    class_names = [str(name) for name in read_attrs(test_path)["class_names"]]
+    model = keras.models.load_model(model_path)
+    probabilities = np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
+    metrics = summarize(probabilities, labels, class_names)
+    metrics["model"] = str(model_path)
+
+    confusion_png = confusion_figure(np.array(metrics["confusion_matrix"]), class_names, metrics["test_accuracy"])
+    samples_png = samples_figure(images, labels, probabilities.argmax(axis=1), class_names)
+    atomic_write_bytes(run_dir / CONFUSION_PNG, confusion_png)
+    atomic_write_bytes(run_dir / SAMPLES_PNG, samples_png)
+    _write_tensorboard(run_dir / "tensorboard" / "test", metrics, confusion_png, samples_png)
+    save_json(run_dir / METRICS, metrics)
+    log.info(
+        "test accuracy %.4f  loss %.4f on %d images; worst class %s (%.3f)",
+        metrics["test_accuracy"], metrics["test_loss"], len(labels),
+        *min(metrics["per_class_accuracy"].items(), key=lambda item: item[1]),
+    )
+    return {
+        "metrics": str(run_dir / METRICS),
+        "confusion_matrix": str(run_dir / CONFUSION_PNG),
+        "test_accuracy": metrics["test_accuracy"],
+        "test_loss": metrics["test_loss"],
+    }
