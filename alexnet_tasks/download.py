@@ -285,7 +285,11 @@ def download(source_url: str, source_md5: str, artifacts_root: Path | None = Non
         batch_dir = work / "extracted" / BATCH_DIR
         if not batch_dir.is_dir():
             raise ArchiveError(f"{source_url}: archive has no {BATCH_DIR}/ folder")
-        data = load_cifar10(batch_dir)
+        try:
+            data = load_cifar10(batch_dir)
+        except ArchiveError as error:
+            # Name the member inside the source, not the temporary folder it was read from.
+            raise ArchiveError(str(error).replace(f"{work / 'extracted'}/", f"{source_url}!")) from None
         summary = {
             "source_md5": source_md5,
             "source_url": source_url,

@@ -39,16 +39,17 @@ class ShardError(ValueError):
 
 
 def standardize(images: np.ndarray) -> np.ndarray:
-    """``tf.image.per_image_standardization`` on a batch of NHWC images, in float32."""
-    values = images.astype(np.float32)
-    flat = values.reshape(len(values), -1)
-    mean = flat.mean(axis=1, dtype=np.float32)
-    variance = np.maximum(np.square(flat).mean(axis=1, dtype=np.float32) - np.square(mean), 0.0)
-    floor = np.float32(1.0 / np.sqrt(flat.shape[1]))
-    adjusted = np.maximum(np.sqrt(variance), floor)
-    flat -= mean[:, None]
-    flat /= adjusted[:, None]
-    return values
+    """``tf.image.per_image_standardization`` on a batch of NHWC images, returned as float32.
+
+    Same formula (mean 0, std 1, std floored at 1/sqrt(values per image));
+    the statistics are computed in float64, which avoids the cancellation
+    that float32 ``E[x^2] - E[x]^2`` suffers on nearly constant images.
+    """
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    mean = flat.mean(axis=1, keepdims=True)
+    variance = np.maximum(np.square(flat).mean(axis=1, keepdims=True) - np.square(mean), 0.0)
+    adjusted = np.maximum(np.sqrt(variance), 1.0 / np.sqrt(flat.shape[1]))
+    return ((flat - mean) / adjusted).astype(np.float32).reshape(images.shape)
 
 
 def shard_path(shards_dir: Path, split_name: str) -> Path:

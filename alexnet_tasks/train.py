@@ -61,18 +61,19 @@ class TrainSettings:
     nesterov: bool = False  # Nesterov momentum
     weight_decay: float | None = None  # decoupled weight decay per step, scaled by the lr
     label_smoothing: float = 0.0  # cross-entropy label smoothing
-    warmup_epochs: float = 0.0  # linear warm-up from 10% of the peak rate
+    warmup_epochs: float = 0.0  # linear warm-up from 10% of the peak rate (at most 20% of the run)
     cosine_decay: bool = False  # decay the rate to 0 along a half cosine after warm-up
     augment: bool = False  # random flip + translation, on the device
     mixed_precision: bool = False  # bfloat16 compute on a GPU (never on the CPU)
+    jit_compile: bool = True  # XLA-compile the train step (about 2x on the CPU at batch 256)
 
 
 RECIPE_DEFAULTS = {
     "reference": dict(epochs=50, batch_size=32, learning_rate=0.001),
     "fast": dict(
-        epochs=12,
-        batch_size=128,
-        learning_rate=0.02,
+        epochs=30,
+        batch_size=256,
+        learning_rate=0.04,
         momentum=0.9,
         nesterov=True,
         weight_decay=5e-4,
@@ -133,7 +134,8 @@ def learning_rate_schedule(settings: TrainSettings, steps_per_epoch: int):
     if not settings.cosine_decay and settings.warmup_epochs == 0:
         return settings.learning_rate
     total = settings.epochs * steps_per_epoch
-    warmup = min(int(settings.warmup_epochs * steps_per_epoch), total - 1)
+    # Warm up for warmup_epochs, but never for more than a fifth of a short run.
+    warmup = int(min(settings.warmup_epochs, 0.2 * settings.epochs) * steps_per_epoch)
     if settings.cosine_decay:
         return keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=settings.learning_rate * 0.1 if warmup else settings.learning_rate,
@@ -177,6 +179,7 @@ def compile_model(model, settings: TrainSettings, steps_per_epoch: int) -> None:
         if settings.label_smoothing
         else "sparse_categorical_crossentropy",
         metrics=["accuracy"],
+        jit_compile=settings.jit_compile,
     )
 
 

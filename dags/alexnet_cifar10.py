@@ -61,7 +61,7 @@ PARAMS = {
         minimum=1,
         maximum=1000,
         title="Epochs",
-        description="Passes over the training split; empty takes the recipe's (reference 50, fast 12).",
+        description="Passes over the training split; empty takes the recipe's (reference 50, fast 30).",
     ),
     "batch_size": Param(
         None,
@@ -69,7 +69,7 @@ PARAMS = {
         minimum=1,
         maximum=8192,
         title="Batch size",
-        description="Global batch size; empty takes the recipe's (reference 32, fast 128).",
+        description="Global batch size; empty takes the recipe's (reference 32, fast 256).",
     ),
     "learning_rate": Param(
         None,
@@ -77,7 +77,7 @@ PARAMS = {
         exclusiveMinimum=0,
         maximum=10,
         title="Learning rate",
-        description="Peak SGD learning rate; empty takes the recipe's (reference 0.001, fast 0.02).",
+        description="Peak SGD learning rate; empty takes the recipe's (reference 0.001, fast 0.04).",
     ),
     "image_size": Param(
         227,

@@ -1,0 +1,75 @@
+"""Shared fixtures: small official-format archives, a real HTTP server, an isolated Airflow home."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+from cifar_archive import write_archive  # noqa: E402
+
+# Keep TensorFlow quiet and deterministic enough for tiny runs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="session")
+def small_archive(tmp_path_factory) -> tuple[Path, str]:
+    """A 200-train / 60-test image archive in the official format: (path, md5)."""
+    return write_archive(tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz")
+
+
+@pytest.fixture
+def artifacts(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(root))
+    return root
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output readable
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve ``tmp_path / 'www'`` on 127.0.0.1; yields (folder, base_url)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def airflow_env(home: Path, artifacts: Path, **extra: str) -> dict[str, str]:
+    """Environment for an isolated Airflow (SQLite) running this project's DAG."""
+    env = dict(os.environ)
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__UNIT_TEST_MODE="False",
+        ALEXNET_ARTIFACTS=str(artifacts),
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    env.update(extra)
+    return env
+
+
+def airflow_bin() -> str:
+    return str(Path(sys.executable).with_name("airflow"))
