@@ -120,7 +120,12 @@ def _settings():
 
     context = get_current_context()
     config = PipelineConfig.from_dict(dict(context["params"]))
-    return config, Layout(), context["run_id"]
+    run_id = context["run_id"]
+    if run_id.startswith("__airflow_temporary_run_"):
+        # `airflow tasks test` makes a new temporary run id per call; key its outputs by
+        # the logical date instead, so that steps tested one by one find each other's.
+        run_id = f"tasks_test__{context['logical_date'].isoformat()}"
+    return config, Layout(), run_id
 
 
 @dag(

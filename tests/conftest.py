@@ -6,6 +6,7 @@ import functools
 import http.server
 import os
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -17,8 +18,12 @@ sys.path.insert(0, str(TESTS))
 
 from cifar_archive import write_archive  # noqa: E402
 
-# Keep TensorFlow quiet and deterministic enough for tiny runs.
+# Keep TensorFlow quiet, and give in-process Airflow imports an isolated home.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_AIRFLOW_HOME = tempfile.mkdtemp(prefix="alexnet-airflow-home-")
+os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +78,30 @@ def airflow_env(home: Path, artifacts: Path, **extra: str) -> dict[str, str]:
 
 def airflow_bin() -> str:
     return str(Path(sys.executable).with_name("airflow"))
+
+
+def prepare_shards(archive: tuple[Path, str], root: Path, **settings):
+    """Run download, split and build_shards for ``archive``; return (config, shards_dir)."""
+    from alexnet_tasks.config import Layout, PipelineConfig
+    from alexnet_tasks.download import download
+    from alexnet_tasks.shards import build_shards
+    from alexnet_tasks.split import split
+
+    path, md5 = archive
+    config = PipelineConfig(**{"source_url": str(path), "source_md5": md5, "validation_size": 50, **settings})
+    batch_dir = Path(download(str(path), md5, root)["batch_dir"])
+    manifest = split(batch_dir, config, root)["manifest"]
+    build_shards(batch_dir, manifest, config, root)
+    return config, Layout(root).shards(config)
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_archive, tmp_path_factory):
+    """One tiny real training (fast recipe, image_size 67, 3 epochs) shared by several tests."""
+    from alexnet_tasks.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    config, shards_dir = prepare_shards(small_archive, root, image_size=67, epochs=3, batch_size=16, learning_rate=0.01, recipe="fast")
+    run_dir = root / "runs" / "tiny"
+    result = train(shards_dir, run_dir, config)
+    return config, shards_dir, run_dir, result

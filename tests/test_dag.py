@@ -1,0 +1,147 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, airflow_bin, airflow_env
+from test_train import scalar_tags
+
+TASKS = ["download", "split", "build_shards", "train", "evaluate", "publish"]
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["alexnet_cifar10"]
+
+
+def test_tasks_edges_and_queues(dag):
+    assert [task.task_id for task in dag.tasks] == TASKS
+    for upstream, downstream in zip(TASKS, TASKS[1:]):
+        assert dag.get_task(upstream).downstream_task_ids == {downstream}
+    assert dag.get_task("train").queue == "gpu"
+    assert all(dag.get_task(t).queue != "gpu" for t in TASKS if t != "train")
+    assert dag.get_task("train").execution_timeout is not None
+
+
+def test_schedule_and_run_policy(dag):
+    assert dag.timetable.expression == "0 2 * * *" and str(dag.timetable.timezone) == "UTC"
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert dag.default_args["retries"] >= 2 and dag.default_args["retry_delay"].total_seconds() > 0
+    assert dag.doc_md and "AlexNet" in dag.doc_md and dag.tags
+
+
+def test_params_have_titles_descriptions_and_bounds(dag):
+    expected = {
+        "source_url", "source_md5", "recipe", "epochs", "batch_size", "learning_rate",
+        "image_size", "validation_size", "seed", "train_limit",
+    }
+    assert set(dag.params.keys()) == expected
+    for name in expected:
+        param = dag.params.get_param(name)
+        assert param.schema.get("title") and param.description, name
+    schema = {name: dag.params.get_param(name).schema for name in expected}
+    assert schema["image_size"]["minimum"] == 67
+    assert schema["epochs"]["minimum"] == 1 and schema["batch_size"]["minimum"] == 1
+    assert schema["learning_rate"]["exclusiveMinimum"] == 0
+    assert schema["validation_size"]["maximum"] < 50000
+    assert schema["source_md5"]["pattern"] == "^[0-9a-f]{32}$"
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("image_size", 66), ("epochs", 0), ("epochs", "ten"), ("learning_rate", 0), ("source_md5", "xyz"),
+     ("recipe", "turbo"), ("validation_size", 60000), ("train_limit", 5)],
+)
+def test_params_reject_bad_values_before_anything_runs(dag, name, value):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param(name).resolve(value)
+
+
+def test_parsing_is_light_and_fast():
+    code = (
+        "import sys, time\n"
+        "import airflow.sdk\n"
+        "from airflow.sdk import dag, task, Param, get_current_context\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('d', {str(ROOT / 'dags' / 'alexnet_cifar10.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "start = time.perf_counter(); spec.loader.exec_module(module); took = time.perf_counter() - start\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'h5py', 'numpy'))\n"
+        "print(took); print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.splitlines()
+    took, heavy = float(out[-2]), out[-1]
+    assert heavy == "", f"parsing imported {heavy}"
+    assert took < 1.0, f"parsing took {took:.2f} s"
+
+
+def _migrate(home: Path, artifacts: Path) -> dict:
+    env = airflow_env(home, artifacts)
+    subprocess.run([airflow_bin(), "db", "migrate"], env=env, check=True, capture_output=True)
+    return env
+
+
+def test_bad_params_through_dags_test_are_refused_naming_the_param(tmp_path):
+    env = _migrate(tmp_path / "home", tmp_path / "artifacts")
+    run = subprocess.run(
+        [airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps({"image_size": 12})],
+        env=env, capture_output=True, text=True,
+    )
+    assert run.returncode != 0
+    assert "image_size" in run.stdout + run.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.slow
+def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tmp_path):
+    path, md5 = small_archive
+    artifacts = tmp_path / "artifacts"
+    env = _migrate(tmp_path / "home", artifacts)
+    conf = {
+        "source_url": path.as_uri(), "source_md5": md5, "image_size": 67, "epochs": 1,
+        "validation_size": 50, "batch_size": 16, "recipe": "reference",
+    }
+    run = subprocess.run(
+        [airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    published = artifacts / "published"
+    latest = published / "latest"
+    assert latest.is_symlink()
+    metrics = json.loads((latest / "metrics.json").read_text())
+    assert metrics["test_images"] == 60 and 0 <= metrics["test_accuracy"] <= 1
+    [line] = [json.loads(l) for l in (published / "index.jsonl").read_text().splitlines()]
+    assert line["test_accuracy"] == metrics["test_accuracy"] and line["run_id"].startswith("manual__")
+    assert (latest / "model.keras").is_file() and (latest / "confusion_matrix.png").is_file()
+    tags = scalar_tags(latest / "tensorboard")
+    assert {"train/epoch_loss", "train/epoch_accuracy", "validation/epoch_loss", "validation/epoch_accuracy"} <= tags
+    assert "epoch   1/1" in run.stdout + run.stderr  # one progress line per epoch in the task log
+
+
+@pytest.mark.slow
+def test_each_step_runs_alone_with_tasks_test_and_finds_its_inputs(small_archive, tmp_path):
+    path, md5 = small_archive
+    artifacts = tmp_path / "artifacts"
+    env = _migrate(tmp_path / "home", artifacts)
+    params = {"source_url": str(path), "source_md5": md5, "image_size": 67, "epochs": 1,
+              "validation_size": 50, "batch_size": 16, "recipe": "reference"}
+    for task_id in TASKS:
+        run = subprocess.run(
+            [airflow_bin(), "tasks", "test", "alexnet_cifar10", task_id, "2026-11-28", "-t", json.dumps(params)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert run.returncode == 0 and "Traceback" not in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
+    latest = artifacts / "published" / "latest"
+    assert os.readlink(latest) == "runs/tasks_test__2026-11-28T00_00_00_00_00"
+    assert json.loads((latest / "metrics.json").read_text())["test_images"] == 60

@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+import pytest
+
+from alexnet_tasks.evaluate import confusion_matrix, evaluate, summarize
+from test_train import scalar_tags
+
+NAMES = ["a", "b", "c"]
+
+
+def test_summary_figures_from_known_predictions():
+    probabilities = np.array(
+        [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]
+    )
+    labels = np.array([0, 1, 1, 2])
+    metrics = summarize(probabilities, labels, NAMES)
+    assert metrics["test_accuracy"] == pytest.approx(0.75)
+    assert metrics["test_loss"] == pytest.approx(-np.mean(np.log([0.8, 0.8, 0.3, 0.6])))
+    assert metrics["per_class_accuracy"] == {"a": 1.0, "b": 0.5, "c": 1.0}
+    assert metrics["confusion_matrix"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    matrix = confusion_matrix(np.array([0, 0, 2]), np.array([1, 0, 2]), 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
+
+
+def test_wrong_prediction_shape_is_refused():
+    with pytest.raises(ValueError, match=r"expected predictions of shape \(2, 3\)"):
+        summarize(np.ones((2, 4)) / 4, np.array([0, 1]), NAMES)
+
+
+@pytest.mark.slow
+def test_evaluate_writes_metrics_picture_and_tensorboard(trained_run):
+    config, shards_dir, run_dir, _ = trained_run
+    result = evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_images"] == 60 and metrics["test_accuracy"] == result["test_accuracy"]
+    matrix = np.array(metrics["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 60
+    assert metrics["test_accuracy"] == pytest.approx(np.trace(matrix) / 60)
+    assert set(metrics["per_class_accuracy"]) == set(metrics["class_names"])
+    for picture in ("confusion_matrix.png", "test_samples.png"):
+        assert (run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tags = scalar_tags(run_dir / "tensorboard" / "test")
+    assert {"test/test_accuracy", "test/test_loss", "test/confusion_matrix"} <= tags
+    # Evaluating again replaces the test logs instead of duplicating them.
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    assert len(list((run_dir / "tensorboard" / "test").glob("events.out.tfevents.*"))) == 1
+
+
+def test_evaluate_without_a_model_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained model; run the train step first"):
+        evaluate(tmp_path / "model.keras", tmp_path, tmp_path)

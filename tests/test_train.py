@@ -1,0 +1,108 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.train import RECIPE_DEFAULTS, ShuffledBatches, resolve_settings
+from conftest import ROOT, prepare_shards
+
+pytestmark = pytest.mark.slow
+
+
+def scalar_tags(folder: Path) -> set[str]:
+    """Tags of every summary value in the TensorBoard event files under ``folder``."""
+    import tensorflow as tf
+
+    tags = set()
+    for events in folder.rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            tags.update(f"{events.parent.name}/{value.tag}" for value in event.summary.value)
+    return tags
+
+
+def test_recipes_resolve_with_explicit_overrides():
+    reference = resolve_settings(PipelineConfig(recipe="reference"))
+    assert (reference.epochs, reference.batch_size, reference.learning_rate) == (50, 32, 0.001)
+    assert reference.momentum == 0 and not reference.augment and reference.label_smoothing == 0
+    fast = resolve_settings(PipelineConfig(recipe="fast", epochs=3))
+    assert fast.epochs == 3 and fast.batch_size == RECIPE_DEFAULTS["fast"]["batch_size"] and fast.augment
+    assert not fast.mixed_precision and resolve_settings(PipelineConfig(recipe="fast"), gpus=1).mixed_precision
+
+
+def test_batches_cover_each_image_once_per_epoch_in_a_seeded_order():
+    images = np.arange(10, dtype=np.float32)[:, None]
+    labels = np.arange(10)
+    batches = ShuffledBatches(images, labels, batch_size=4, seed=1)
+    first = np.concatenate([batches[i][1] for i in range(len(batches))])
+    assert len(batches) == 3 and sorted(first) == list(range(10))
+    batches.on_epoch_end()
+    second = np.concatenate([batches[i][1] for i in range(len(batches))])
+    assert sorted(second) == list(range(10)) and list(first) != list(second)
+    resumed = ShuffledBatches(images, labels, batch_size=4, seed=1, first_epoch=1)
+    assert list(np.concatenate([resumed[i][1] for i in range(3)])) == list(second)
+
+
+def test_training_writes_model_history_config_and_tensorboard(trained_run):
+    import keras
+
+    config, shards_dir, run_dir, result = trained_run
+    assert result["epochs"] == 3 and result["resumed_from"] == 0
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(history[0])
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["pipeline"]["image_size"] == 67 and saved["train"]["recipe"] == "fast"
+    model = keras.models.load_model(run_dir / "model.keras")
+    assert model.input_shape == (None, 32, 32, 3) and "augmentation" not in [layer.name for layer in model.layers]
+    tags = scalar_tags(run_dir / "tensorboard")
+    assert {"train/epoch_loss", "train/epoch_accuracy", "validation/epoch_loss", "validation/epoch_accuracy"} <= tags
+    assert "train/epoch_learning_rate" in tags
+
+
+def test_tiny_training_learns_above_chance(trained_run):
+    history = json.loads((trained_run[2] / "history.json").read_text())
+    # Ten classes of distinct colours: three epochs must beat the 10% of guessing.
+    assert history[-1]["val_accuracy"] > 0.2
+
+
+def test_killed_training_resumes_from_its_last_completed_epoch(small_archive, tmp_path):
+    config, shards_dir = prepare_shards(
+        small_archive, tmp_path, image_size=67, epochs=4, batch_size=8, recipe="reference"
+    )
+    run_dir = tmp_path / "runs" / "killed"
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO)\n"
+        "from pathlib import Path\n"
+        "from alexnet_tasks.config import PipelineConfig\n"
+        "from alexnet_tasks.train import train\n"
+        f"train(Path({str(shards_dir)!r}), Path({str(run_dir)!r}), PipelineConfig(**{config.to_dict()!r}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = run_dir / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["epochs_done"] >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    time.sleep(0.5)  # into the next epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = json.loads(state.read_text())["epochs_done"]
+    assert 1 <= done < 4
+
+    from alexnet_tasks.train import train
+
+    result = train(shards_dir, run_dir, config)
+    assert result["resumed_from"] == done
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
+    assert len(list((run_dir / "checkpoints").glob("*.keras"))) == 1
