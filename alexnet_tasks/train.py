@@ -53,7 +53,7 @@ class TrainSettings:
 
     recipe: str  # "reference" or "fast"
     epochs: int  # passes over the train split
-    batch_size: int  # global batch (all replicas together)
+    batch_size: int  # global batch (per-replica batch x replicas)
     learning_rate: float  # peak learning rate (after warm-up) for the global batch
     image_size: int  # side the model resizes its 32x32 input to
     seed: int  # weight init, dropout, augmentation and shuffle order
@@ -194,13 +194,17 @@ def _save_model(model, path: Path) -> Path:
     return path
 
 
-def distribution_strategy():
-    """MirroredStrategy over every GPU when there are several, else the default strategy."""
+def distribution_strategy(devices: list[str] | None = None):
+    """MirroredStrategy over ``devices``, or over every GPU when there are several.
+
+    With one device or none, TensorFlow's default strategy.
+    """
     import tensorflow as tf
 
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy([device.name for device in gpus])
+    if devices is None:
+        devices = [device.name for device in tf.config.list_logical_devices("GPU")]
+    if len(devices) > 1:
+        return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.get_strategy()
 
 
@@ -270,8 +274,16 @@ def _restore(run_dir: Path, settings: TrainSettings):
 
 
 # --------------------------------------------------------------------------- step
-def train(shards_dir: Path, run_dir: Path, config: PipelineConfig) -> dict:
+def train(
+    shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: list[str] | None = None
+) -> dict:
     """Train on ``train.h5`` with ``validation.h5`` every epoch; write the model and logs.
+
+    ``devices``: train data-parallel over these (``["/cpu:0", "/cpu:1"]``);
+    by default over every GPU when the worker sees several. ``batch_size`` is
+    per replica: the global batch is ``batch_size x replicas`` and the learning
+    rate is scaled by the same factor (the linear scaling rule, with the
+    recipe's warm-up), so per-example updates match a single device.
 
     Returns ``{"model", "history", "config", "tensorboard", "epochs",
     "val_accuracy", "resumed_from", "seconds"}``.
@@ -295,8 +307,15 @@ def train(shards_dir: Path, run_dir: Path, config: PipelineConfig) -> dict:
     if settings.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
 
-    strategy = distribution_strategy()
+    strategy = distribution_strategy(devices)
     replicas = strategy.num_replicas_in_sync
+    if replicas > 1:
+        settings = dataclasses.replace(
+            settings,
+            batch_size=settings.batch_size * replicas,
+            learning_rate=settings.learning_rate * replicas,
+        )
+        save_json(run_dir / CONFIG, {"pipeline": config.to_dict(), "train": dataclasses.asdict(settings), "replicas": replicas})
     steps_per_epoch = math.ceil(len(train_labels) / settings.batch_size)
     restored = _restore(run_dir, settings)
     with strategy.scope():

@@ -106,3 +106,34 @@ def test_killed_training_resumes_from_its_last_completed_epoch(small_archive, tm
     history = json.loads((run_dir / "history.json").read_text())
     assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
     assert len(list((run_dir / "checkpoints").glob("*.keras"))) == 1
+
+
+def test_mirrored_strategy_on_two_logical_cpus_trains_and_saves_a_plain_model(small_archive, tmp_path):
+    import keras
+
+    config, shards_dir = prepare_shards(
+        small_archive, tmp_path, image_size=67, epochs=1, batch_size=8, recipe="reference"
+    )
+    run_dir = tmp_path / "runs" / "mirrored"
+    code = (
+        "import json, tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        "from pathlib import Path\n"
+        "from alexnet_tasks.config import PipelineConfig\n"
+        "from alexnet_tasks.train import train\n"
+        f"result = train(Path({str(shards_dir)!r}), Path({str(run_dir)!r}), PipelineConfig(**{config.to_dict()!r}),\n"
+        "               devices=['/cpu:0', '/cpu:1'])\n"
+        "print('RESULT', json.dumps(result))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["replicas"] == 2
+    assert saved["train"]["batch_size"] == 16 and saved["train"]["learning_rate"] == pytest.approx(0.002)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    model = keras.models.load_model(run_dir / "model.keras")  # no strategy scope here
+    probabilities = np.asarray(model.predict(np.zeros((3, 32, 32, 3), np.float32), verbose=0))
+    assert probabilities.shape == (3, 10)
