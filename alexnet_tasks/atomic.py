@@ -8,6 +8,7 @@ the next writer of the same artifact removes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -16,6 +17,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TEMP_MARK = ".tmp-"
+
+
+class DiskFullError(OSError):
+    """The filesystem holding an artifact ran out of space; nothing partial was kept."""
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    # h5py reports HDF5 write failures as OSError with the errno only in its message.
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+        isinstance(error, OSError) and ("No space left on device" in str(error) or "errno = 28" in str(error))
+    )
+
+
+def _disk_full(final: Path, error: BaseException) -> DiskFullError:
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on the filesystem of {final.parent} while writing {final.name}; "
+        f"nothing was kept. Free space there (or point ALEXNET_ARTIFACTS elsewhere) and rerun ({error})",
+    )
 
 
 def temp_sibling(path: Path) -> Path:
@@ -42,8 +62,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if _is_disk_full(error):
+            raise _disk_full(path, error) from None
         raise
     fsync_dir(path.parent)
     return path
@@ -84,8 +106,10 @@ def atomic_directory(final: Path) -> Iterator[Path]:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(error):
+            raise _disk_full(final, error) from None
         raise
 
 
@@ -100,3 +124,29 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive_pid_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold ``path`` locked with this process's pid in it; refuse if another live process holds it.
+
+    The kernel drops the lock when the holder dies, so a killed task never
+    blocks its retry, while a duplicate delivery of the same task is refused.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RuntimeError(f"{path}: process {holder} is already {what}; refusing to run twice") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

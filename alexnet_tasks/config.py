@@ -65,6 +65,7 @@ class PipelineConfig:
     validation_size: int = 5000  # images held out of the 50,000 training images, stratified
     seed: int = 42  # drives the split, the shuffle order and the weight initialisation
     train_limit: int | None = None  # optional cap on training images, for a quick run
+    max_train_minutes: float | None = None  # stop after the epoch that would overrun this budget
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PipelineConfig":
@@ -98,6 +99,7 @@ class PipelineConfig:
         _check_int("validation_size", self.validation_size, NUM_CLASSES, 49_000)
         _check_int("seed", self.seed, 0, 2**31 - 1)
         _check_int("train_limit", self.train_limit, NUM_CLASSES, 50_000, optional=True)
+        self._check_budget()
         if self.learning_rate is not None:
             if isinstance(self.learning_rate, bool) or not isinstance(
                 self.learning_rate, (int, float)
@@ -109,6 +111,14 @@ class PipelineConfig:
                 raise ValueError(
                     f"learning_rate must be in (0, 10], got {self.learning_rate!r}"
                 )
+
+    def _check_budget(self) -> None:
+        if self.max_train_minutes is None:
+            return
+        if isinstance(self.max_train_minutes, bool) or not isinstance(self.max_train_minutes, (int, float)):
+            raise ValueError(f"max_train_minutes must be a number, got {self.max_train_minutes!r}")
+        if not 0 < self.max_train_minutes <= 100_000:
+            raise ValueError(f"max_train_minutes must be in (0, 100000], got {self.max_train_minutes!r}")
 
     def check_against_source(self, train_images: int) -> None:
         """Raise ValueError when the split settings cannot fit the archive's training set."""

@@ -34,12 +34,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from alexnet_tasks.atomic import exclusive_pid_lock
 from alexnet_tasks.config import PipelineConfig, save_json
 from alexnet_tasks.shards import load_split, shard_path
 
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
+LOCK = "train.lock"
 CHECKPOINTS = "checkpoints"
 MODEL = "model.keras"
 HISTORY = "history.json"
@@ -209,7 +211,9 @@ def distribution_strategy(devices: list[str] | None = None):
 
 
 # --------------------------------------------------------------------------- callbacks
-def _callbacks(run_dir: Path, settings: TrainSettings, history: list[dict], train_images: int):
+def _callbacks(
+    run_dir: Path, settings: TrainSettings, history: list[dict], train_images: int, budget_seconds: float | None
+):
 
     class EpochLog(keras.callbacks.Callback):
         """One fixed-column line per epoch, and the learning rate into the logs."""
@@ -253,11 +257,23 @@ def _callbacks(run_dir: Path, settings: TrainSettings, history: list[dict], trai
                 if old != checkpoint:
                     old.unlink(missing_ok=True)
 
+    class TimeBudget(keras.callbacks.Callback):
+        """Stop after the epoch whose successor would overrun ``max_seconds`` of training."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if budget_seconds is None:
+                return
+            spent = sum(entry.get("epoch_seconds", 0.0) for entry in history)
+            if spent + (logs or {}).get("epoch_seconds", 0.0) > budget_seconds:
+                log.info("time budget of %.1f min reached after %d epochs; stopping", budget_seconds / 60, epoch + 1)
+                self.model.stop_training = True
+
     tensorboard = keras.callbacks.TensorBoard(
         log_dir=str(run_dir / TENSORBOARD), write_graph=False, update_freq="epoch"
     )
     # EpochLog first: it puts the learning rate into the logs TensorBoard and the state record.
-    return [EpochLog(), tensorboard, CommitEpoch()]
+    # TimeBudget before CommitEpoch, which appends the epoch to the history.
+    return [EpochLog(), tensorboard, TimeBudget(), CommitEpoch()]
 
 
 def _restore(run_dir: Path, settings: TrainSettings):
@@ -286,14 +302,20 @@ def train(
     recipe's warm-up), so per-example updates match a single device.
 
     Returns ``{"model", "history", "config", "tensorboard", "epochs",
-    "val_accuracy", "resumed_from", "seconds"}``.
+    "val_accuracy", "resumed_from", "seconds"}``. Refuses to run while another
+    live process trains the same ``run_dir`` (a duplicate task delivery).
     """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_pid_lock(run_dir / LOCK, "training this run"):
+        return _train(shards_dir, run_dir, config, devices)
+
+
+def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: list[str] | None) -> dict:
     import tensorflow as tf
 
     from alexnet_tasks.model import build_alexnet
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     gpus = len(tf.config.list_physical_devices("GPU"))
     settings = resolve_settings(config, gpus)
     save_json(run_dir / CONFIG, {"pipeline": config.to_dict(), "train": dataclasses.asdict(settings)})
@@ -339,13 +361,17 @@ def train(
     )
 
     started = time.monotonic()
-    if epochs_done < settings.epochs:
+    budget_seconds = config.max_train_minutes * 60 if config.max_train_minutes else None
+    spent = sum(entry.get("epoch_seconds", 0.0) for entry in history)
+    if budget_seconds is not None and spent >= budget_seconds:
+        log.info("time budget already spent (%.1f of %.1f min); not training further", spent / 60, budget_seconds / 60)
+    elif epochs_done < settings.epochs:
         model.fit(
             ShuffledBatches(train_images, train_labels, settings.batch_size, settings.seed, epochs_done),
             validation_data=ShuffledBatches(val_images, val_labels, 512, settings.seed, shuffle=False),
             epochs=settings.epochs,
             initial_epoch=epochs_done,
-            callbacks=_callbacks(run_dir, settings, history, len(train_labels)),
+            callbacks=_callbacks(run_dir, settings, history, len(train_labels), budget_seconds),
             verbose=0,
         )
     seconds = time.monotonic() - started

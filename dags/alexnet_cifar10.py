@@ -113,6 +113,14 @@ PARAMS = {
         title="Training image limit",
         description="Optional cap on training images (stratified) for a quick run; empty uses them all.",
     ),
+    "max_train_minutes": Param(
+        None,
+        type=["null", "number"],
+        exclusiveMinimum=0,
+        maximum=100000,
+        title="Training time budget (minutes)",
+        description="Optional: stop training after the epoch whose successor would overrun this many minutes.",
+    ),
 }
 
 
@@ -139,7 +147,7 @@ def _settings():
     default_args={
         "owner": "ml",
         "retries": 2,
-        "retry_delay": timedelta(minutes=2),
+        "retry_delay": timedelta(seconds=int(os.environ.get("ALEXNET_RETRY_DELAY_SECONDS", "120"))),
         "retry_exponential_backoff": True,
     },
     params=PARAMS,

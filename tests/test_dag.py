@@ -40,7 +40,7 @@ def test_schedule_and_run_policy(dag):
 def test_params_have_titles_descriptions_and_bounds(dag):
     expected = {
         "source_url", "source_md5", "recipe", "epochs", "batch_size", "learning_rate",
-        "image_size", "validation_size", "seed", "train_limit",
+        "image_size", "validation_size", "seed", "train_limit", "max_train_minutes",
     }
     assert set(dag.params.keys()) == expected
     for name in expected:

@@ -1,0 +1,301 @@
+"""Faults injected into real processes: kills, corruption, a full disk, reruns, concurrent runs.
+
+Bad archives (wrong MD5, truncated, HTML, unsafe members, forbidden pickle
+globals) are covered in test_download.py; bad params through
+``airflow dags test -c`` in test_dag.py and through the REST API below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import pytest
+
+from alexnet_tasks.atomic import DiskFullError
+from alexnet_tasks.config import Layout, PipelineConfig
+from alexnet_tasks.download import download
+from alexnet_tasks.publish import publish, read_index
+from alexnet_tasks.shards import ShardError, build_shards, load_split, shard_path
+from alexnet_tasks.split import split
+from cifar_archive import write_archive
+from conftest import ROOT, prepare_shards
+from test_publish import fake_run
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import cluster  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _temps(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if ".tmp-" in path.name]
+
+
+def _wait_for(predicate, timeout: float, what: str, process: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"process ended before {what}: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- 2. killed build_shards
+@pytest.fixture(scope="module")
+def big_archive(tmp_path_factory):
+    """12,000 images: big enough that building shards takes a moment."""
+    return write_archive(tmp_path_factory.mktemp("big") / "cifar-10-python.tar.gz", train_per_batch=2000, test_count=2000, seed=5)
+
+
+def test_killed_build_shards_leaves_nothing_trusted_and_rebuilds_identically(big_archive, tmp_path):
+    path, md5 = big_archive
+    root = tmp_path / "killed"
+    config = PipelineConfig(source_url=str(path), source_md5=md5, validation_size=1000)
+    batch_dir = Path(download(str(path), md5, root)["batch_dir"])
+    manifest = split(batch_dir, config, root)["manifest"]
+    code = (
+        "from pathlib import Path\n"
+        "from alexnet_tasks.config import PipelineConfig\n"
+        "from alexnet_tasks.shards import build_shards\n"
+        f"build_shards(Path({str(batch_dir)!r}), Path({manifest!r}), PipelineConfig(**{config.to_dict()!r}), Path({str(root)!r}))\n"
+    )
+    final = Layout(root).shards(config)
+    process = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE)
+    # Kill once the partial train.h5 holds data.
+    def partial_shard() -> bool:
+        return any(
+            (temp / "train.h5").is_file() and (temp / "train.h5").stat().st_size > 5_000_000
+            for temp in final.parent.glob(f"{final.name}.tmp-*")
+        )
+
+    _wait_for(partial_shard, 120, "a partial shard", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not final.exists(), "a killed build left a complete-looking shard folder"
+    assert _temps(final.parent), "expected the killed build's temporary folder"
+    with pytest.raises(ShardError, match="shard is missing"):
+        load_split(shard_path(final, "train"))
+
+    rebuilt = build_shards(batch_dir, Path(manifest), config, root)
+    assert rebuilt["reused"] is False and not _temps(final.parent)
+    reference = build_shards(batch_dir, Path(manifest), config, tmp_path / "uninterrupted")
+    for name in ("train", "validation", "test"):
+        ours, theirs = load_split(rebuilt[name]), load_split(reference[name])
+        assert hashlib.sha256(ours[0].tobytes()).digest() == hashlib.sha256(theirs[0].tobytes()).digest()
+        assert (ours[1] == theirs[1]).all()
+    assert (final / "images_sha256.json").read_text() == (Path(reference["shards_dir"]) / "images_sha256.json").read_text()
+
+
+# --------------------------------------------------------------------------- 3. corrupted shard
+def test_training_refuses_a_corrupted_shard_naming_it(small_archive, tmp_path):
+    from alexnet_tasks.train import train
+
+    config, shards_dir = prepare_shards(small_archive, tmp_path, image_size=67, epochs=1, batch_size=16)
+    train_shard = shard_path(shards_dir, "train")
+    import h5py
+
+    with h5py.File(train_shard, "r") as handle:
+        offset = handle["images"].id.get_chunk_info(0).byte_offset
+    with open(train_shard, "r+b") as raw:
+        raw.seek(offset + 77)
+        byte = raw.read(1)
+        raw.seek(offset + 77)
+        raw.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(ShardError, match=f"{train_shard}: shard data is corrupt"):
+        train(shards_dir, tmp_path / "runs" / "r", config)
+    # The next run's build_shards notices, rebuilds, and training can go on.
+    batch_dir = Layout(tmp_path).batches(config.source_md5)
+    rebuilt = build_shards(batch_dir, Layout(tmp_path).split(config) / "manifest.json", config, tmp_path)
+    assert rebuilt["reused"] is False and load_split(train_shard)[0].shape == (150, 32, 32, 3)
+
+
+# --------------------------------------------------------------------------- 4. killed publish
+def test_killed_publish_keeps_latest_on_the_previous_run(tmp_path):
+    published = tmp_path / "published"
+    publish(fake_run(tmp_path, "previous", 0.5), "previous", published)
+    big = fake_run(tmp_path, "big", 0.9)
+    with open(big / "model.keras", "wb") as handle:  # a large model makes the copy take a while
+        for _ in range(400):
+            handle.write(os.urandom(1 << 20))
+    code = (
+        "from pathlib import Path\n"
+        "from alexnet_tasks.publish import publish\n"
+        f"publish(Path({str(big)!r}), 'big', Path({str(published)!r}))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE)
+    _wait_for(lambda: _temps(published / "runs"), 60, "the publish copy to start", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert os.readlink(published / "latest") == "runs/previous"
+    assert [line["run_id"] for line in read_index(published)] == ["previous"]
+    assert (published / "index.jsonl").read_text().endswith("\n")
+    assert not (published / "runs" / "big").exists()
+    # Publishing again completes and cleans up the killed attempt.
+    publish(big, "big", published)
+    assert os.readlink(published / "latest") == "runs/big" and not _temps(published)
+    assert [line["run_id"] for line in read_index(published)] == ["previous", "big"]
+
+
+# --------------------------------------------------------------------------- 7. full disk
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 3 MiB tmpfs; skipped where this process may not mount one."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"needs the privilege to mount a tmpfs (root in a sandbox that allows mount): {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_gives_a_clear_error_and_no_truncated_artifact(small_archive, small_filesystem):
+    path, md5 = small_archive  # 0.8 MB archive, 1.6 MB extracted source, 4.5 MB of shards
+    root = small_filesystem / "artifacts"
+    config = PipelineConfig(source_url=str(path), source_md5=md5, validation_size=50)
+    batch_dir = Path(download(str(path), md5, root)["batch_dir"])
+    manifest = split(batch_dir, config, root)["manifest"]
+    with pytest.raises(DiskFullError, match=r"no space left on the filesystem of .* while writing shards-"):
+        build_shards(batch_dir, Path(manifest), config, root)
+    assert not Layout(root).shards(config).exists() and not _temps(root)
+    # What was complete before stays complete and usable.
+    assert split(batch_dir, config, root)["reused"] is True
+    assert download(str(path), md5, root)["reused"] is True
+    # A download that cannot fit fails the same way and leaves no source folder.
+    filler = small_filesystem / "filler"
+    free = shutil.disk_usage(small_filesystem).free
+    filler.write_bytes(b"\0" * max(free - 300_000, 0))
+    other, other_md5 = write_archive(small_filesystem.parent / "other.tar.gz", seed=9)
+    with pytest.raises(DiskFullError, match="no space left"):
+        download(str(other), other_md5, root)
+    assert not Layout(root).source(other_md5).exists() and not _temps(root)
+
+
+# --------------------------------------------------------------------------- 8. reruns
+def test_reruns_reuse_identical_data_artifacts(small_archive, tmp_path):
+    path, md5 = small_archive
+    config = PipelineConfig(source_url=str(path), source_md5=md5, validation_size=50, seed=11)
+
+    def data_steps(root: Path) -> tuple[dict, dict, dict]:
+        source = download(str(path), md5, root)
+        manifest = split(Path(source["batch_dir"]), config, root)
+        shards = build_shards(Path(source["batch_dir"]), Path(manifest["manifest"]), config, root)
+        return source, manifest, shards
+
+    first = data_steps(tmp_path / "a")
+    again = data_steps(tmp_path / "a")
+    assert [step["reused"] for step in first] == [False, False, False]
+    assert [step["reused"] for step in again] == [True, True, True]
+    elsewhere = data_steps(tmp_path / "b")
+    assert _file_digest(first[1]["manifest"]) == _file_digest(elsewhere[1]["manifest"])
+    for name in ("train", "validation", "test"):
+        assert _file_digest(first[2][name]) == _file_digest(elsewhere[2][name]), name
+
+
+# --------------------------------------------------------------------------- 1, 6, 9 on a real cluster
+def _run(api, run_id: str) -> dict:
+    return api.get(f"/api/v2/dags/alexnet_cifar10/dagRuns/{urllib.parse.quote(run_id)}")
+
+
+def _wait_runs(api, run_ids: list[str], timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [_run(api, run_id) for run_id in run_ids]
+        if all(run["state"] in ("success", "failed") for run in runs):
+            return runs
+        assert time.monotonic() < deadline, runs
+        time.sleep(1)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(small_archive, http_server, tmp_path, monkeypatch):
+    path, md5 = small_archive
+    folder, base = http_server
+    shutil.copy(path, folder / "cifar.tar.gz")
+    artifacts = tmp_path / "artifacts"
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(artifacts))
+    monkeypatch.setenv("ALEXNET_SCHEDULE", "none")
+    monkeypatch.setenv("ALEXNET_RETRY_DELAY_SECONDS", "2")
+    monkeypatch.setenv("ALEXNET_MAX_ACTIVE_RUNS", "2")  # case 9 needs two runs at once
+    database = f"alexnet_faults_{os.getpid()}"
+    args = argparse.Namespace(dir=str(tmp_path / "cluster"), port=cluster.free_port(), database=database, redis_db=12, timeout=300)
+    state = cluster.start(args)
+    try:
+        api = cluster.client(state)
+        _wait_for(lambda: _try(lambda: api.get("/api/v2/dags/alexnet_cifar10")), 180, "the DAG to be parsed")
+        api.patch("/api/v2/dags/alexnet_cifar10", {"is_paused": False})
+        conf = {"source_url": f"{base}/cifar.tar.gz", "source_md5": md5, "image_size": 67,
+                "validation_size": 50, "batch_size": 8, "recipe": "reference"}
+        runs_url = "/api/v2/dags/alexnet_cifar10/dagRuns"
+
+        # 6. Bad params through the REST API: refused, naming the param; nothing runs.
+        for bad in ({"image_size": 12}, {"epochs": "ten"}, {"learning_rate": -1}):
+            with pytest.raises(RuntimeError, match=rf"HTTP 400.*{next(iter(bad))}"):
+                api.post(runs_url, {"logical_date": None, "conf": {**conf, **bad}})
+        assert api.get(runs_url)["total_entries"] == 0
+
+        # 1. SIGKILL the training process mid-epoch; the retry resumes from the last completed epoch.
+        run_id = api.post(runs_url, {"logical_date": None, "conf": {**conf, "epochs": 3}})["dag_run_id"]
+        run_dir = Layout(artifacts).run(run_id)
+        state_path, lock = run_dir / "state.json", run_dir / "train.lock"
+        _wait_for(lambda: state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= 1, 600, "epoch 1")
+        time.sleep(0.3)
+        done_at_kill = json.loads(state_path.read_text())["epochs_done"]
+        assert done_at_kill < 3, "training finished before it could be killed"
+        os.kill(int(lock.read_text()), signal.SIGKILL)
+        [run] = _wait_runs(api, [run_id], 900)
+        assert run["state"] == "success", run
+        train_ti = api.get(f"{runs_url}/{urllib.parse.quote(run_id)}/taskInstances/train")
+        assert train_ti["try_number"] == 2, train_ti
+        history = json.loads((run_dir / "history.json").read_text())
+        assert [entry["epoch"] for entry in history] == [1, 2, 3]
+        attempt_log = next((Path(state["dir"]) / "home" / "logs").rglob("task_id=train/attempt=2.log")).read_text()
+        assert f"resuming from the checkpoint of epoch {done_at_kill}/3" in attempt_log
+
+        # 9. Two runs at once (max_active_runs=2) keep their outputs apart.
+        # Same data settings (both race to build the same content-addressed data), other learning rates.
+        pair = [api.post(runs_url, {"logical_date": None, "conf": {**conf, "epochs": 1, "seed": 7, "learning_rate": rate}})["dag_run_id"]
+                for rate in (0.001, 0.002)]
+        finished = _wait_runs(api, pair, 900)
+        assert [run["state"] for run in finished] == ["success", "success"], finished
+        starts = sorted(finished, key=lambda run: run["start_date"])
+        assert starts[1]["start_date"] < starts[0]["end_date"], "the two runs did not overlap"
+        models = [_file_digest(Layout(artifacts).run(run_id) / "model.keras") for run_id in pair]
+        assert models[0] != models[1]
+        for concurrent_id in pair:
+            published = artifacts / "published" / "runs" / Layout(artifacts).run(concurrent_id).name
+            assert json.loads((published / "metrics.json").read_text())["test_images"] == 60
+        assert sorted(line["run_id"] for line in read_index(artifacts / "published")) == sorted([run_id, *pair])
+        assert not _temps(artifacts)
+    finally:
+        cluster.stop(argparse.Namespace(dir=args.dir))
+        cluster.drop_database(database)
+        cluster.flush_redis(12)
+
+
+def _try(call):
+    try:
+        return call() or True
+    except RuntimeError:
+        return False
