@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONF ?= {}
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup run test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) airflow_home .pytest_cache

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
 import http.server
 import os
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,35 @@ def trained_run(small_archive, tmp_path_factory):
     run_dir = root / "runs" / "tiny"
     result = train(shards_dir, run_dir, config)
     return config, shards_dir, run_dir, result
+
+
+@contextlib.contextmanager
+def native_cluster(folder: Path, name: str, redis_db: int):
+    """Start scripts/cluster.py's cluster in ``folder``; yield (state, REST client) with the DAG unpaused.
+
+    Settings come from the environment (ALEXNET_ARTIFACTS, ALEXNET_SCHEDULE, ...),
+    so set those first. Stops the cluster and drops its database and Redis db after.
+    """
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import cluster
+
+    database = f"alexnet_{name}_{os.getpid()}"
+    args = argparse.Namespace(dir=str(folder), port=cluster.free_port(), database=database,
+                              redis_db=redis_db, timeout=300)
+    state = cluster.start(args)
+    try:
+        api = cluster.client(state)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                api.get("/api/v2/dags/alexnet_cifar10")
+                break
+            except RuntimeError:
+                assert time.monotonic() < deadline, "the dag-processor never registered alexnet_cifar10"
+                time.sleep(2)
+        api.patch("/api/v2/dags/alexnet_cifar10", {"is_paused": False})
+        yield state, api
+    finally:
+        cluster.stop(argparse.Namespace(dir=args.dir))
+        cluster.drop_database(database)
+        cluster.flush_redis(redis_db)

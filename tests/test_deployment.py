@@ -8,9 +8,7 @@ ran from the workers' own records.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
 import shlex
 import shutil
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, native_cluster
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import cluster  # noqa: E402
@@ -141,22 +139,8 @@ def test_native_cluster_runs_the_dag_with_train_on_the_gpu_worker(small_archive,
     artifacts = tmp_path / "artifacts"
     monkeypatch.setenv("ALEXNET_ARTIFACTS", str(artifacts))
     monkeypatch.setenv("ALEXNET_SCHEDULE", "none")  # only the runs this test triggers
-    database = f"alexnet_test_{os.getpid()}"
-    args = argparse.Namespace(dir=str(tmp_path / "cluster"), port=cluster.free_port(), database=database,
-                              redis_db=11, timeout=300)
     started = time.monotonic()
-    state = cluster.start(args)
-    try:
-        api = cluster.client(state)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                api.get("/api/v2/dags/alexnet_cifar10")
-                break
-            except RuntimeError:
-                assert time.monotonic() < deadline, "the dag-processor never registered alexnet_cifar10"
-                time.sleep(2)
-        api.patch("/api/v2/dags/alexnet_cifar10", {"is_paused": False})
+    with native_cluster(tmp_path / "cluster", "deploy", redis_db=11) as (state, api):
         conf = {"source_url": f"{base}/cifar.tar.gz", "source_md5": md5, "image_size": 67, "epochs": 1,
                 "validation_size": 50, "batch_size": 16, "recipe": "reference"}
         # Two triggers at once: max_active_runs=1 makes the second wait for the first.
@@ -200,9 +184,5 @@ def test_native_cluster_runs_the_dag_with_train_on_the_gpu_worker(small_archive,
         latest = artifacts / "published" / "latest"
         assert json.loads((latest / "metrics.json").read_text())["test_images"] == 60
         assert (latest / "model.keras").is_file()
-    finally:
-        cluster.stop(argparse.Namespace(dir=args.dir))
-        cluster.drop_database(database)
-        cluster.flush_redis(11)
     for pid in state["pids"].values():
         assert not cluster._alive(pid)

@@ -7,7 +7,6 @@ globals) are covered in test_download.py; bad params through
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import time
 import urllib.parse
-import uuid
 from pathlib import Path
 
 import pytest
@@ -29,11 +27,9 @@ from alexnet_tasks.publish import publish, read_index
 from alexnet_tasks.shards import ShardError, build_shards, load_split, shard_path
 from alexnet_tasks.split import split
 from cifar_archive import write_archive
-from conftest import ROOT, prepare_shards
+from conftest import ROOT, native_cluster, prepare_shards
 from test_publish import fake_run
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import cluster  # noqa: E402
+from test_shards import flip_one_image_byte
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -110,15 +106,7 @@ def test_training_refuses_a_corrupted_shard_naming_it(small_archive, tmp_path):
 
     config, shards_dir = prepare_shards(small_archive, tmp_path, image_size=67, epochs=1, batch_size=16)
     train_shard = shard_path(shards_dir, "train")
-    import h5py
-
-    with h5py.File(train_shard, "r") as handle:
-        offset = handle["images"].id.get_chunk_info(0).byte_offset
-    with open(train_shard, "r+b") as raw:
-        raw.seek(offset + 77)
-        byte = raw.read(1)
-        raw.seek(offset + 77)
-        raw.write(bytes([byte[0] ^ 0x01]))
+    flip_one_image_byte(train_shard)
     with pytest.raises(ShardError, match=f"{train_shard}: shard data is corrupt"):
         train(shards_dir, tmp_path / "runs" / "r", config)
     # The next run's build_shards notices, rebuilds, and training can go on.
@@ -238,13 +226,7 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(small_archive,
     monkeypatch.setenv("ALEXNET_SCHEDULE", "none")
     monkeypatch.setenv("ALEXNET_RETRY_DELAY_SECONDS", "2")
     monkeypatch.setenv("ALEXNET_MAX_ACTIVE_RUNS", "2")  # case 9 needs two runs at once
-    database = f"alexnet_faults_{os.getpid()}"
-    args = argparse.Namespace(dir=str(tmp_path / "cluster"), port=cluster.free_port(), database=database, redis_db=12, timeout=300)
-    state = cluster.start(args)
-    try:
-        api = cluster.client(state)
-        _wait_for(lambda: _try(lambda: api.get("/api/v2/dags/alexnet_cifar10")), 180, "the DAG to be parsed")
-        api.patch("/api/v2/dags/alexnet_cifar10", {"is_paused": False})
+    with native_cluster(tmp_path / "cluster", "faults", redis_db=12) as (state, api):
         conf = {"source_url": f"{base}/cifar.tar.gz", "source_md5": md5, "image_size": 67,
                 "validation_size": 50, "batch_size": 8, "recipe": "reference"}
         runs_url = "/api/v2/dags/alexnet_cifar10/dagRuns"
@@ -288,14 +270,5 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(small_archive,
             assert json.loads((published / "metrics.json").read_text())["test_images"] == 60
         assert sorted(line["run_id"] for line in read_index(artifacts / "published")) == sorted([run_id, *pair])
         assert not _temps(artifacts)
-    finally:
-        cluster.stop(argparse.Namespace(dir=args.dir))
-        cluster.drop_database(database)
-        cluster.flush_redis(12)
 
 
-def _try(call):
-    try:
-        return call() or True
-    except RuntimeError:
-        return False

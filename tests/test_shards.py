@@ -63,7 +63,7 @@ def test_rebuild_reuses_intact_shards(built, artifacts):
     assert again["reused"] is True and again["train"] == first["train"]
 
 
-def _flip_one_image_byte(path: Path) -> None:
+def flip_one_image_byte(path: Path) -> None:
     with h5py.File(path, "r") as handle:
         offset = handle["images"].id.get_chunk_info(0).byte_offset
     with open(path, "r+b") as raw:
@@ -76,7 +76,7 @@ def _flip_one_image_byte(path: Path) -> None:
 def test_corrupted_shard_fails_loudly_naming_the_file_and_is_rebuilt(built, artifacts):
     batch_dir, manifest, config, result = built
     before = load_split(result["train"])[0]
-    _flip_one_image_byte(Path(result["train"]))
+    flip_one_image_byte(Path(result["train"]))
     with pytest.raises(ShardError, match=f"{result['train']}: shard data is corrupt"):
         load_split(result["train"])
     rebuilt = build_shards(batch_dir, manifest, config, artifacts)
