@@ -263,8 +263,9 @@ def _callbacks(
         def on_epoch_end(self, epoch, logs=None):
             if budget_seconds is None:
                 return
-            spent = sum(entry.get("epoch_seconds", 0.0) for entry in history)
-            if spent + (logs or {}).get("epoch_seconds", 0.0) > budget_seconds:
+            last = (logs or {}).get("epoch_seconds", 0.0)
+            elapsed = sum(entry.get("epoch_seconds", 0.0) for entry in history) + last
+            if elapsed + last > budget_seconds:  # the next epoch, as long as this one, would overrun
                 log.info("time budget of %.1f min reached after %d epochs; stopping", budget_seconds / 60, epoch + 1)
                 self.model.stop_training = True
 
@@ -318,17 +319,6 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
 
     gpus = len(tf.config.list_physical_devices("GPU"))
     settings = resolve_settings(config, gpus)
-    save_json(run_dir / CONFIG, {"pipeline": config.to_dict(), "train": dataclasses.asdict(settings)})
-
-    train_images, train_labels = load_split(shard_path(shards_dir, "train"), config.source_md5)
-    val_images, val_labels = load_split(shard_path(shards_dir, "validation"), config.source_md5)
-    if len(train_labels) < settings.batch_size:
-        raise ValueError(
-            f"batch_size={settings.batch_size} exceeds the {len(train_labels)} training images"
-        )
-    if settings.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-
     strategy = distribution_strategy(devices)
     replicas = strategy.num_replicas_in_sync
     if replicas > 1:
@@ -337,7 +327,18 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
             batch_size=settings.batch_size * replicas,
             learning_rate=settings.learning_rate * replicas,
         )
-        save_json(run_dir / CONFIG, {"pipeline": config.to_dict(), "train": dataclasses.asdict(settings), "replicas": replicas})
+    save_json(run_dir / CONFIG, {"pipeline": config.to_dict(), "train": dataclasses.asdict(settings), "replicas": replicas})
+
+    train_images, train_labels = load_split(shard_path(shards_dir, "train"), config.source_md5)
+    val_images, val_labels = load_split(shard_path(shards_dir, "validation"), config.source_md5)
+    if len(train_labels) < settings.batch_size:
+        raise ValueError(
+            f"batch_size={settings.batch_size // replicas} x {replicas} replica(s) exceeds the "
+            f"{len(train_labels)} training images"
+        )
+    if settings.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
     steps_per_epoch = math.ceil(len(train_labels) / settings.batch_size)
     restored = _restore(run_dir, settings)
     with strategy.scope():
