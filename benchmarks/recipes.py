@@ -30,7 +30,19 @@ def run_pipeline(conf: dict, artifacts: Path, home: Path) -> dict:
     wall = time.monotonic() - started
     if log.returncode:
         raise SystemExit(f"pipeline failed:\n{log.stdout[-3000:]}\n{log.stderr[-3000:]}")
-    run_dir = (artifacts / "published" / "latest").resolve()
+    return collect((artifacts / "published" / "latest").resolve(), conf, wall)
+
+
+def published_run(artifacts: Path, conf: dict) -> Path | None:
+    """An already published run of exactly these settings, if there is one."""
+    for run_dir in sorted((artifacts / "published" / "runs").glob("*")):
+        saved = json.loads((run_dir / "config.json").read_text())["pipeline"]
+        if all(saved.get(key) == value for key, value in conf.items()):
+            return run_dir
+    return None
+
+
+def collect(run_dir: Path, conf: dict, wall: float | None) -> dict:
     history = json.loads((run_dir / "history.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     settings = json.loads((run_dir / "config.json").read_text())["train"]
@@ -38,7 +50,7 @@ def run_pipeline(conf: dict, artifacts: Path, home: Path) -> dict:
         "conf": conf,
         "settings": settings,
         "run": run_dir.name,
-        "pipeline_wall_seconds": round(wall, 1),
+        "pipeline_wall_seconds": None if wall is None else round(wall, 1),
         "train_seconds": round(sum(entry["epoch_seconds"] for entry in history), 1),
         "epochs": [
             {"epoch": entry["epoch"], "val_accuracy": round(entry["val_accuracy"], 4),
@@ -58,11 +70,14 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=67)
     parser.add_argument("--fast-epochs", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/alexnet-recipes"))
+    parser.add_argument("--reuse", action="store_true", help="take a fast run already published in --work")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "recipes.json")
     args = parser.parse_args()
     common = {"source_url": args.source, "source_md5": args.md5, "image_size": args.image_size}
     artifacts, home = args.work / "artifacts", args.work / "airflow"
-    results = {"fast": run_pipeline({**common, "recipe": "fast", "epochs": args.fast_epochs}, artifacts, home)}
+    fast_conf = {**common, "recipe": "fast", "epochs": args.fast_epochs}
+    done = published_run(artifacts, fast_conf) if args.reuse else None
+    results = {"fast": collect(done, fast_conf, None) if done else run_pipeline(fast_conf, artifacts, home)}
     budget = results["fast"]["train_seconds"] / 60
     results["reference"] = run_pipeline({**common, "recipe": "reference", "max_train_minutes": round(budget, 2)}, artifacts, home)
     results["budget_minutes"] = round(budget, 2)

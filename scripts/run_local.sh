@@ -12,5 +12,9 @@ echo "artifacts: $artifacts   conf: $conf"
 latest=$artifacts/published/latest
 if [ -f "$latest/metrics.json" ]; then
   echo "published: $(readlink -f "$latest")"
-  "$here/.venv/bin/python" -c 'import json, sys; m = json.load(open(sys.argv[1])); print(f"test accuracy {m[\"test_accuracy\"]:.4f}  loss {m[\"test_loss\"]:.4f}")' "$latest/metrics.json"
+  "$here/.venv/bin/python" - "$latest/metrics.json" <<'PY'
+import json, sys
+metrics = json.load(open(sys.argv[1]))
+print(f"test accuracy {metrics['test_accuracy']:.4f}  loss {metrics['test_loss']:.4f}")
+PY
 fi

@@ -94,12 +94,15 @@ def test_killed_training_resumes_from_its_last_completed_epoch(small_archive, tm
         time.sleep(0.05)
     assert process.poll() is None, process.stderr.read().decode()[-2000:]
     time.sleep(0.5)  # into the next epoch
+    from alexnet_tasks.train import train
+
+    # A duplicate delivery of the same task is refused while the first one lives.
+    with pytest.raises(RuntimeError, match=rf"train.lock: process {process.pid} is already training this run"):
+        train(shards_dir, run_dir, config)
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = json.loads(state.read_text())["epochs_done"]
     assert 1 <= done < 4
-
-    from alexnet_tasks.train import train
 
     result = train(shards_dir, run_dir, config)
     assert result["resumed_from"] == done
@@ -137,3 +140,15 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_and_saves_a_plain_model(sm
     model = keras.models.load_model(run_dir / "model.keras")  # no strategy scope here
     probabilities = np.asarray(model.predict(np.zeros((3, 32, 32, 3), np.float32), verbose=0))
     assert probabilities.shape == (3, 10)
+
+
+def test_time_budget_stops_after_the_epoch_that_would_overrun(small_archive, tmp_path):
+    from alexnet_tasks.train import train
+
+    config, shards_dir = prepare_shards(
+        small_archive, tmp_path, image_size=67, epochs=5, batch_size=16, recipe="reference",
+        max_train_minutes=0.001,  # 0.06 s: less than any epoch
+    )
+    result = train(shards_dir, tmp_path / "runs" / "budget", config)
+    assert result["epochs"] == 1
+    assert (tmp_path / "runs" / "budget" / "model.keras").is_file()
