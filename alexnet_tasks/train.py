@@ -326,6 +326,9 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
             settings,
             batch_size=settings.batch_size * replicas,
             learning_rate=settings.learning_rate * replicas,
+            # XLA-compiled steps fail under MirroredStrategy here (a replica's variables are
+            # read from another device), so the mirrored step runs without XLA.
+            jit_compile=False,
         )
     save_json(run_dir / CONFIG, {"pipeline": config.to_dict(), "train": dataclasses.asdict(settings), "replicas": replicas})
 

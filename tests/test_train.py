@@ -135,6 +135,7 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_and_saves_a_plain_model(sm
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["replicas"] == 2
     assert saved["train"]["batch_size"] == 16 and saved["train"]["learning_rate"] == pytest.approx(0.002)
+    assert saved["train"]["jit_compile"] is False
     history = json.loads((run_dir / "history.json").read_text())
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
     model = keras.models.load_model(run_dir / "model.keras")  # no strategy scope here
