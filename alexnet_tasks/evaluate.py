@@ -54,12 +54,25 @@ def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names: list[s
     }
 
 
-def confusion_figure(matrix: np.ndarray, class_names: list[str], accuracy: float) -> bytes:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot
 
+    return pyplot
+
+
+def _png(figure) -> bytes:
+    """Render a figure to PNG bytes and free it."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    _pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def confusion_figure(matrix: np.ndarray, class_names: list[str], accuracy: float) -> bytes:
+    plt = _pyplot()
     matrix = np.asarray(matrix)
     fraction = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     figure, axes = plt.subplots(figsize=(8, 7), dpi=100)
@@ -78,20 +91,13 @@ def confusion_figure(matrix: np.ndarray, class_names: list[str], accuracy: float
                 color="white" if fraction[row, column] > 0.5 else "black",
             )
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def samples_figure(
     images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, class_names: list[str]
 ) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = _pyplot()
     count = min(32, len(labels))
     columns = 8
     rows = max(1, -(-count // columns))
@@ -110,10 +116,7 @@ def samples_figure(
         )
     figure.suptitle("test images: predicted (true)", fontsize=9)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def _write_tensorboard(log_dir: Path, metrics: dict, confusion_png: bytes, samples_png: bytes) -> None:
