@@ -7,6 +7,7 @@ import contextlib
 import functools
 import http.server
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -140,3 +141,48 @@ def native_cluster(folder: Path, name: str, redis_db: int):
         cluster.stop(argparse.Namespace(dir=args.dir))
         cluster.drop_database(database)
         cluster.flush_redis(redis_db)
+
+
+@pytest.fixture
+def served_archive(small_archive, http_server, tmp_path, monkeypatch) -> tuple[str, str, Path]:
+    """The small archive on the HTTP server, and a cluster environment for it: (url, md5, artifacts).
+
+    Artifacts go to ``tmp_path / 'artifacts'`` and the nightly schedule is off,
+    so a cluster runs only the runs a test triggers.
+    """
+    path, md5 = small_archive
+    folder, base = http_server
+    shutil.copy(path, folder / "cifar.tar.gz")
+    artifacts = tmp_path / "artifacts"
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(artifacts))
+    monkeypatch.setenv("ALEXNET_SCHEDULE", "none")
+    return f"{base}/cifar.tar.gz", md5, artifacts
+
+
+def wait_for_runs(api, run_ids: list[str], timeout: float, each_poll=None) -> list[dict]:
+    """Poll the REST API until every run has finished; ``each_poll(runs)`` sees every poll."""
+    from urllib.parse import quote
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [api.get(f"/api/v2/dags/alexnet_cifar10/dagRuns/{quote(run_id)}") for run_id in run_ids]
+        if each_poll is not None:
+            each_poll(runs)
+        if all(run["state"] in ("success", "failed") for run in runs):
+            return runs
+        assert time.monotonic() < deadline, f"runs did not finish: {runs}"
+        time.sleep(1)
+
+
+def train_script(shards_dir: Path, run_dir: Path, config, prelude: str = "", call_arguments: str = "") -> str:
+    """Python source that trains ``run_dir`` in a fresh interpreter (for kills and device setups)."""
+    return (
+        "import json, logging; logging.basicConfig(level=logging.INFO)\n"
+        f"{prelude}"
+        "from pathlib import Path\n"
+        "from alexnet_tasks.config import PipelineConfig\n"
+        "from alexnet_tasks.train import train\n"
+        f"result = train(Path({str(shards_dir)!r}), Path({str(run_dir)!r}), "
+        f"PipelineConfig(**{config.to_dict()!r}){call_arguments})\n"
+        "print('RESULT', json.dumps(result))\n"
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import sys
 import time
 import urllib.parse
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, native_cluster
+from conftest import ROOT, native_cluster, wait_for_runs
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import cluster  # noqa: E402
@@ -132,31 +131,21 @@ def _parse_time(value: str | None) -> datetime | None:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_native_cluster_runs_the_dag_with_train_on_the_gpu_worker(small_archive, http_server, tmp_path, monkeypatch):
-    path, md5 = small_archive
-    folder, base = http_server
-    shutil.copy(path, folder / "cifar.tar.gz")
-    artifacts = tmp_path / "artifacts"
-    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(artifacts))
-    monkeypatch.setenv("ALEXNET_SCHEDULE", "none")  # only the runs this test triggers
+def test_native_cluster_runs_the_dag_with_train_on_the_gpu_worker(served_archive):
+    url, md5, artifacts = served_archive
     started = time.monotonic()
-    with native_cluster(tmp_path / "cluster", "deploy", redis_db=11) as (state, api):
-        conf = {"source_url": f"{base}/cifar.tar.gz", "source_md5": md5, "image_size": 67, "epochs": 1,
+    with native_cluster(artifacts.parent / "cluster", "deploy", redis_db=11) as (state, api):
+        conf = {"source_url": url, "source_md5": md5, "image_size": 67, "epochs": 1,
                 "validation_size": 50, "batch_size": 16, "recipe": "reference"}
         # Two triggers at once: max_active_runs=1 makes the second wait for the first.
         run_ids = [api.post("/api/v2/dags/alexnet_cifar10/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
                    for _ in range(2)]
-        deadline = time.monotonic() + 1200
-        runs = {}
-        while True:
-            runs = {run_id: api.get(f"/api/v2/dags/alexnet_cifar10/dagRuns/{urllib.parse.quote(run_id)}")
-                    for run_id in run_ids}
-            running = [run_id for run_id, run in runs.items() if run["state"] == "running"]
+
+        def at_most_one_running(polled: list[dict]) -> None:
+            running = [run["dag_run_id"] for run in polled if run["state"] == "running"]
             assert len(running) <= 1, f"two runs at once: {running}"
-            if all(run["state"] in ("success", "failed") for run in runs.values()):
-                break
-            assert time.monotonic() < deadline, f"runs did not finish: {runs}"
-            time.sleep(1)
+
+        runs = dict(zip(run_ids, wait_for_runs(api, run_ids, 1200, each_poll=at_most_one_running)))
         tiny_run_seconds = time.monotonic() - started
         print(f"cluster start + two tiny runs: {tiny_run_seconds:.0f} s")
 

@@ -27,7 +27,7 @@ from alexnet_tasks.publish import publish, read_index
 from alexnet_tasks.shards import ShardError, build_shards, load_split, shard_path
 from alexnet_tasks.split import split
 from cifar_archive import write_archive
-from conftest import ROOT, native_cluster, prepare_shards
+from conftest import ROOT, native_cluster, prepare_shards, wait_for_runs
 from test_publish import fake_run
 from test_shards import flip_one_image_byte
 
@@ -201,33 +201,14 @@ def test_reruns_reuse_identical_data_artifacts(small_archive, tmp_path):
 
 
 # --------------------------------------------------------------------------- 1, 6, 9 on a real cluster
-def _run(api, run_id: str) -> dict:
-    return api.get(f"/api/v2/dags/alexnet_cifar10/dagRuns/{urllib.parse.quote(run_id)}")
-
-
-def _wait_runs(api, run_ids: list[str], timeout: float) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = [_run(api, run_id) for run_id in run_ids]
-        if all(run["state"] in ("success", "failed") for run in runs):
-            return runs
-        assert time.monotonic() < deadline, runs
-        time.sleep(1)
-
-
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(small_archive, http_server, tmp_path, monkeypatch):
-    path, md5 = small_archive
-    folder, base = http_server
-    shutil.copy(path, folder / "cifar.tar.gz")
-    artifacts = tmp_path / "artifacts"
-    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(artifacts))
-    monkeypatch.setenv("ALEXNET_SCHEDULE", "none")
+def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(served_archive, monkeypatch):
+    url, md5, artifacts = served_archive
     monkeypatch.setenv("ALEXNET_RETRY_DELAY_SECONDS", "2")
     monkeypatch.setenv("ALEXNET_MAX_ACTIVE_RUNS", "2")  # case 9 needs two runs at once
-    with native_cluster(tmp_path / "cluster", "faults", redis_db=12) as (state, api):
-        conf = {"source_url": f"{base}/cifar.tar.gz", "source_md5": md5, "image_size": 67,
+    with native_cluster(artifacts.parent / "cluster", "faults", redis_db=12) as (state, api):
+        conf = {"source_url": url, "source_md5": md5, "image_size": 67,
                 "validation_size": 50, "batch_size": 8, "recipe": "reference"}
         runs_url = "/api/v2/dags/alexnet_cifar10/dagRuns"
 
@@ -246,7 +227,7 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(small_archive,
         done_at_kill = json.loads(state_path.read_text())["epochs_done"]
         assert done_at_kill < 3, "training finished before it could be killed"
         os.kill(int(lock.read_text()), signal.SIGKILL)
-        [run] = _wait_runs(api, [run_id], 900)
+        [run] = wait_for_runs(api, [run_id], 900)
         assert run["state"] == "success", run
         train_ti = api.get(f"{runs_url}/{urllib.parse.quote(run_id)}/taskInstances/train")
         assert train_ti["try_number"] == 2, train_ti
@@ -259,7 +240,7 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(small_archive,
         # Same data settings (both race to build the same content-addressed data), other learning rates.
         pair = [api.post(runs_url, {"logical_date": None, "conf": {**conf, "epochs": 1, "seed": 7, "learning_rate": rate}})["dag_run_id"]
                 for rate in (0.001, 0.002)]
-        finished = _wait_runs(api, pair, 900)
+        finished = wait_for_runs(api, pair, 900)
         assert [run["state"] for run in finished] == ["success", "success"], finished
         starts = sorted(finished, key=lambda run: run["start_date"])
         assert starts[1]["start_date"] < starts[0]["end_date"], "the two runs did not overlap"

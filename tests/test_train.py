@@ -11,7 +11,7 @@ import pytest
 
 from alexnet_tasks.config import PipelineConfig
 from alexnet_tasks.train import RECIPE_DEFAULTS, ShuffledBatches, resolve_settings
-from conftest import ROOT, prepare_shards
+from conftest import ROOT, prepare_shards, train_script
 
 pytestmark = pytest.mark.slow
 
@@ -77,13 +77,7 @@ def test_killed_training_resumes_from_its_last_completed_epoch(small_archive, tm
         small_archive, tmp_path, image_size=67, epochs=4, batch_size=8, recipe="reference"
     )
     run_dir = tmp_path / "runs" / "killed"
-    code = (
-        "import logging, sys; logging.basicConfig(level=logging.INFO)\n"
-        "from pathlib import Path\n"
-        "from alexnet_tasks.config import PipelineConfig\n"
-        "from alexnet_tasks.train import train\n"
-        f"train(Path({str(shards_dir)!r}), Path({str(run_dir)!r}), PipelineConfig(**{config.to_dict()!r}))\n"
-    )
+    code = train_script(shards_dir, run_dir, config)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = run_dir / "state.json"
@@ -118,16 +112,14 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_and_saves_a_plain_model(sm
         small_archive, tmp_path, image_size=67, epochs=1, batch_size=8, recipe="reference"
     )
     run_dir = tmp_path / "runs" / "mirrored"
-    code = (
-        "import json, tensorflow as tf\n"
-        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
-        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        "from pathlib import Path\n"
-        "from alexnet_tasks.config import PipelineConfig\n"
-        "from alexnet_tasks.train import train\n"
-        f"result = train(Path({str(shards_dir)!r}), Path({str(run_dir)!r}), PipelineConfig(**{config.to_dict()!r}),\n"
-        "               devices=['/cpu:0', '/cpu:1'])\n"
-        "print('RESULT', json.dumps(result))\n"
+    code = train_script(
+        shards_dir, run_dir, config,
+        prelude=(
+            "import tensorflow as tf\n"
+            "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+            "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+        ),
+        call_arguments=", devices=['/cpu:0', '/cpu:1']",
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
