@@ -10,11 +10,13 @@ Every artifact lives under one root (``$ALEXNET_ARTIFACTS``, default
     data/<source_md5>/source/              verified archive + extracted batches
     data/<source_md5>/split-<key>/         manifest.json (exact source indices)
     data/<source_md5>/shards-<key>/        train.h5, validation.h5, test.h5
-    runs/<run_id>/                         config, checkpoint, model, logs, metrics
-    published/runs/<run_id>/               the published copy of a finished run
-    published/latest -> runs/<run_id>      moved atomically once a run is complete
+    runs/<run>/                            config, checkpoint, model, logs, metrics
+    published/runs/<run>/                  the published copy of a finished run
+    published/latest -> runs/<run>         moved atomically once a run is complete
     published/index.jsonl                  one line of metrics per published run
 
+A run's folder ``<run>`` is its id made safe for a folder name plus a short
+hash of the raw id (``safe_run_id``), so two run ids never share a folder.
 Data folders are content-addressed: their names hold the source checksum and
 the settings that shape them, so a rerun reuses them and a single step (for
 example ``airflow tasks test``) finds its inputs from the params alone.
@@ -23,6 +25,7 @@ example ``airflow tasks test``) finds its inputs from the params alone.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -48,24 +51,82 @@ RECIPES = ("reference", "fast")
 # Bump when the stored shard content changes meaning; it is part of the shard key.
 PREPROCESSING_VERSION = 1
 
-_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+def _setting(default: Any, *, kind: str, title: str, description: str, shown_default: str | None = None,
+             pattern_meaning: str | None = None, **schema: Any) -> Any:
+    """A PipelineConfig field with the facts the DAG's form, ``validate()`` and README share.
+
+    ``kind`` is the JSON-schema type (``"null"`` is added when the default is
+    None); ``schema`` holds the JSON-schema bounds (minimum, maximum,
+    exclusiveMinimum, enum, pattern, minLength, maxLength). ``shown_default``
+    is how the README's table shows the default; ``pattern_meaning`` words the
+    pattern in error messages.
+    """
+    facts = {"type": kind, "title": title, "description": description, "schema": schema,
+             "shown_default": shown_default, "pattern_meaning": pattern_meaning}
+    return field(default=default, metadata=facts)
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Every setting of one run; the DAG's params map onto these fields one to one."""
+    """Every setting of one run; the DAG's params are generated from these fields one to one.
 
-    source_url: str = OFFICIAL_URL  # http(s):// or file:// URL, or a plain path to the archive
-    source_md5: str = OFFICIAL_MD5  # expected MD5 of the archive; also keys the data cache
-    recipe: str = "fast"  # "reference" (the tutorial, exactly) or "fast" (augmented, scheduled)
-    epochs: int | None = None  # None: the recipe's default (reference 50, fast 30)
-    batch_size: int | None = None  # None: the recipe's default (reference 32, fast 256)
-    learning_rate: float | None = None  # None: the recipe's default (reference 0.001, fast 0.05)
-    image_size: int = 227  # side the model resizes 32x32 inputs to, on the device; >= 67
-    validation_size: int = 5000  # images held out of the 50,000 training images, stratified
-    seed: int = 42  # drives the split, the shuffle order and the weight initialisation
-    train_limit: int | None = None  # optional cap on training images, for a quick run
-    max_train_minutes: float | None = None  # stop after the epoch that would overrun this budget
+    Each field's metadata holds its title, description and bounds, so the UI
+    form, ``validate()`` and the README's params table (``scripts/params_table.py``)
+    all come from here.
+    """
+
+    source_url: str = _setting(
+        OFFICIAL_URL, kind="string", pattern=r"\S", maxLength=2048, title="Source URL",
+        pattern_meaning="a non-empty URL or path", shown_default="official URL",
+        description="Where cifar-10-python.tar.gz comes from: an http(s):// or file:// URL, or a path on the worker.",
+    )
+    source_md5: str = _setting(
+        OFFICIAL_MD5, kind="string", pattern="^[0-9a-f]{32}$", title="Source MD5",
+        pattern_meaning="32 lowercase hex digits",
+        description="Expected MD5 of the archive (32 lowercase hex digits); it also keys the data cache.",
+    )
+    recipe: str = _setting(
+        "fast", kind="string", enum=list(RECIPES), title="Recipe",
+        description="fast: augmentation, Nesterov momentum, weight decay, label smoothing, warm-up + cosine decay. "
+        "reference: the tutorial exactly (plain SGD, no augmentation, no XLA).",
+    )
+    epochs: int | None = _setting(
+        None, kind="integer", minimum=1, maximum=1000, title="Epochs", shown_default="recipe's",
+        description="Passes over the training split; empty takes the recipe's (reference 50, fast 30).",
+    )
+    batch_size: int | None = _setting(
+        None, kind="integer", minimum=1, maximum=8192, title="Batch size", shown_default="recipe's",
+        description="Global batch size: all devices together, whatever their number; "
+        "empty takes the recipe's (reference 32, fast 256).",
+    )
+    learning_rate: float | None = _setting(
+        None, kind="number", exclusiveMinimum=0, maximum=10, title="Learning rate", shown_default="recipe's",
+        description="Peak SGD learning rate for the global batch, whatever the number of devices; "
+        "empty takes the recipe's (reference 0.001, fast 0.04).",
+    )
+    image_size: int = _setting(
+        227, kind="integer", minimum=MIN_IMAGE_SIZE, maximum=1024, title="Image size",
+        description="Side the model resizes the 32x32 images to, on the device "
+        f"(227 as in the tutorial; {MIN_IMAGE_SIZE} is the smallest).",
+    )
+    validation_size: int = _setting(
+        5000, kind="integer", minimum=NUM_CLASSES, maximum=49_000, title="Validation size",
+        description="Images held out of the 50,000 training images for validation, stratified by class.",
+    )
+    seed: int = _setting(
+        42, kind="integer", minimum=0, maximum=2**31 - 1, title="Seed",
+        description="Drives the split, the shuffle order, the weight initialisation, dropout and augmentation.",
+    )
+    train_limit: int | None = _setting(
+        None, kind="integer", minimum=NUM_CLASSES, maximum=50_000, title="Training image limit",
+        description="Optional cap on training images (stratified) for a quick run; empty uses them all.",
+    )
+    max_train_minutes: float | None = _setting(
+        None, kind="number", exclusiveMinimum=0, maximum=100_000, title="Training time budget (minutes)",
+        description="Optional time budget for training; empty means none. A run that stops before its "
+        "schedule ends is marked truncated in metrics.json and the published index.",
+    )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PipelineConfig":
@@ -84,41 +145,9 @@ class PipelineConfig:
         return config
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting that cannot work."""
-        if not isinstance(self.source_url, str) or not self.source_url.strip():
-            raise ValueError("source_url must be a non-empty URL or path")
-        if not isinstance(self.source_md5, str) or not _MD5.match(self.source_md5):
-            raise ValueError(
-                f"source_md5 must be 32 lowercase hex digits, got {self.source_md5!r}"
-            )
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        _check_int("epochs", self.epochs, 1, 1000, optional=True)
-        _check_int("batch_size", self.batch_size, 1, 8192, optional=True)
-        _check_int("image_size", self.image_size, MIN_IMAGE_SIZE, 1024)
-        _check_int("validation_size", self.validation_size, NUM_CLASSES, 49_000)
-        _check_int("seed", self.seed, 0, 2**31 - 1)
-        _check_int("train_limit", self.train_limit, NUM_CLASSES, 50_000, optional=True)
-        self._check_budget()
-        if self.learning_rate is not None:
-            if isinstance(self.learning_rate, bool) or not isinstance(
-                self.learning_rate, (int, float)
-            ):
-                raise ValueError(
-                    f"learning_rate must be a number, got {self.learning_rate!r}"
-                )
-            if not 0 < self.learning_rate <= 10:
-                raise ValueError(
-                    f"learning_rate must be in (0, 10], got {self.learning_rate!r}"
-                )
-
-    def _check_budget(self) -> None:
-        if self.max_train_minutes is None:
-            return
-        if isinstance(self.max_train_minutes, bool) or not isinstance(self.max_train_minutes, (int, float)):
-            raise ValueError(f"max_train_minutes must be a number, got {self.max_train_minutes!r}")
-        if not 0 < self.max_train_minutes <= 100_000:
-            raise ValueError(f"max_train_minutes must be in (0, 100000], got {self.max_train_minutes!r}")
+        """Raise ValueError naming the first setting outside its field's bounds (the form's)."""
+        for setting in dataclasses.fields(self):
+            _check_setting(setting, getattr(self, setting.name))
 
     def check_against_source(self, train_images: int) -> None:
         """Raise ValueError when the split settings cannot fit the archive's training set."""
@@ -145,14 +174,60 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def settings_digest(self) -> str:
+        """SHA-256 (hex) of every setting, the same for equal settings however they were given."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-def _check_int(name: str, value: Any, low: int, high: int, optional: bool = False) -> None:
-    if value is None and optional:
+
+def param_specs() -> dict[str, dict[str, Any]]:
+    """Each setting's form facts as keyword arguments for Airflow's ``Param(**spec)``."""
+    specs = {}
+    for setting in dataclasses.fields(PipelineConfig):
+        facts = setting.metadata
+        specs[setting.name] = {
+            "default": setting.default,
+            "type": ["null", facts["type"]] if setting.default is None else facts["type"],
+            "title": facts["title"],
+            "description": facts["description"],
+            **facts["schema"],
+        }
+    return specs
+
+
+def _check_setting(setting: dataclasses.Field, value: Any) -> None:
+    """Raise ValueError unless ``value`` fits the setting's type and bounds."""
+    name, facts = setting.name, setting.metadata
+    schema = facts["schema"]
+    if value is None:
+        if setting.default is None:
+            return
+        raise ValueError(f"{name} must be set, got None")
+    kind = facts["type"]
+    if kind == "string":
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        if "enum" in schema and value not in schema["enum"]:
+            raise ValueError(f"{name} must be one of {tuple(schema['enum'])}, got {value!r}")
+        if "pattern" in schema and not _search(schema["pattern"], value):
+            raise ValueError(f"{name} must be {facts['pattern_meaning']}, got {value!r}")
+        if len(value) > schema.get("maxLength", len(value)):
+            raise ValueError(f"{name} must be at most {schema['maxLength']} characters, got {len(value)}")
         return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    if isinstance(value, bool) or not isinstance(value, int if kind == "integer" else (int, float)):
+        raise ValueError(f"{name} must be {'an integer' if kind == 'integer' else 'a number'}, got {value!r}")
+    high = schema["maximum"]
+    if "exclusiveMinimum" in schema:
+        if not schema["exclusiveMinimum"] < value <= high:  # NaN fails too
+            raise ValueError(f"{name} must be in ({schema['exclusiveMinimum']}, {high}], got {value!r}")
+    elif not schema["minimum"] <= value <= high:
+        raise ValueError(f"{name} must be between {schema['minimum']} and {high}, got {value}")
+
+
+def _search(pattern: str, value: str) -> bool:
+    """JSON-schema pattern semantics: a search, where a final ``$`` does not allow a trailing newline."""
+    if pattern.endswith("$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.search(pattern, value) is not None
 
 
 @dataclass(frozen=True)
@@ -190,14 +265,23 @@ def artifacts_root() -> Path:
     return Path(os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS).expanduser().resolve()
 
 
+RUN_NAME_LENGTH = 100  # readable part of a run folder's name, before its hash
+
+
 def safe_run_id(run_id: str) -> str:
-    """A run id usable as one folder name (Airflow's contain ':' and '+')."""
+    """The folder name of a run: a readable form of the id plus a short hash of the raw id.
+
+    Airflow's run ids contain ':' and '+', which become '_' in the readable
+    part; the hash keeps ids that read the same (``a:b`` and ``a_b``) apart.
+    The same id always gives the same name, which is how the steps of one run
+    find each other's outputs.
+    """
     if not run_id or not isinstance(run_id, str):
         raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
-    if safe in {".", ".."}:
+    if run_id in {".", ".."}:
         raise ValueError(f"run_id {run_id!r} is not usable as a folder name")
-    return safe
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:RUN_NAME_LENGTH]
+    return f"{readable}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
 def save_json(path: Path, payload: Any) -> Path:

@@ -9,16 +9,21 @@ test split and publishes the model, metrics and TensorBoard logs.
 
 * Artifacts live under `$ALEXNET_ARTIFACTS` (default `~/alexnet-artifacts`).
   Data steps are content-addressed (source MD5 + the settings that shape
-  them) and reused by later runs; training outputs live in `runs/<run_id>/`;
+  them) and reused by later runs; training outputs live in `runs/<run>/`
+  (the run id made safe for a folder name plus a short hash of it);
   `published/latest` points at the newest complete run.
 * Every step is a plain function in `alexnet_tasks/`; this file only wires
   them. A single step runs alone with
   `airflow tasks test alexnet_cifar10 <task_id> <date>`: it finds its inputs
-  from the params, without XCom.
-* `recipe=reference` reproduces the tutorial (SGD lr 0.001, batch 32, 50
-  epochs); `recipe=fast` (the scheduled default) adds augmentation, momentum,
-  warm-up and cosine decay. Leave `epochs`, `batch_size` and `learning_rate`
-  empty to take the recipe's values.
+  from the params, without XCom; steps tested for the same date with the same
+  params share one run folder.
+* `recipe=reference` reproduces the tutorial exactly (SGD lr 0.001, batch 32,
+  50 epochs, no augmentation, no XLA); `recipe=fast` (the scheduled default)
+  adds augmentation, momentum, weight decay, label smoothing, warm-up and
+  cosine decay. `batch_size` is the global batch and `learning_rate` the peak
+  rate for it, on any number of devices. Leave `epochs`, `batch_size` and
+  `learning_rate` empty to take the recipe's values. Every param's default,
+  bounds and description come from `alexnet_tasks.config.PipelineConfig`.
 """
 
 from __future__ import annotations
@@ -29,112 +34,28 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from alexnet_tasks.config import Layout, PipelineConfig, param_specs
+
 GPU_QUEUE = os.environ.get("ALEXNET_GPU_QUEUE", "gpu")
 # Nightly at 02:00 UTC; ALEXNET_SCHEDULE sets another cron expression, or "none" for manual runs only.
 SCHEDULE = os.environ.get("ALEXNET_SCHEDULE", "0 2 * * *")
 TRAIN_TIMEOUT = timedelta(hours=int(os.environ.get("ALEXNET_TRAIN_TIMEOUT_HOURS", "12")))
 
-PARAMS = {
-    "source_url": Param(
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        type="string",
-        minLength=1,
-        maxLength=2048,
-        title="Source URL",
-        description="Where cifar-10-python.tar.gz comes from: an http(s):// or file:// URL, or a path on the worker.",
-    ),
-    "source_md5": Param(
-        "c58f30108f718f92721af3b95e74349a",
-        type="string",
-        pattern="^[0-9a-f]{32}$",
-        title="Source MD5",
-        description="Expected MD5 of the archive (32 lowercase hex digits); it also keys the data cache.",
-    ),
-    "recipe": Param(
-        "fast",
-        type="string",
-        enum=["fast", "reference"],
-        title="Recipe",
-        description="fast: augmentation, Nesterov momentum, warm-up + cosine decay. reference: the tutorial exactly.",
-    ),
-    "epochs": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        maximum=1000,
-        title="Epochs",
-        description="Passes over the training split; empty takes the recipe's (reference 50, fast 30).",
-    ),
-    "batch_size": Param(
-        None,
-        type=["null", "integer"],
-        minimum=1,
-        maximum=8192,
-        title="Batch size",
-        description="Global batch size; empty takes the recipe's (reference 32, fast 256).",
-    ),
-    "learning_rate": Param(
-        None,
-        type=["null", "number"],
-        exclusiveMinimum=0,
-        maximum=10,
-        title="Learning rate",
-        description="Peak SGD learning rate; empty takes the recipe's (reference 0.001, fast 0.04).",
-    ),
-    "image_size": Param(
-        227,
-        type="integer",
-        minimum=67,
-        maximum=1024,
-        title="Image size",
-        description="Side the model resizes the 32x32 images to, on the device (227 as in the tutorial; 67 is the smallest).",
-    ),
-    "validation_size": Param(
-        5000,
-        type="integer",
-        minimum=10,
-        maximum=49000,
-        title="Validation size",
-        description="Images held out of the 50,000 training images for validation, stratified by class.",
-    ),
-    "seed": Param(
-        42,
-        type="integer",
-        minimum=0,
-        maximum=2147483647,
-        title="Seed",
-        description="Drives the split, the shuffle order and the weight initialisation.",
-    ),
-    "train_limit": Param(
-        None,
-        type=["null", "integer"],
-        minimum=10,
-        maximum=50000,
-        title="Training image limit",
-        description="Optional cap on training images (stratified) for a quick run; empty uses them all.",
-    ),
-    "max_train_minutes": Param(
-        None,
-        type=["null", "number"],
-        exclusiveMinimum=0,
-        maximum=100000,
-        title="Training time budget (minutes)",
-        description="Optional: stop training after the epoch whose successor would overrun this many minutes.",
-    ),
-}
+# The form is generated from PipelineConfig's fields: defaults, bounds, titles and
+# descriptions live there once (alexnet_tasks.config imports nothing heavy).
+PARAMS = {name: Param(**spec) for name, spec in param_specs().items()}
 
 
 def _settings():
     """The validated config, the artifact layout and the run id of the running task."""
-    from alexnet_tasks.config import Layout, PipelineConfig
-
     context = get_current_context()
     config = PipelineConfig.from_dict(dict(context["params"]))
     run_id = context["run_id"]
     if run_id.startswith("__airflow_temporary_run_"):
-        # `airflow tasks test` makes a new temporary run id per call; key its outputs by
-        # the logical date instead, so that steps tested one by one find each other's.
-        run_id = f"tasks_test__{context['logical_date'].isoformat()}"
+        # `airflow tasks test` makes a new temporary run id per call; key its outputs by the
+        # logical date and the settings instead, so that steps tested one by one with the same
+        # params find each other's outputs, and steps tested with other params never do.
+        run_id = f"tasks_test__{context['logical_date'].isoformat()}__{config.settings_digest()[:8]}"
     return config, Layout(), run_id
 
 

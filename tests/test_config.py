@@ -1,8 +1,15 @@
 from pathlib import Path
 
+import dataclasses
+import re
+import subprocess
+import sys
+
 import pytest
 
 from alexnet_tasks.config import Layout, PipelineConfig, artifacts_root, safe_run_id
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_are_valid_and_official():
@@ -57,10 +64,89 @@ def test_data_folders_are_keyed_by_source_and_shaping_settings(tmp_path):
 
 
 def test_run_ids_become_safe_folder_names(tmp_path):
-    assert safe_run_id("manual__2026-11-28T13:32:49+00:00") == "manual__2026-11-28T13_32_49_00_00"
+    name = safe_run_id("manual__2026-11-28T13:32:49+00:00")
+    assert re.fullmatch(r"manual__2026-11-28T13_32_49_00_00-[0-9a-f]{8}", name), name
     assert Layout(tmp_path).run("a/../b").parent == tmp_path / "runs"
     with pytest.raises(ValueError):
         safe_run_id("..")
+
+
+def test_two_run_ids_never_share_a_folder(tmp_path):
+    layout = Layout(tmp_path)
+    assert layout.run("a:b") != layout.run("a_b")
+    assert layout.run("a+b") != layout.run("a:b")
+    # Deterministic: the steps of one run find each other's outputs through it.
+    assert layout.run("a:b") == Layout(tmp_path).run("a:b")
+    # A raw id that looks like another id's folder name still gets a folder of its own.
+    assert layout.run(safe_run_id("a:b")) != layout.run("a:b")
+    # Long ids stay usable as one folder name.
+    long_one, long_two = "x" * 400 + "1", "x" * 400 + "2"
+    assert len(safe_run_id(long_one)) <= 120 and safe_run_id(long_one) != safe_run_id(long_two)
+
+
+def test_settings_digest_follows_the_resolved_settings():
+    a = PipelineConfig(image_size=67, epochs=1)
+    assert a.settings_digest() == PipelineConfig.from_dict({"epochs": 1, "image_size": 67}).settings_digest()
+    assert a.settings_digest() != PipelineConfig(image_size=67, epochs=2).settings_digest()
+    assert re.fullmatch(r"[0-9a-f]{64}", a.settings_digest())
+
+
+FIELDS = {field.name: field for field in dataclasses.fields(PipelineConfig)}
+
+
+def test_every_setting_carries_its_form_facts():
+    for name, field in FIELDS.items():
+        facts = field.metadata
+        assert facts.get("title") and facts.get("description"), name
+        assert facts.get("type") in ("string", "integer", "number"), name
+    assert FIELDS["image_size"].metadata["schema"]["minimum"] == 67
+    assert FIELDS["learning_rate"].metadata["schema"] == {"exclusiveMinimum": 0, "maximum": 10}
+
+
+def test_descriptions_quoting_recipe_defaults_agree_with_the_recipes():
+    from alexnet_tasks.train import RECIPE_DEFAULTS
+
+    quoted = 0
+    for name, field in FIELDS.items():
+        for recipe, value in re.findall(r"\b(reference|fast) ([0-9][0-9.]*)\b", field.metadata["description"]):
+            assert float(value) == RECIPE_DEFAULTS[recipe][name], (name, recipe, value)
+            quoted += 1
+    assert quoted == 6  # epochs, batch_size and learning_rate, for both recipes
+
+
+def test_config_source_states_the_recipe_learning_rates_it_uses():
+    from alexnet_tasks.train import RECIPE_DEFAULTS
+
+    source = (ROOT / "alexnet_tasks" / "config.py").read_text()
+    for recipe, value in re.findall(r"\b(reference|fast) (0\.[0-9]+)\b", source):
+        assert float(value) == RECIPE_DEFAULTS[recipe]["learning_rate"], (recipe, value)
+
+
+def test_validation_uses_the_form_bounds():
+    for name, field in FIELDS.items():
+        schema = field.metadata["schema"]
+        for key, outside in (("minimum", -1), ("maximum", +1)):
+            if key in schema:
+                PipelineConfig.from_dict({name: schema[key]})
+                with pytest.raises(ValueError, match=name):
+                    PipelineConfig.from_dict({name: schema[key] + outside})
+        if "exclusiveMinimum" in schema:
+            with pytest.raises(ValueError, match=name):
+                PipelineConfig.from_dict({name: schema["exclusiveMinimum"]})
+        if "enum" in schema:
+            for value in schema["enum"]:
+                PipelineConfig.from_dict({name: value})
+
+
+def test_readme_params_table_is_the_generated_one():
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "params_table.py")],
+        capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT)},
+    ).stdout
+    assert table.startswith("| param |") and "`max_train_minutes`" in table
+    assert len(table.strip().splitlines()) == len(FIELDS) + 2
+    readme = (ROOT / "README.md").read_text()
+    assert table in readme, "README's params table differs from: scripts/params_table.py"
 
 
 def test_artifacts_root_comes_from_the_environment(monkeypatch, tmp_path):

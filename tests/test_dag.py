@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +54,45 @@ def test_params_have_titles_descriptions_and_bounds(dag):
     assert schema["learning_rate"]["exclusiveMinimum"] == 0
     assert schema["validation_size"]["maximum"] < 50000
     assert schema["source_md5"]["pattern"] == "^[0-9a-f]{32}$"
+
+
+def test_params_are_generated_from_the_config_fields(dag):
+    from alexnet_tasks.config import PipelineConfig
+
+    fields = dataclasses.fields(PipelineConfig)
+    assert list(dag.params.keys()) == [field.name for field in fields]
+    for field in fields:
+        param, facts = dag.params.get_param(field.name), field.metadata
+        assert param.value == field.default, field.name
+        assert param.description == facts["description"], field.name
+        assert param.schema["title"] == facts["title"], field.name
+        assert param.schema["type"] == (["null", facts["type"]] if field.default is None else facts["type"])
+        for key, value in facts["schema"].items():
+            assert param.schema[key] == value, (field.name, key)
+
+
+def test_form_and_config_accept_and_refuse_the_same_edge_values(dag):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from alexnet_tasks.config import PipelineConfig
+
+    for field in dataclasses.fields(PipelineConfig):
+        param, schema = dag.params.get_param(field.name), field.metadata["schema"]
+        edges = [schema[key] + step for key, steps in (("minimum", (0, -1)), ("maximum", (0, 1)))
+                 if key in schema for step in steps]
+        edges += [schema["exclusiveMinimum"]] if "exclusiveMinimum" in schema else []
+        for value in edges + [None]:
+            try:
+                PipelineConfig.from_dict({field.name: value})
+                config_accepts = True
+            except ValueError:
+                config_accepts = False
+            try:
+                param.resolve(value)
+                form_accepts = True
+            except ParamValidationError:
+                form_accepts = False
+            assert form_accepts == config_accepts, (field.name, value)
 
 
 @pytest.mark.parametrize(
@@ -143,5 +184,28 @@ def test_each_step_runs_alone_with_tasks_test_and_finds_its_inputs(small_archive
         )
         assert run.returncode == 0 and "Traceback" not in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
     latest = artifacts / "published" / "latest"
-    assert os.readlink(latest) == "runs/tasks_test__2026-11-28T00_00_00_00_00"
+    [run_dir] = (artifacts / "runs").iterdir()  # every step used the same run folder
+    assert run_dir.name.startswith("tasks_test__2026-11-28T00_00_00")
+    assert os.readlink(latest) == f"runs/{run_dir.name}"
     assert json.loads((latest / "metrics.json").read_text())["test_images"] == 60
+
+
+@pytest.mark.slow
+def test_steps_tested_alone_share_a_run_folder_only_with_the_same_params(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    env = _migrate(tmp_path / "home", artifacts)
+
+    def run_folder(params: dict) -> str:
+        # publish before evaluate fails at once, naming the run folder it looked in.
+        run = subprocess.run(
+            [airflow_bin(), "tasks", "test", "alexnet_cifar10", "publish", "2026-11-28", "-t", json.dumps(params)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        found = re.search(r"/runs/([^/\s]+)/metrics\.json: missing", run.stdout + run.stderr)
+        assert found, (run.stdout + run.stderr)[-3000:]
+        return found.group(1)
+
+    first = run_folder({"image_size": 67, "epochs": 1})
+    assert first.startswith("tasks_test__2026-11-28")
+    assert run_folder({"epochs": 1, "image_size": 67}) == first
+    assert run_folder({"image_size": 67, "epochs": 2}) != first
