@@ -1,9 +1,12 @@
 """Evaluate the trained model on the test split.
 
 Writes ``metrics.json`` (test loss, accuracy, per-class accuracy, confusion
-matrix), ``confusion_matrix.png``, ``test_samples.png`` (a grid of test images
-with their predicted and true classes) and the same figures to TensorBoard
-under ``<run>/tensorboard/test``.
+matrix, and what train recorded in ``train_summary.json``: the run's
+fingerprint, whether its schedule was truncated, epochs run and planned,
+training seconds and devices; null where train wrote no summary),
+``confusion_matrix.png``, ``test_samples.png`` (a grid of test images with
+their predicted and true classes) and the same figures to TensorBoard under
+``<run>/tensorboard/test``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 
 from alexnet_tasks.atomic import atomic_write_bytes
 from alexnet_tasks.config import save_json
+from alexnet_tasks.run_summary import training_fields
 from alexnet_tasks.shards import load_split, read_attrs, shard_path
 
 log = logging.getLogger(__name__)
@@ -148,6 +152,7 @@ def evaluate(
     model_path, run_dir = Path(model_path), Path(run_dir)
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: no trained model; run the train step first")
+    training = training_fields(run_dir)
     test_path = shard_path(shards_dir, "test")
     images, labels = load_split(test_path, source_md5)
     class_names = [str(name) for name in read_attrs(test_path)["class_names"]]
@@ -155,6 +160,7 @@ def evaluate(
     probabilities = np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
     metrics = summarize(probabilities, labels, class_names)
     metrics["model"] = str(model_path)
+    metrics.update(training)
 
     confusion_png = confusion_figure(np.array(metrics["confusion_matrix"]), class_names, metrics["test_accuracy"])
     samples_png = samples_figure(images, labels, probabilities.argmax(axis=1), class_names)
@@ -163,13 +169,16 @@ def evaluate(
     _write_tensorboard(run_dir / "tensorboard" / "test", metrics, confusion_png, samples_png)
     save_json(run_dir / METRICS, metrics)
     log.info(
-        "test accuracy %.4f  loss %.4f on %d images; worst class %s (%.3f)",
+        "test accuracy %.4f  loss %.4f on %d images; worst class %s (%.3f); fingerprint %s%s",
         metrics["test_accuracy"], metrics["test_loss"], len(labels),
         *min(metrics["per_class_accuracy"].items(), key=lambda item: item[1]),
+        metrics["fingerprint"] or "unknown", "; training was truncated" if metrics["truncated"] else "",
     )
     return {
         "metrics": str(run_dir / METRICS),
         "confusion_matrix": str(run_dir / CONFUSION_PNG),
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
+        "fingerprint": metrics["fingerprint"],
+        "truncated": metrics["truncated"],
     }

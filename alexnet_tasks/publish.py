@@ -1,16 +1,32 @@
 """Publish a finished run: copy, then index, then move ``latest``.
 
-The run's model, metrics, pictures, config, history and TensorBoard logs are
-copied into ``published/runs/<run_id>/`` through a temporary folder and one
-rename; only then is the run's line put in ``published/index.jsonl`` (the
-whole index is rewritten under a lock and renamed, so it never holds a
-partial or duplicate line) and the ``published/latest`` symlink swapped to it
-with one atomic rename. A publish killed at any point leaves ``latest`` on
-the previous complete run.
+The run's model, metrics, pictures, config, history, training summary and
+TensorBoard logs are copied into ``published/runs/<run>/`` (the same folder
+name as ``runs/<run>/``) through a temporary folder and one rename; only then
+is the run's line put in ``published/index.jsonl`` (the whole index is
+rewritten under a lock and renamed, so it never holds a partial or duplicate
+line) and the ``published/latest`` symlink swapped to it with one atomic
+rename. A publish killed at any point leaves ``latest`` on a complete run.
+
+A run id is published once per fingerprint, and a published copy never mixes
+two trainings:
+
+* the same fingerprint published again changes nothing (no copy, the same
+  index line); only ``latest`` is pointed at it again;
+* a different fingerprint (or an unknown one on either side: a run trained
+  without ``train_summary.json``) replaces the published copy whole: the new
+  copy is built under a temporary name and exchanged with the old one in one
+  atomic step (``renameat2(RENAME_EXCHANGE)`` on Linux; two renames where the
+  system lacks it), then the run's index line is replaced and ``latest``
+  pointed at it again;
+* metrics that were computed for another training than the run's current
+  model (trained again after evaluate) are refused.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
@@ -18,8 +34,15 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alexnet_tasks.atomic import atomic_directory, atomic_write_bytes, file_lock, remove_stale_temps, temp_sibling
-from alexnet_tasks.config import safe_run_id
+from alexnet_tasks.atomic import (
+    atomic_write_bytes,
+    file_lock,
+    fsync_dir,
+    remove_stale_temps,
+    temp_sibling,
+)
+from alexnet_tasks.config import PipelineConfig, safe_run_id
+from alexnet_tasks.run_summary import TRAIN_SUMMARY, read_train_summary, same_run
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +50,13 @@ INDEX = "index.jsonl"
 LATEST = "latest"
 # What a published run holds; the first two are required.
 REQUIRED = ("model.keras", "metrics.json")
-OPTIONAL = ("config.json", "history.json", "confusion_matrix.png", "test_samples.png", "tensorboard")
+OPTIONAL = ("config.json", "history.json", TRAIN_SUMMARY, "confusion_matrix.png", "test_samples.png", "tensorboard")
+# Index fields that older index lines lack; read_index fills them with None.
+TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_planned", "devices", "seconds")
+LATER_INDEX_FIELDS = TRAINING_INDEX_FIELDS + ("config",)
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
 
 
 def _copy_run(run_dir: Path, destination: Path) -> None:
@@ -43,30 +72,106 @@ def _copy_run(run_dir: Path, destination: Path) -> None:
             shutil.copy2(source, destination / name)
 
 
-def _index_line(run_id: str, metrics: dict, published_at: str) -> dict:
+def _build_copy(run_dir: Path, final: Path) -> Path:
+    """A complete, synced copy of the run in a temporary sibling of ``final``."""
+    tmp = temp_sibling(final)
+    tmp.mkdir(parents=True)
+    try:
+        _copy_run(run_dir, tmp)
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step; False where the system cannot (then nothing moved)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _replace_directory(new: Path, final: Path) -> None:
+    """Put the complete folder ``new`` in place of ``final`` and remove the old copy."""
+    if _exchange(new, final):
+        old = new  # the exchange left the old copy under the temporary name
+    else:
+        old = temp_sibling(final)
+        os.rename(final, old)
+        os.rename(new, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _published_fingerprint(final: Path) -> str | None:
+    try:
+        return json.loads((final / "metrics.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _index_line(run_id: str, metrics: dict, published_at: str, config: PipelineConfig | None) -> dict:
     return {
         "run_id": run_id,
         "published_at": published_at,
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
         "path": f"runs/{safe_run_id(run_id)}",
+        **{key: metrics.get(key) for key in TRAINING_INDEX_FIELDS},
+        "config": None if config is None else config.to_dict(),
     }
 
 
 def read_index(published_root: Path) -> list[dict]:
+    """Every line of the index, oldest first; fields older lines lack read as None."""
     path = Path(published_root) / INDEX
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = []
+    for number, text in enumerate(path.read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
+        for key in LATER_INDEX_FIELDS:
+            line.setdefault(key, None)
+        lines.append(line)
+    return lines
 
 
-def _update_index(published_root: Path, entry: dict) -> None:
-    """Rewrite the index with ``entry`` replacing any earlier line of the same run."""
+def _update_index(published_root: Path, entry: dict) -> bool:
+    """Put ``entry`` in the index in place of any earlier line of the same run; False if already there.
+
+    A line of the same run with the same known fingerprint is kept as it is,
+    so publishing the same training again changes nothing.
+    """
     with file_lock(published_root / f".{INDEX}.lock"):
-        lines = [line for line in read_index(published_root) if line["run_id"] != entry["run_id"]]
+        lines = read_index(published_root)
+        if any(
+            line["run_id"] == entry["run_id"] and line["path"] == entry["path"]
+            and same_run(line["fingerprint"], entry["fingerprint"])
+            for line in lines
+        ):
+            return False
+        lines = [line for line in lines if line["run_id"] != entry["run_id"]]
         lines.append(entry)
         text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
         atomic_write_bytes(published_root / INDEX, text.encode())
+        return True
 
 
 def _point_latest(published_root: Path, target: str) -> None:
@@ -80,27 +185,59 @@ def _point_latest(published_root: Path, target: str) -> None:
         raise
 
 
-def publish(run_dir: Path, run_id: str, published_root: Path) -> dict:
-    """Publish ``run_dir`` as ``run_id``; returns the published path and headline metrics."""
+def _read_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; evaluate must finish first")
+    metrics = json.loads(path.read_text())
+    summary = read_train_summary(run_dir)
+    if summary is not None and summary["fingerprint"] != metrics.get("fingerprint"):
+        raise ValueError(
+            f"{path}: computed for another training (fingerprint {metrics.get('fingerprint')}) than the "
+            f"run's model ({summary['fingerprint']}, {run_dir / TRAIN_SUMMARY}); evaluate again before publishing"
+        )
+    return metrics
+
+
+def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineConfig | None = None) -> dict:
+    """Publish ``run_dir`` as ``run_id``; returns the published path and headline metrics.
+
+    ``config``, the run's pipeline settings, goes into the index line (None if not given).
+    """
     run_dir, published_root = Path(run_dir), Path(published_root)
-    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else None
-    if metrics is None:
-        raise FileNotFoundError(f"{run_dir / 'metrics.json'}: missing; evaluate must finish first")
+    metrics = _read_metrics(run_dir)
+    fingerprint = metrics.get("fingerprint")
     final = published_root / "runs" / safe_run_id(run_id)
-    remove_stale_temps(final)
-    if final.is_dir():
-        log.info("%s already published; refreshing its index line and latest pointer", final)
-    else:
-        with atomic_directory(final) as work:
-            _copy_run(run_dir, work)
-    entry = _index_line(run_id, metrics, datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    _update_index(published_root, entry)
-    with file_lock(published_root / f".{LATEST}.lock"):
-        _point_latest(published_root, f"runs/{final.name}")
-    log.info("published %s (test accuracy %.4f); latest -> %s", final, metrics["test_accuracy"], final.name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(published_root / f".{final.name}.lock"):
+        remove_stale_temps(final)
+        previous = _published_fingerprint(final) if final.is_dir() else None
+        if not final.is_dir():
+            os.rename(_build_copy(run_dir, final), final)
+            fsync_dir(final.parent)
+            action = "published"
+        elif same_run(previous, fingerprint):
+            action = "unchanged"
+        else:
+            _replace_directory(_build_copy(run_dir, final), final)
+            action = "replaced"
+            log.warning(
+                "%s held another training (fingerprint %s); replaced it with this run's (%s)",
+                final, previous or "unknown", fingerprint or "unknown",
+            )
+        entry = _index_line(run_id, metrics, datetime.now(timezone.utc).isoformat(timespec="seconds"), config)
+        _update_index(published_root, entry)
+        with file_lock(published_root / f".{LATEST}.lock"):
+            _point_latest(published_root, f"runs/{final.name}")
+    log.info(
+        "%s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
+        action, final, metrics["test_accuracy"], fingerprint or "unknown", final.name,
+    )
     return {
         "published": str(final),
         "latest": str(published_root / LATEST),
         "index": str(published_root / INDEX),
         "test_accuracy": metrics["test_accuracy"],
+        "fingerprint": fingerprint,
+        "action": action,
     }

@@ -123,8 +123,8 @@ def alexnet_cifar10():
     def publish() -> dict:
         from alexnet_tasks.publish import publish
 
-        _, layout, run_id = _settings()
-        return publish(layout.run(run_id), run_id, layout.published)
+        config, layout, run_id = _settings()
+        return publish(layout.run(run_id), run_id, layout.published, config)
 
     download() >> split() >> build_shards() >> train() >> evaluate() >> publish()
 

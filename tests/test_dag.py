@@ -164,6 +164,10 @@ def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tm
     assert metrics["test_images"] == 60 and 0 <= metrics["test_accuracy"] <= 1
     [line] = [json.loads(l) for l in (published / "index.jsonl").read_text().splitlines()]
     assert line["test_accuracy"] == metrics["test_accuracy"] and line["run_id"].startswith("manual__")
+    from alexnet_tasks.config import PipelineConfig
+
+    assert line["config"] == PipelineConfig.from_dict(conf).to_dict()  # the run's resolved settings
+    assert line["fingerprint"] == metrics["fingerprint"]  # null until train writes train_summary.json
     assert (latest / "model.keras").is_file() and (latest / "confusion_matrix.png").is_file()
     tags = scalar_tags(latest / "tensorboard")
     assert {"train/epoch_loss", "train/epoch_accuracy", "validation/epoch_loss", "validation/epoch_accuracy"} <= tags

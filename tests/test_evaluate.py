@@ -1,10 +1,14 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from alexnet_tasks.evaluate import confusion_matrix, evaluate, summarize
+from test_publish import write_train_summary
 from test_train import scalar_tags
+
+TRAINING_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_planned", "seconds", "devices")
 
 NAMES = ["a", "b", "c"]
 
@@ -41,6 +45,11 @@ def test_evaluate_writes_metrics_picture_and_tensorboard(trained_run):
     assert matrix.shape == (10, 10) and matrix.sum() == 60
     assert metrics["test_accuracy"] == pytest.approx(np.trace(matrix) / 60)
     assert set(metrics["per_class_accuracy"]) == set(metrics["class_names"])
+    # What train recorded about the run comes along; unknown (null) when train wrote no summary.
+    summary_path = run_dir / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    for key in TRAINING_FIELDS:
+        assert metrics[key] == summary.get(key), key
     for picture in ("confusion_matrix.png", "test_samples.png"):
         assert (run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tags = scalar_tags(run_dir / "tensorboard" / "test")
@@ -53,3 +62,30 @@ def test_evaluate_writes_metrics_picture_and_tensorboard(trained_run):
 def test_evaluate_without_a_model_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no trained model; run the train step first"):
         evaluate(tmp_path / "model.keras", tmp_path, tmp_path)
+
+
+@pytest.mark.slow
+def test_metrics_carry_the_training_fingerprint_and_schedule(trained_run, tmp_path):
+    config, shards_dir, trained_dir, _ = trained_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(trained_dir / "model.keras", run_dir / "model.keras")
+    summary = write_train_summary(run_dir, "f" * 64, truncated=True, epochs_run=2, epochs_planned=3,
+                                  seconds=41.0, devices="CPU")
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {key: metrics[key] for key in TRAINING_FIELDS} == {key: summary[key] for key in TRAINING_FIELDS}
+    assert metrics["fingerprint"] == "f" * 64 and metrics["truncated"] is True
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("{not json", "not valid JSON"), ('{"fingerprint": "abc"}', "fingerprint must be 64 lowercase hex"),
+     ("[1, 2]", "expected a JSON object")],
+)
+def test_a_broken_train_summary_is_refused_by_name(tmp_path, content, message):
+    (tmp_path / "model.keras").write_bytes(b"stand-in")
+    (tmp_path / "train_summary.json").write_text(content)
+    with pytest.raises(ValueError, match=f"train_summary.json.*{message}"):
+        evaluate(tmp_path / "model.keras", tmp_path, tmp_path)
+    assert not (tmp_path / "metrics.json").exists()

@@ -1,37 +1,73 @@
+import hashlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from alexnet_tasks.publish import publish, read_index
+from alexnet_tasks.config import Layout, PipelineConfig
+from alexnet_tasks.publish import _exchange, publish, read_index
+
+SUMMARY = "train_summary.json"
 
 
-def fake_run(root: Path, name: str, accuracy: float) -> Path:
-    """A run folder as train and evaluate leave it (small stand-in files, real layout)."""
+def write_train_summary(run_dir: Path, fingerprint: str | None = None, **overrides) -> dict:
+    """``train_summary.json`` as train writes it; returns its content."""
+    fingerprint = fingerprint or hashlib.sha256(str(run_dir).encode()).hexdigest()
+    summary = {
+        "fingerprint": fingerprint,
+        "fingerprint_parts": {"settings": {"recipe": "fast"}, "data_key": "d", "shards_sha256": "0" * 64,
+                              "code_version": "0.1.0+test"},
+        "epochs_planned": 3, "epochs_run": 3, "truncated": False, "stopped_reason": "completed",
+        "seconds": 12.5, "replicas": 1, "devices": "CPU", "recipe": "fast", "image_size": 67,
+        "batch_size": 16, "learning_rate": 0.01, "seed": 42,
+        **overrides,
+    }
+    (Path(run_dir) / SUMMARY).write_text(json.dumps(summary))
+    return summary
+
+
+def fake_run(root: Path, name: str, accuracy: float, fingerprint: str | None = None, truncated: bool = False) -> Path:
+    """A run folder as train and evaluate leave it (small stand-in files, real layout).
+
+    With a ``fingerprint`` it also holds train's ``train_summary.json`` and the
+    fields evaluate copies from it into ``metrics.json``.
+    """
     run = root / "runs" / name
-    (run / "tensorboard" / "train").mkdir(parents=True)
+    (run / "tensorboard" / "train").mkdir(parents=True, exist_ok=True)
     (run / "tensorboard" / "train" / "events.out.tfevents.1").write_bytes(b"events")
     (run / "model.keras").write_bytes(b"model-" + name.encode())
-    (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_loss": 1.0}))
+    metrics = {"test_accuracy": accuracy, "test_loss": 1.0}
+    if fingerprint is not None:
+        summary = write_train_summary(run, fingerprint, truncated=truncated, epochs_run=2 if truncated else 3)
+        metrics.update({key: summary[key] for key in
+                        ("fingerprint", "truncated", "epochs_run", "epochs_planned", "seconds", "devices")})
+    (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "config.json").write_text("{}")
     return run
+
+
+def folder(run_id: str) -> str:
+    return Layout(Path("/unused")).run(run_id).name
 
 
 def test_publish_copies_indexes_then_points_latest(tmp_path):
     published = tmp_path / "published"
     result = publish(fake_run(tmp_path, "run_a", 0.5), "manual__a:1", published)
-    target = published / "runs" / "manual__a_1"
+    target = published / "runs" / folder("manual__a:1")
     assert Path(result["published"]) == target
     assert (target / "model.keras").read_bytes() == b"model-run_a"
     assert (target / "tensorboard" / "train" / "events.out.tfevents.1").is_file()
-    assert os.readlink(published / "latest") == "runs/manual__a_1"
+    assert os.readlink(published / "latest") == f"runs/{folder('manual__a:1')}"
     assert json.loads((published / "latest" / "metrics.json").read_text())["test_accuracy"] == 0.5
     [line] = read_index(published)
     assert line["run_id"] == "manual__a:1" and line["test_accuracy"] == 0.5
+    assert line["path"] == f"runs/{folder('manual__a:1')}"
 
     publish(fake_run(tmp_path, "run_b", 0.7), "manual__b", published)
-    assert os.readlink(published / "latest") == "runs/manual__b"
+    assert os.readlink(published / "latest") == f"runs/{folder('manual__b')}"
     assert [line["run_id"] for line in read_index(published)] == ["manual__a:1", "manual__b"]
 
 
@@ -51,7 +87,121 @@ def test_incomplete_run_is_refused_and_latest_stays(tmp_path):
     (broken / "model.keras").unlink()
     with pytest.raises(FileNotFoundError, match="model.keras: missing"):
         publish(broken, "broken", published)
-    assert os.readlink(published / "latest") == "runs/good"
-    assert not (published / "runs" / "broken").exists()
+    assert os.readlink(published / "latest") == f"runs/{folder('good')}"
+    assert not (published / "runs" / folder("broken")).exists()
     assert [line["run_id"] for line in read_index(published)] == ["good"]
     assert not [p for p in (published / "runs").iterdir() if ".tmp-" in p.name]
+
+
+def test_run_ids_that_differ_only_in_punctuation_publish_apart(tmp_path):
+    published = tmp_path / "published"
+    publish(fake_run(tmp_path, "colon", 0.5, "a" * 64), "a:b", published)
+    publish(fake_run(tmp_path, "underscore", 0.6, "b" * 64), "a_b", published)
+    lines = {line["run_id"]: line for line in read_index(published)}
+    assert set(lines) == {"a:b", "a_b"} and lines["a:b"]["path"] != lines["a_b"]["path"]
+    assert (published / lines["a:b"]["path"] / "model.keras").read_bytes() == b"model-colon"
+    assert (published / lines["a_b"]["path"] / "model.keras").read_bytes() == b"model-underscore"
+
+
+def test_index_line_carries_fingerprint_schedule_devices_and_settings(tmp_path):
+    published = tmp_path / "published"
+    config = PipelineConfig(image_size=67, epochs=3, max_train_minutes=1.5)
+    publish(fake_run(tmp_path, "run_a", 0.5, "c" * 64, truncated=True), "run_a", published, config)
+    [line] = read_index(published)
+    assert line["fingerprint"] == "c" * 64
+    assert line["truncated"] is True and line["epochs_run"] == 2 and line["epochs_planned"] == 3
+    assert line["devices"] == "CPU" and line["seconds"] == 12.5
+    assert line["config"] == config.to_dict()
+    assert (published / line["path"] / SUMMARY).is_file()
+
+
+def test_old_index_lines_without_the_new_fields_still_load(tmp_path):
+    published = tmp_path / "published"
+    published.mkdir()
+    old = {"run_id": "old", "published_at": "2026-11-01T00:00:00+00:00", "test_accuracy": 0.4,
+           "test_loss": 1.5, "path": "runs/old"}
+    (published / "index.jsonl").write_text(json.dumps(old) + "\n")
+    [line] = read_index(published)
+    assert line["run_id"] == "old" and line["test_accuracy"] == 0.4
+    assert line["fingerprint"] is None and line["truncated"] is None and line["config"] is None
+    publish(fake_run(tmp_path, "new", 0.6, "d" * 64), "new", published)
+    assert [line["run_id"] for line in read_index(published)] == ["old", "new"]
+
+
+def test_republishing_the_same_fingerprint_changes_nothing(tmp_path):
+    published = tmp_path / "published"
+    run = fake_run(tmp_path, "run_a", 0.5, "e" * 64)
+    publish(run, "run_a", published)
+    index_before = (published / "index.jsonl").read_bytes()
+    model = published / "runs" / folder("run_a") / "model.keras"
+    inode_before = model.stat().st_ino
+    time.sleep(1.1)  # a rewritten line would carry a later publish time
+    publish(run, "run_a", published)
+    assert (published / "index.jsonl").read_bytes() == index_before
+    assert model.stat().st_ino == inode_before  # not copied again
+
+
+def test_a_different_fingerprint_replaces_the_published_run_whole(tmp_path):
+    published = tmp_path / "published"
+    publish(fake_run(tmp_path, "first", 0.5, "1" * 64), "same-id", published)
+    publish(fake_run(tmp_path, "other", 0.9, "9" * 64), "other", published)
+    publish(fake_run(tmp_path, "second", 0.7, "2" * 64), "same-id", published)
+    target = published / "runs" / folder("same-id")
+    assert (target / "model.keras").read_bytes() == b"model-second"
+    assert json.loads((target / "metrics.json").read_text())["fingerprint"] == "2" * 64
+    lines = read_index(published)
+    assert [line["run_id"] for line in lines] == ["other", "same-id"]
+    assert lines[-1]["fingerprint"] == "2" * 64 and lines[-1]["test_accuracy"] == 0.7
+    assert os.readlink(published / "latest") == f"runs/{folder('same-id')}"
+    assert sorted(path.name for path in (published / "runs").iterdir() if not path.name.startswith(".")) == sorted(
+        [folder("same-id"), folder("other")]
+    )
+
+
+def test_unknown_fingerprints_are_never_taken_for_the_same_run(tmp_path):
+    published = tmp_path / "published"
+    publish(fake_run(tmp_path, "first", 0.5), "same-id", published)
+    publish(fake_run(tmp_path, "second", 0.7), "same-id", published)
+    target = published / "runs" / folder("same-id")
+    assert (target / "model.keras").read_bytes() == b"model-second"
+    [line] = read_index(published)
+    assert line["fingerprint"] is None and line["test_accuracy"] == 0.7
+
+
+def test_metrics_from_another_training_are_refused(tmp_path):
+    published = tmp_path / "published"
+    run = fake_run(tmp_path, "run_a", 0.5, "3" * 64)
+    write_train_summary(run, "4" * 64)  # trained again after evaluate
+    with pytest.raises(ValueError, match="metrics.json.*another training.*evaluate again"):
+        publish(run, "run_a", published)
+    assert not (published / "runs" / folder("run_a")).exists()
+    assert read_index(published) == []
+
+
+def test_readers_never_miss_a_run_while_it_is_replaced(tmp_path):
+    (tmp_path / "probe-a").mkdir()
+    (tmp_path / "probe-b").mkdir()
+    if not _exchange(tmp_path / "probe-a", tmp_path / "probe-b"):
+        pytest.skip("this system cannot exchange two folders atomically; publish falls back to two renames")
+    published = tmp_path / "published"
+    runs = [fake_run(tmp_path, f"version{n}", 0.5, f"{n}" * 64) for n in range(1, 9)]
+    publish(runs[0], "same-id", published)
+    misses, stop = [], threading.Event()
+
+    def read_latest():
+        while not stop.is_set():
+            try:
+                (published / "latest" / "model.keras").read_bytes()
+            except FileNotFoundError as error:
+                misses.append(error)
+
+    reader = threading.Thread(target=read_latest)
+    reader.start()
+    try:
+        for run in runs[1:]:
+            publish(run, "same-id", published)
+    finally:
+        stop.set()
+        reader.join()
+    assert misses == []
+    assert (published / "latest" / "model.keras").read_bytes() == b"model-version8"
