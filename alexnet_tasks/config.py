@@ -210,8 +210,11 @@ def _check_setting(setting: dataclasses.Field, value: Any) -> None:
             raise ValueError(f"{name} must be one of {tuple(schema['enum'])}, got {value!r}")
         if "pattern" in schema and not _search(schema["pattern"], value):
             raise ValueError(f"{name} must be {facts['pattern_meaning']}, got {value!r}")
-        if len(value) > schema.get("maxLength", len(value)):
-            raise ValueError(f"{name} must be at most {schema['maxLength']} characters, got {len(value)}")
+        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+            raise ValueError(
+                f"{name} must be {schema.get('minLength', 0)} to {schema.get('maxLength', 'any number of')} "
+                f"characters long, got {len(value)}"
+            )
         return
     if isinstance(value, bool) or not isinstance(value, int if kind == "integer" else (int, float)):
         raise ValueError(f"{name} must be {'an integer' if kind == 'integer' else 'a number'}, got {value!r}")
