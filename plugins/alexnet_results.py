@@ -322,7 +322,7 @@ def line_chart(
     highlight: int | None = None,
 ) -> Markup:
     """An SVG line chart of ``(label, [(x, y), ...])`` series; points with a None y are left out."""
-    width, height, left, right, top, bottom = 560, 280, 58, 16, 30, 46
+    width, height, left, right, top, bottom = 560, 290, 58, 16, 40, 46
     points = [(x, y) for _, data in series for x, y in data if y is not None]
     if not points:
         return Markup(f'<p class="empty">No data for {html.escape(title)}.</p>')
@@ -378,9 +378,9 @@ def line_chart(
                 f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{radius}" fill="{color}">'
                 f"<title>{html.escape(label)}: {html.escape(y_format(y))} at {html.escape(x_format(x))}</title></circle>"
             )
-        legend_y = top + 14 + 16 * number
-        parts.append(f'<line x1="{left + 10}" x2="{left + 28}" y1="{legend_y - 4}" y2="{legend_y - 4}" stroke="{color}" stroke-width="3"/>')
-        parts.append(f'<text x="{left + 34}" y="{legend_y}" class="legend">{html.escape(label)}</text>')
+        legend_x = left + 150 * number  # one row of legend entries between the title and the plot
+        parts.append(f'<line x1="{legend_x}" x2="{legend_x + 18}" y1="28" y2="28" stroke="{color}" stroke-width="3"/>')
+        parts.append(f'<text x="{legend_x + 24}" y="32" class="legend">{html.escape(label)}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
 

@@ -71,11 +71,13 @@ def test_plugin_module_imports_no_tensorflow_numpy_or_matplotlib():
     assert out[-1] == "False", "loading the plugin imported the API server's security module"
 
 
-def test_airflow_lists_the_plugin_and_its_entries_fit_airflows_response_models():
+def test_airflow_lists_the_plugin_and_its_entries_fit_airflows_response_models(tmp_path):
     from airflow.api_fastapi.core_api.datamodels.plugins import PluginResponse
 
-    listed = subprocess.run([airflow_bin(), "plugins", "--output", "json"], capture_output=True, text=True,
-                            env=plugin_env(), timeout=300)
+    env = {name: value for name, value in os.environ.items() if name != "AIRFLOW__CORE__PLUGINS_FOLDER"}
+    env.update(AIRFLOW_HOME=str(tmp_path / "home"), ALEXNET_ARTIFACTS=str(tmp_path / "artifacts"))
+    listed = subprocess.run([str(ROOT / "scripts" / "airflow.sh"), "plugins", "--output", "json"],
+                            capture_output=True, text=True, env=env, timeout=300)
     assert listed.returncode == 0, listed.stderr[-3000:]
     [plugin] = [entry for entry in json.loads(listed.stdout) if entry["name"] == "alexnet_results"]
     # The API server drops a plugin whose entries do not validate: validate exactly as it does.
@@ -119,6 +121,21 @@ def test_extra_link_on_train_evaluate_and_publish_opens_the_dag_runs_results_tab
         assert links[task_id] == {"AlexNet results": tab}
     for task_id in ("download", "split", "build_shards"):
         assert not links[task_id].get("AlexNet results"), "the UI hides a link without a URL"
+
+
+def test_every_deployment_loads_the_plugins_folder():
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import cluster
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+    assert compose["x-airflow-common"]["environment"]["AIRFLOW__CORE__PLUGINS_FOLDER"] == "/opt/airflow/plugins"
+    assert "COPY --chown=airflow:root plugins /opt/airflow/plugins" in (ROOT / "Dockerfile").read_text()
+    state = {"dir": "/tmp/cluster", "database": "db", "redis_db": 1, "port": 8080, "artifacts": "/tmp/artifacts",
+             "secrets": {"AIRFLOW_FERNET_KEY": "f", "AIRFLOW_JWT_SECRET": "j", "AIRFLOW_API_SECRET_KEY": "s"},
+             "log_ports": {"triggerer": 8794}}
+    assert cluster.environment(state)["AIRFLOW__CORE__PLUGINS_FOLDER"] == str(ROOT / "plugins")
 
 
 def test_artifacts_root_agrees_with_the_pipeline(monkeypatch, tmp_path):
