@@ -32,7 +32,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -354,8 +354,9 @@ def line_chart(
     unique_x = sorted(set(xs))
     x_ticks = unique_x if len(unique_x) <= 6 else _ticks(x_low, x_high, 5)
     for x in x_ticks:
+        anchor = "start" if x == x_low and len(x_ticks) > 1 else "end" if x == x_high and len(x_ticks) > 1 else "middle"
         parts.append(
-            f'<text x="{sx(x):.1f}" y="{top + plot_h + 16}" class="tick" text-anchor="middle">{html.escape(x_format(x))}</text>'
+            f'<text x="{sx(x):.1f}" y="{top + plot_h + 16}" class="tick" text-anchor="{anchor}">{html.escape(x_format(x))}</text>'
         )
     parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" class="label" text-anchor="middle">{html.escape(x_label)}</text>')
     parts.append(
@@ -399,7 +400,7 @@ def accuracy_over_time(runs: list[Run]) -> Markup:
     champion = next((index for index, run in enumerate(ordered) if run.champion), None)
     return line_chart(
         [("test accuracy", data)], "Test accuracy of the published runs", "published (UTC)", "test accuracy",
-        x_format=lambda value: datetime.fromtimestamp(value).strftime("%m-%d %H:%M"),
+        x_format=lambda value: datetime.fromtimestamp(value, timezone.utc).strftime("%m-%d %H:%M"),
         y_format=lambda value: f"{value:.0%}" if value >= 0.1 else f"{value:.1%}",
         css_class="chart timeline", highlight=champion,
     )

@@ -2,7 +2,7 @@
 
 The pipeline trains and publishes one tiny run through `airflow dags test`;
 a real `airflow api-server` (SQLite, simple auth manager, one admin user)
-serves the UI with the plugin loaded; headless Chromium (Debian's `chromium`
+serves the UI under a base_url sub-path with the plugin loaded; headless Chromium (Debian's `chromium`
 and `chromium-driver`, driven by Selenium; nothing is downloaded) logs in,
 opens Browse -> AlexNet runs, the run's page and the DAG run's Results tab.
 
@@ -63,7 +63,7 @@ def server(small_archive, tmp_path_factory):
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin",
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(folder / "passwords.json"),
         AIRFLOW__API__PORT=str(port),
-        AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}",
+        AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}/airflow",  # a sub-path: the plugin's links are relative
         AIRFLOW__API__WORKERS="1",
         AIRFLOW__API_AUTH__JWT_SECRET="browser-test-jwt-secret",
         AIRFLOW__API__SECRET_KEY="browser-test-secret-key",
@@ -81,7 +81,7 @@ def server(small_archive, tmp_path_factory):
     log = (folder / "api-server.log").open("w")
     process = subprocess.Popen([airflow_bin(), "api-server", "--port", str(port)], env=env,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/"
+    base = f"http://127.0.0.1:{port}/airflow/"
     try:
         deadline = time.monotonic() + 180
         while True:
