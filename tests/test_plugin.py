@@ -351,3 +351,11 @@ def test_only_named_artifacts_of_indexed_runs_inside_published_are_served(client
     page = client.get("/alexnet/runs").text
     assert page.count("files missing") == 3, "runs whose folder is outside published/ are listed without files"
     assert "not json" not in page
+
+
+@pytest.mark.slow
+def test_list_page_without_published_runs_says_so(client, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(tmp_path / "nothing-yet"))
+    response = client.get("/alexnet/runs")
+    assert response.status_code == 200 and "No published runs yet" in response.text
+    assert client.get(f"/alexnet/dags/alexnet_cifar10/runs/{quoted(OLD_RUN)}").status_code == 404
