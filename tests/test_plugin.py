@@ -71,6 +71,7 @@ def test_plugin_module_imports_no_tensorflow_numpy_or_matplotlib():
     assert out[-1] == "False", "loading the plugin imported the API server's security module"
 
 
+@pytest.mark.slow
 def test_airflow_lists_the_plugin_and_its_entries_fit_airflows_response_models(tmp_path):
     from airflow.api_fastapi.core_api.datamodels.plugins import PluginResponse
 
