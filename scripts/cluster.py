@@ -85,6 +85,7 @@ def environment(state: dict) -> dict[str, str]:
     env.update(
         AIRFLOW_HOME=str(folder / "home"),
         AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=database,
         AIRFLOW__CELERY__RESULT_BACKEND=f"db+{database.replace('+psycopg2', '')}",
         AIRFLOW__CELERY__BROKER_URL=f"redis://127.0.0.1:6379/{state['redis_db']}",

@@ -17,4 +17,5 @@ import json, sys
 metrics = json.load(open(sys.argv[1]))
 print(f"test accuracy {metrics['test_accuracy']:.4f}  loss {metrics['test_loss']:.4f}")
 PY
+  echo "in the UI: scripts/airflow.sh api-server --port 8080, then Browse -> AlexNet runs (plugins/)"
 fi

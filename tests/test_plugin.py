@@ -1,0 +1,362 @@
+"""The Airflow UI plugin (plugins/alexnet_results.py): pages, files, path safety, authentication, loading.
+
+The pages are read through FastAPI's TestClient, with the plugin's app mounted
+where Airflow mounts it, against runs that the pipeline's own train, evaluate
+and publish wrote. Authentication is Airflow's simple auth manager with real
+JWTs; its DAG access check reads the metadata database, so the test home's
+SQLite database is migrated first.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urljoin
+
+import pytest
+
+from conftest import ROOT, airflow_bin
+
+PLUGIN_FILE = ROOT / "plugins" / "alexnet_results.py"
+OLD_RUN = "manual__2026-11-28T10:00:00+00:00"
+NEW_RUN = "scheduled__2026-11-29T02:00:00+00:00"
+NEW_FOLDER = "scheduled-2026-11-29-3f2a9c1"  # the readable-name-plus-hash folder the index may name
+
+
+def plugin_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(ROOT / "plugins"),
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+def load_plugin_module():
+    if "alexnet_results" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("alexnet_results", PLUGIN_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["alexnet_results"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["alexnet_results"]
+
+
+# --------------------------------------------------------------------------- loading (no training)
+def test_plugin_module_imports_no_tensorflow_numpy_or_matplotlib():
+    code = (
+        "import sys, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('alexnet_results', {str(PLUGIN_FILE)!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules[spec.name] = module  # as Airflow's plugin loader does\n"
+        "spec.loader.exec_module(module)\n"
+        "assert module.AlexNetResultsPlugin.fastapi_apps\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'numpy', 'matplotlib', 'h5py'})\n"
+        "security = 'airflow.api_fastapi.core_api.security' in sys.modules\n"
+        "print(','.join(heavy)); print(security)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout.splitlines()
+    assert out[-2] == "", f"loading the plugin imported {out[-2]}"
+    assert out[-1] == "False", "loading the plugin imported the API server's security module"
+
+
+@pytest.mark.slow
+def test_airflow_lists_the_plugin_and_its_entries_fit_airflows_response_models(tmp_path):
+    from airflow.api_fastapi.core_api.datamodels.plugins import PluginResponse
+
+    env = {name: value for name, value in os.environ.items() if name != "AIRFLOW__CORE__PLUGINS_FOLDER"}
+    env.update(AIRFLOW_HOME=str(tmp_path / "home"), ALEXNET_ARTIFACTS=str(tmp_path / "artifacts"))
+    listed = subprocess.run([str(ROOT / "scripts" / "airflow.sh"), "plugins", "--output", "json"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    [plugin] = [entry for entry in json.loads(listed.stdout) if entry["name"] == "alexnet_results"]
+    # The API server drops a plugin whose entries do not validate: validate exactly as it does.
+    response = PluginResponse.model_validate({**plugin, "source": str(plugin["source"])})
+    views = {view.url_route: view for view in response.external_views}
+    assert views["alexnet-runs"].destination == "nav" and views["alexnet-runs"].category == "browse"
+    assert views["alexnet-runs"].name == "AlexNet runs" and views["alexnet-runs"].href == "alexnet/runs"
+    assert views["alexnet-results"].destination == "dag_run" and views["alexnet-results"].name == "Results"
+    assert views["alexnet-results"].href == "alexnet/dags/{DAG_ID}/runs/{RUN_ID}"
+    assert all(not view.href.startswith(("/", "http")) for view in response.external_views), "relative hrefs only"
+    assert [app.url_prefix for app in response.fastapi_apps] == ["/alexnet"]
+    assert response.operator_extra_links == ["<alexnet_results.AlexNetResultsLink object>"]
+
+    errors = subprocess.run(
+        [sys.executable, "-c",
+         "import json; from airflow import plugins_manager; print(json.dumps(plugins_manager.get_import_errors()))"],
+        capture_output=True, text=True, env=plugin_env(), check=True,
+    )
+    assert json.loads(errors.stdout.splitlines()[-1]) == {}
+
+
+def test_extra_link_on_train_evaluate_and_publish_opens_the_dag_runs_results_tab():
+    code = (
+        "import json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "from airflow.models.taskinstancekey import TaskInstanceKey\n"
+        "from airflow.serialization.serialized_objects import DagSerialization\n"
+        f"dag = DagBag({str(ROOT / 'dags')!r}).dags['alexnet_cifar10']\n"
+        "served = DagSerialization.from_dict(DagSerialization.to_dict(dag))  # as the API server sees it\n"
+        "class Instance:\n"
+        "    def __init__(self, task_id):\n"
+        f"        self.key = TaskInstanceKey(dag_id='alexnet_cifar10', task_id=task_id, run_id={OLD_RUN!r})\n"
+        "links = {t.task_id: {n: t.get_extra_links(Instance(t.task_id), n) for n in t.extra_links} for t in served.tasks}\n"
+        "print(json.dumps(links))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    links = json.loads(run.stdout.splitlines()[-1])
+    tab = "dags/alexnet_cifar10/runs/manual__2026-11-28T10%3A00%3A00%2B00%3A00/plugin/alexnet-results"
+    for task_id in ("train", "evaluate", "publish"):
+        assert links[task_id] == {"AlexNet results": tab}
+    for task_id in ("download", "split", "build_shards"):
+        assert not links[task_id].get("AlexNet results"), "the UI hides a link without a URL"
+
+
+def test_every_deployment_loads_the_plugins_folder():
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import cluster
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
+    assert compose["x-airflow-common"]["environment"]["AIRFLOW__CORE__PLUGINS_FOLDER"] == "/opt/airflow/plugins"
+    assert "COPY --chown=airflow:root plugins /opt/airflow/plugins" in (ROOT / "Dockerfile").read_text()
+    state = {"dir": "/tmp/cluster", "database": "db", "redis_db": 1, "port": 8080, "artifacts": "/tmp/artifacts",
+             "secrets": {"AIRFLOW_FERNET_KEY": "f", "AIRFLOW_JWT_SECRET": "j", "AIRFLOW_API_SECRET_KEY": "s"},
+             "log_ports": {"triggerer": 8794}}
+    assert cluster.environment(state)["AIRFLOW__CORE__PLUGINS_FOLDER"] == str(ROOT / "plugins")
+
+
+def test_artifacts_root_agrees_with_the_pipeline(monkeypatch, tmp_path):
+    from alexnet_tasks.config import Layout
+
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(tmp_path / "somewhere"))
+    assert load_plugin_module().published_root() == Layout().published
+
+
+# --------------------------------------------------------------------------- pages on real published runs
+@pytest.fixture(scope="module")
+def published(trained_run, tmp_path_factory) -> Path:
+    """Artifacts with two runs published by the pipeline: an older champion, and a newer run whose
+    index line carries the nightly-retraining fields (not blessed, folder named readable-plus-hash)."""
+    from alexnet_tasks.evaluate import evaluate
+    from alexnet_tasks.publish import publish
+
+    config, shards_dir, trained_dir, _ = trained_run
+    root = tmp_path_factory.mktemp("plugin") / "artifacts"
+    for run_id in (OLD_RUN, NEW_RUN):
+        run_dir = root / "runs" / run_id.replace(":", "_").replace("+", "_")
+        shutil.copytree(trained_dir, run_dir)
+        evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+        publish(run_dir, run_id, root / "published")
+    published_root = root / "published"
+    lines = [json.loads(line) for line in (published_root / "index.jsonl").read_text().splitlines()]
+    old, new = lines
+    (published_root / new["path"]).rename(published_root / "runs" / NEW_FOLDER)
+    new.update(
+        path=f"runs/{NEW_FOLDER}", fingerprint="3f2a9c1e0b", truncated=False, epochs_run=3, epochs_planned=5,
+        devices={"count": 2, "name": "NVIDIA H100"}, seconds=754.0, blessed=False,
+        reason="test accuracy below the champion's", config={"recipe": "fast", "image_size": 67, "epochs": 5},
+    )
+    (published_root / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in (old, new)))
+    (published_root / "runs" / NEW_FOLDER / "decision.json").write_text(json.dumps(
+        {"blessed": False, "reason": "test accuracy below the champion's", "champion_run_id": OLD_RUN,
+         "p_value": 0.0312}))
+    latest = published_root / "latest"
+    latest.unlink()
+    latest.symlink_to(old["path"])  # the gate kept the champion
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokens() -> dict[str, str]:
+    """JWTs from Airflow's simple auth manager (with the test home's database migrated)."""
+    migrate = subprocess.run([airflow_bin(), "db", "migrate"], capture_output=True, text=True, env=plugin_env())
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    from airflow.api_fastapi.app import init_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    manager = init_auth_manager()
+    return {role: manager.generate_jwt(SimpleAuthManagerUser(username=role, role=role)) for role in ("viewer", "admin")}
+
+
+@pytest.fixture
+def client(published, tokens, monkeypatch):
+    """A browser-like client: the plugin app mounted at its prefix, the viewer's ``_token`` cookie."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(published))
+    monkeypatch.setenv("ALEXNET_TENSORBOARD_URL", "http://tensorboard.example:6006")
+    module = load_plugin_module()
+    parent = FastAPI()
+    parent.mount(module.URL_PREFIX, module.app)
+    with TestClient(parent, base_url="http://airflow.test") as test_client:
+        test_client.cookies.set("_token", tokens["viewer"])
+        yield test_client
+
+
+def quoted(run_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(run_id, safe="")
+
+
+def links(page: str, attribute: str = "href") -> list[str]:
+    return re.findall(rf'{attribute}="([^"]*)"', page)
+
+
+@pytest.mark.slow
+def test_list_page_shows_every_run_newest_first_with_the_champion(client):
+    response = client.get("/alexnet/runs")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert page.index(NEW_RUN) < page.index(OLD_RUN), "newest first"
+    metrics = json.loads((Path(os.environ["ALEXNET_ARTIFACTS"]) / "published" / "latest" / "metrics.json").read_text())
+    assert f"{metrics['test_accuracy']:.2%}" in page
+    rows = re.findall(r'<tr class="run" data-run-id="([^"]+)">(.*?)</tr>', page, re.S)
+    by_id = dict(rows)
+    assert set(by_id) == {OLD_RUN, NEW_RUN}
+    assert "champion (latest)" in by_id[OLD_RUN] and "champion (latest)" not in by_id[NEW_RUN]
+    assert "not blessed" in by_id[NEW_RUN] and "2 x NVIDIA H100" in by_id[NEW_RUN] and "3 / 5" in by_id[NEW_RUN]
+    assert "12 min 34 s" in by_id[NEW_RUN] and "fast" in by_id[OLD_RUN] and ">67<" in by_id[OLD_RUN]
+    assert page.count("<polyline") == 1 and "Test accuracy of the published runs" in page
+    for href in links(page):
+        assert not href.startswith(("/", "http")), f"absolute link {href}"
+    # Every run link leads to its page; the Airflow links leave the plugin for the DAG run.
+    for href in links(page):
+        url = urljoin("http://airflow.test/alexnet/runs", href)
+        if url.startswith("http://airflow.test/alexnet/"):
+            assert client.get(url).status_code == 200, url
+        else:
+            assert url.startswith("http://airflow.test/dags/alexnet_cifar10/runs/"), url
+
+
+@pytest.mark.slow
+def test_run_page_shows_metrics_curves_classes_pictures_config_and_tensorboard(client, published):
+    url = f"http://airflow.test/alexnet/runs/{quoted(OLD_RUN)}"
+    response = client.get(url)
+    assert response.status_code == 200
+    page = response.text
+    run = published / "published" / "runs" / "manual__2026-11-28T10_00_00_00_00"
+    metrics = json.loads((run / "metrics.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    assert f"{metrics['test_accuracy']:.2%}" in page and f"{metrics['test_loss']:.4f}" in page
+    assert f"{history[-1]['val_accuracy']:.2%}" in page
+    assert page.count('<polyline class="series"') == 4, "train and validation loss and accuracy"
+    for name in metrics["class_names"]:
+        assert f"<th>{name}</th>" in page
+    assert '"recipe": "fast"' in html.unescape(page) and "http://tensorboard.example:6006" in page
+    assert "champion (latest)" in page
+    images = {re.search(r'id="([^"]+)"', tag).group(1): re.search(r'src="([^"]+)"', tag).group(1)
+              for tag in re.findall(r"<img [^>]+>", page)}
+    assert set(images) == {"confusion-matrix", "test-samples"}
+    for element, src in images.items():
+        picture = client.get(urljoin(url, src))
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/png", element
+        assert picture.content == (run / ("confusion_matrix.png" if element == "confusion-matrix" else "test_samples.png")).read_bytes()
+    model = client.get(urljoin(url, f"{quoted(OLD_RUN)}/files/model.keras"))
+    assert model.status_code == 200 and "attachment" in model.headers["content-disposition"]
+
+
+@pytest.mark.slow
+def test_run_page_shows_the_nightly_fields_and_gate_decision_when_present(client):
+    page = client.get(f"/alexnet/runs/{quoted(NEW_RUN)}").text
+    assert "3f2a9c1e0b" in page and "2 x NVIDIA H100" in page and "12 min 34 s" in page
+    assert "not blessed" in page and "p_value" in page and "0.0312" in page and OLD_RUN in page
+    assert f"<code>{NEW_FOLDER}</code>" in page, "the folder comes from the index's path"
+    src = re.search(r'id="confusion-matrix"[^>]*src="([^"]+)"', page).group(1)
+    assert client.get(urljoin(f"http://airflow.test/alexnet/runs/{quoted(NEW_RUN)}", src)).status_code == 200
+
+
+@pytest.mark.slow
+def test_results_tab_shows_the_run_and_says_so_for_unknown_runs_and_other_dags(client):
+    url = f"http://airflow.test/alexnet/dags/alexnet_cifar10/runs/{quoted(OLD_RUN)}"
+    tab = client.get(url)
+    assert tab.status_code == 200 and 'id="confusion-matrix"' in tab.text
+    src = re.search(r'id="confusion-matrix"[^>]*src="([^"]+)"', tab.text).group(1)
+    assert client.get(urljoin(url, src)).headers["content-type"] == "image/png", "relative to the tab's URL"
+    back = re.search(r'href="([^"]+)">All AlexNet runs', tab.text).group(1)
+    assert urljoin(url, back) == "http://airflow.test/alexnet/runs"
+    airflow_run = re.search(r'href="([^"]+)">Airflow run', tab.text).group(1)
+    assert urljoin(url, airflow_run) == f"http://airflow.test/dags/alexnet_cifar10/runs/{quoted(OLD_RUN)}"
+
+    unknown = client.get("/alexnet/dags/alexnet_cifar10/runs/manual__2026-01-01T00%3A00%3A00%2B00%3A00")
+    assert unknown.status_code == 404 and "has not published results (yet)" in unknown.text
+    other = client.get(f"/alexnet/dags/another_dag/runs/{quoted(OLD_RUN)}")
+    assert other.status_code == 200 and "another DAG" in other.text and "confusion-matrix" not in other.text
+
+
+@pytest.mark.slow
+def test_every_route_wants_an_airflow_user_allowed_to_read_dag_runs(client, tokens):
+    routes = ["/alexnet/runs", f"/alexnet/runs/{quoted(OLD_RUN)}",
+              f"/alexnet/runs/{quoted(OLD_RUN)}/files/confusion_matrix.png",
+              f"/alexnet/dags/alexnet_cifar10/runs/{quoted(OLD_RUN)}"]
+    for route in routes:
+        assert client.get(route).status_code == 200, route
+        client.cookies.clear()
+        assert client.get(route).status_code == 401, route
+        assert client.get(route, headers={"Authorization": "Bearer not-a-token"}).status_code == 403, route
+        assert client.get(route, headers={"Authorization": f"Bearer {tokens['admin']}"}).status_code == 200, route
+        client.cookies.set("_token", tokens["viewer"])
+
+
+@pytest.mark.slow
+def test_only_named_artifacts_of_indexed_runs_inside_published_are_served(client, published, tmp_path, monkeypatch):
+    root = tmp_path / "artifacts"
+    shutil.copytree(published, root, symlinks=True)
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(root))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "confusion_matrix.png").write_bytes(b"secret")
+    (outside / "metrics.json").write_text('{"test_accuracy": 0.99}')
+    runs = root / "published" / "runs"
+    (runs / "escape").symlink_to(outside)  # a run folder that is a link out of published/
+    run = runs / "manual__2026-11-28T10_00_00_00_00"
+    (run / "test_samples.png").unlink()
+    (run / "test_samples.png").symlink_to(outside / "confusion_matrix.png")  # a file that links out
+    (run / "state.json").write_text("{}")  # a file that is not a served artifact
+    with (root / "published" / "index.jsonl").open("a") as index:
+        index.write(json.dumps({"run_id": "dotdot", "path": "../../outside", "test_accuracy": 0.99}) + "\n")
+        index.write(json.dumps({"run_id": "absolute", "path": str(outside), "test_accuracy": 0.99}) + "\n")
+        index.write(json.dumps({"run_id": "link", "path": "runs/escape", "test_accuracy": 0.99}) + "\n")
+        index.write("not json\n")
+
+    good = f"/alexnet/runs/{quoted(OLD_RUN)}/files"
+    assert client.get(f"{good}/confusion_matrix.png").status_code == 200
+    refused = [
+        f"{good}/test_samples.png", f"{good}/state.json", f"{good}/tensorboard",
+        f"{good}/..%2F..%2Findex.jsonl", f"{good}/%2e%2e%2f%2e%2e%2findex.jsonl", f"{good}/..%5Cmetrics.json",
+        f"/alexnet/runs/..%2F..%2Findex.jsonl/files/metrics.json", "/alexnet/runs/%2e%2e/files/metrics.json",
+        "/alexnet/runs/dotdot/files/metrics.json", "/alexnet/runs/dotdot/files/confusion_matrix.png",
+        "/alexnet/runs/absolute/files/metrics.json", "/alexnet/runs/link/files/confusion_matrix.png",
+        "/alexnet/runs/unknown/files/metrics.json", "/alexnet/runs/unknown",
+        "/alexnet/runs/runs%2Fmanual__2026-11-28T10_00_00_00_00/files/metrics.json",
+    ]
+    for route in refused:
+        response = client.get(route)
+        assert response.status_code == 404, route
+        assert b"secret" not in response.content and b"0.99" not in response.content, route
+    page = client.get("/alexnet/runs").text
+    assert page.count("files missing") == 3, "runs whose folder is outside published/ are listed without files"
+    assert "not json" not in page
+
+
+@pytest.mark.slow
+def test_list_page_without_published_runs_says_so(client, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(tmp_path / "nothing-yet"))
+    response = client.get("/alexnet/runs")
+    assert response.status_code == 200 and "No published runs yet" in response.text
+    assert client.get(f"/alexnet/dags/alexnet_cifar10/runs/{quoted(OLD_RUN)}").status_code == 404
