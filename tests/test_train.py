@@ -121,6 +121,16 @@ def test_training_writes_model_history_config_and_tensorboard(trained_run):
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(history[0])
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["pipeline"]["image_size"] == 67 and saved["train"]["recipe"] == "fast"
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert set(summary) == {
+        "fingerprint", "fingerprint_parts", "epochs_planned", "epochs_run", "truncated", "stopped_reason",
+        "seconds", "replicas", "devices", "recipe", "image_size", "batch_size", "learning_rate", "seed",
+    }
+    assert (summary["epochs_planned"], summary["epochs_run"], summary["truncated"], summary["stopped_reason"]) == (3, 3, False, None)
+    assert (summary["replicas"], summary["devices"], summary["batch_size"], summary["learning_rate"]) == (1, "CPU", 16, 0.01)
+    assert summary["fingerprint"] == result["fingerprint"] == saved["fingerprint"] and result["truncated"] is False
+    assert json.loads((run_dir / "state.json").read_text())["fingerprint"] == summary["fingerprint"]
+    assert summary["fingerprint_parts"]["settings"] == saved["train"] and summary["seconds"] > 0
     model = keras.models.load_model(run_dir / "model.keras")
     assert model.input_shape == (None, 32, 32, 3) and "augmentation" not in [layer.name for layer in model.layers]
     tags = scalar_tags(run_dir / "tensorboard")
