@@ -12,12 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import subprocess
 from functools import lru_cache
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 PACKAGE = "alexnet-cifar10"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
