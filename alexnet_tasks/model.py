@@ -6,14 +6,48 @@ moves 12 KB per image instead of 618 KB at 227x227. At 227 it has 56,361,738
 parameters (56,358,986 trainable, 2,752 in BatchNorm statistics); every
 ``image_size`` from 67 up works (67 is the smallest for which the three
 max-pools leave a 1x1 map).
+
+Random layers (the augmentation and both dropouts) each draw from a stream of
+their own: its seed is derived from the training seed and the layer's name,
+and ``reseed_random_layers`` restarts every stream from (that seed, epoch) so
+an epoch's draws do not depend on what ran before it (a resumed run repeats
+them exactly).
 """
 
 from __future__ import annotations
 
+import zlib
+
 import keras
+import numpy as np
 from keras import layers
 
 from alexnet_tasks.config import IMAGE_SHAPE, MIN_IMAGE_SIZE, NUM_CLASSES
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A 31-bit seed derived from ``parts`` (integers and names); different parts, independent streams."""
+    entropy = [zlib.crc32(part.encode()) if isinstance(part, str) else int(part) for part in parts]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def random_streams(model: keras.Model) -> list[tuple[keras.layers.Layer, keras.random.SeedGenerator]]:
+    """Every (layer, seed generator) pair of the model's own layers."""
+    return [
+        (layer, value)
+        for layer in model.layers
+        for value in vars(layer).values()
+        if isinstance(value, keras.random.SeedGenerator)
+    ]
+
+
+def reseed_random_layers(model: keras.Model, epoch: int) -> None:
+    """Restart each random layer's stream at (its seed, ``epoch``)."""
+    for layer, generator in random_streams(model):
+        if layer.seed is None:
+            raise ValueError(f"layer {layer.name!r} has no seed; build the model with a seed to reseed it")
+        state = np.array([stream_seed(layer.seed, epoch), 0], dtype=generator.state.dtype)
+        generator.state.assign(state)
 
 
 @keras.saving.register_keras_serializable(package="alexnet_cifar10")
@@ -64,14 +98,22 @@ def build_alexnet(
     augment: bool = False,
     seed: int | None = None,
 ) -> keras.Model:
-    """The reference AlexNet: 5 convolutions with BatchNorm, 3 max-pools, 2 x dense 4096."""
+    """The reference AlexNet: 5 convolutions with BatchNorm, 3 max-pools, 2 x dense 4096.
+
+    ``seed`` (the training seed) gives each random layer its own seed,
+    derived from ``seed`` and the layer's name; None leaves them unseeded.
+    """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+
+    def seed_of(name: str) -> int | None:
+        return None if seed is None else stream_seed(seed, name)
+
     stack = [keras.Input(shape=IMAGE_SHAPE, name="image")]
     if augment:
-        stack.append(RandomShiftFlip(4, seed=seed, name="augmentation"))
+        stack.append(RandomShiftFlip(4, seed=seed_of("augmentation"), name="augmentation"))
     stack += [
         layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize"),
         layers.Conv2D(96, 11, strides=4, activation="relu", name="conv1"),
@@ -89,9 +131,9 @@ def build_alexnet(
         layers.MaxPooling2D(3, strides=2, name="pool5"),
         layers.Flatten(name="flatten"),
         layers.Dense(4096, activation="relu", name="fc6"),
-        layers.Dropout(0.5, seed=seed, name="drop6"),
+        layers.Dropout(0.5, seed=seed_of("drop6"), name="drop6"),
         layers.Dense(4096, activation="relu", name="fc7"),
-        layers.Dropout(0.5, seed=seed, name="drop7"),
+        layers.Dropout(0.5, seed=seed_of("drop7"), name="drop7"),
         # float32 output keeps the softmax and the loss exact under mixed precision.
         layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions"),
     ]

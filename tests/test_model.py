@@ -77,3 +77,14 @@ def test_augmented_model_round_trips_through_keras_saving(tmp_path):
     loaded = keras.models.load_model(path)
     images = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(loaded(images)), np.asarray(model(images)), atol=1e-6)
+
+
+def test_each_random_layer_draws_from_its_own_stream():
+    model = build_alexnet(67, augment=True, seed=5)
+    ones = np.ones((4, 4096), np.float32)
+    masks = [np.asarray(model.get_layer(name)(ones, training=True)) != 0 for name in ("drop6", "drop7")]
+    assert 0.3 < masks[0].mean() < 0.7 and 0.3 < masks[1].mean() < 0.7
+    assert (masks[0] != masks[1]).mean() > 0.2, "drop6 and drop7 drew the same dropout mask"
+    seeds = [model.get_layer(name).seed for name in ("augmentation", "drop6", "drop7")]
+    assert len(set(seeds)) == 3 and seeds == [build_alexnet(67, augment=True, seed=5).get_layer(name).seed
+                                              for name in ("augmentation", "drop6", "drop7")]

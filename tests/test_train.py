@@ -10,10 +10,17 @@ import numpy as np
 import pytest
 
 from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.recipe import learning_rate_at, per_replica_batch, precision_policy
 from alexnet_tasks.train import RECIPE_DEFAULTS, ShuffledBatches, resolve_settings
 from conftest import ROOT, prepare_shards, train_script
 
-pytestmark = pytest.mark.slow
+TWO_LOGICAL_CPUS = (
+    "import tensorflow as tf\n"
+    "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+    "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
+)
+DETERMINISTIC = "import tensorflow as tf\ntf.config.experimental.enable_op_determinism()\n"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def scalar_tags(folder: Path) -> set[str]:
@@ -31,9 +38,63 @@ def test_recipes_resolve_with_explicit_overrides():
     reference = resolve_settings(PipelineConfig(recipe="reference"))
     assert (reference.epochs, reference.batch_size, reference.learning_rate) == (50, 32, 0.001)
     assert reference.momentum == 0 and not reference.augment and reference.label_smoothing == 0
+    # The tutorial exactly: no XLA, float32 even on a GPU.
+    assert not reference.jit_compile and not reference.cosine_decay and reference.warmup_epochs == 0
+    assert resolve_settings(PipelineConfig(recipe="reference"), 1, (9, 0)).precision == "float32"
     fast = resolve_settings(PipelineConfig(recipe="fast", epochs=3))
     assert fast.epochs == 3 and fast.batch_size == RECIPE_DEFAULTS["fast"]["batch_size"] and fast.augment
-    assert not fast.mixed_precision and resolve_settings(PipelineConfig(recipe="fast"), gpus=1).mixed_precision
+    assert (fast.batch_size, fast.learning_rate, fast.jit_compile, fast.precision) == (256, 0.04, True, "float32")
+    assert resolve_settings(PipelineConfig(recipe="fast"), 1, (9, 0)).precision == "mixed_bfloat16"
+
+
+def test_batch_size_and_learning_rate_are_global_whatever_the_replicas():
+    config = PipelineConfig(recipe="fast", batch_size=64, learning_rate=0.02)
+    mirrored = resolve_settings(config, replicas=4)
+    assert (mirrored.batch_size, mirrored.learning_rate, mirrored.jit_compile) == (64, 0.02, False)
+    assert per_replica_batch(mirrored, 4) == 16
+    with pytest.raises(ValueError, match="batch_size=64 does not split evenly over 3 replicas"):
+        per_replica_batch(mirrored, 3)
+
+
+@pytest.mark.parametrize(
+    "capability, policy",
+    [(None, "float32"), ((6, 1), "float32"), ((7, 0), "mixed_float16"), ((7, 5), "mixed_float16"),
+     ((8, 0), "mixed_bfloat16"), ((8, 9), "mixed_bfloat16"), ((9, 0), "mixed_bfloat16")],
+)
+def test_mixed_precision_follows_the_compute_capability(capability, policy):
+    assert precision_policy(capability) == policy
+
+
+def test_mixed_float16_training_scales_the_loss():
+    import keras
+
+    from alexnet_tasks.model import build_alexnet
+    from alexnet_tasks.recipe import compile_model
+
+    settings = resolve_settings(PipelineConfig(recipe="fast", image_size=67), 1, (7, 5))
+    keras.mixed_precision.set_global_policy(settings.precision)
+    try:
+        model = build_alexnet(67, augment=True, seed=1)
+        compile_model(model, settings)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def test_schedule_warms_up_then_decays_to_zero_at_the_planned_end():
+    settings = resolve_settings(PipelineConfig(recipe="fast", epochs=10, learning_rate=0.1))
+    steps = 20
+    assert learning_rate_at(settings, 0, steps, 10) == pytest.approx(0.01)
+    assert learning_rate_at(settings, steps, steps, 10) == pytest.approx(0.1)  # warm-up ends after one epoch
+    for planned in (3, 10):
+        rates = [learning_rate_at(settings, step, steps, planned) for step in range(planned * steps)]
+        assert rates[steps - 1] < rates[steps] and all(a >= b for a, b in zip(rates[steps:], rates[steps + 1:]))
+        assert rates[-1] < 0.002 and learning_rate_at(settings, planned * steps, steps, planned) == 0
+    # The first epoch does not depend on the plan (a budget fixes the plan after it).
+    assert [learning_rate_at(settings, s, steps, 3) for s in range(steps)] == [
+        learning_rate_at(settings, s, steps, 10) for s in range(steps)]
+    reference = resolve_settings(PipelineConfig(recipe="reference"))
+    assert {learning_rate_at(reference, step, 5, 2) for step in range(10)} == {0.001}
 
 
 def test_batches_cover_each_image_once_per_epoch_in_a_seeded_order():
@@ -49,6 +110,7 @@ def test_batches_cover_each_image_once_per_epoch_in_a_seeded_order():
     assert list(np.concatenate([resumed[i][1] for i in range(3)])) == list(second)
 
 
+@pytest.mark.slow
 def test_training_writes_model_history_config_and_tensorboard(trained_run):
     import keras
 
@@ -59,6 +121,16 @@ def test_training_writes_model_history_config_and_tensorboard(trained_run):
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(history[0])
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["pipeline"]["image_size"] == 67 and saved["train"]["recipe"] == "fast"
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert set(summary) == {
+        "fingerprint", "fingerprint_parts", "epochs_planned", "epochs_run", "truncated", "stopped_reason",
+        "seconds", "replicas", "devices", "recipe", "image_size", "batch_size", "learning_rate", "seed",
+    }
+    assert (summary["epochs_planned"], summary["epochs_run"], summary["truncated"], summary["stopped_reason"]) == (3, 3, False, None)
+    assert (summary["replicas"], summary["devices"], summary["batch_size"], summary["learning_rate"]) == (1, "CPU", 16, 0.01)
+    assert summary["fingerprint"] == result["fingerprint"] == saved["fingerprint"] and result["truncated"] is False
+    assert json.loads((run_dir / "state.json").read_text())["fingerprint"] == summary["fingerprint"]
+    assert summary["fingerprint_parts"]["settings"] == saved["train"] and summary["seconds"] > 0
     model = keras.models.load_model(run_dir / "model.keras")
     assert model.input_shape == (None, 32, 32, 3) and "augmentation" not in [layer.name for layer in model.layers]
     tags = scalar_tags(run_dir / "tensorboard")
@@ -66,12 +138,14 @@ def test_training_writes_model_history_config_and_tensorboard(trained_run):
     assert "train/epoch_learning_rate" in tags
 
 
+@pytest.mark.slow
 def test_tiny_training_learns_above_chance(trained_run):
     history = json.loads((trained_run[2] / "history.json").read_text())
     # Ten classes of distinct colours: three epochs must beat the 10% of guessing.
     assert history[-1]["val_accuracy"] > 0.2
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_last_completed_epoch(small_archive, tmp_path):
     config, shards_dir = prepare_shards(
         small_archive, tmp_path, image_size=67, epochs=4, batch_size=8, recipe="reference"
@@ -105,6 +179,7 @@ def test_killed_training_resumes_from_its_last_completed_epoch(small_archive, tm
     assert len(list((run_dir / "checkpoints").glob("*.keras"))) == 1
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus_trains_and_saves_a_plain_model(small_archive, tmp_path):
     import keras
 
@@ -114,20 +189,18 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_and_saves_a_plain_model(sm
     run_dir = tmp_path / "runs" / "mirrored"
     code = train_script(
         shards_dir, run_dir, config,
-        prelude=(
-            "import tensorflow as tf\n"
-            "cpu = tf.config.list_physical_devices('CPU')[0]\n"
-            "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        ),
+        prelude=TWO_LOGICAL_CPUS,
         call_arguments=", devices=['/cpu:0', '/cpu:1']",
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["replicas"] == 2
-    assert saved["train"]["batch_size"] == 16 and saved["train"]["learning_rate"] == pytest.approx(0.002)
+    assert saved["replicas"] == 2 and saved["devices"] == "2 x CPU"
+    # Global batch and rate, as given: 4 images per replica.
+    assert saved["train"]["batch_size"] == 8 and saved["train"]["learning_rate"] == pytest.approx(0.001)
     assert saved["train"]["jit_compile"] is False
+    assert "global batch 8 (4 per replica) on 2 replica(s)" in run.stderr
     history = json.loads((run_dir / "history.json").read_text())
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
     model = keras.models.load_model(run_dir / "model.keras")  # no strategy scope here
@@ -135,13 +208,123 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_and_saves_a_plain_model(sm
     assert probabilities.shape == (3, 10)
 
 
-def test_time_budget_stops_after_the_epoch_that_would_overrun(small_archive, tmp_path):
+@pytest.mark.slow
+def test_time_budget_below_one_epoch_plans_one_epoch_and_is_not_truncated(small_archive, tmp_path):
     from alexnet_tasks.train import train
 
     config, shards_dir = prepare_shards(
         small_archive, tmp_path, image_size=67, epochs=5, batch_size=16, recipe="reference",
         max_train_minutes=0.001,  # 0.06 s: less than any epoch
     )
-    result = train(shards_dir, tmp_path / "runs" / "budget", config)
-    assert result["epochs"] == 1
-    assert (tmp_path / "runs" / "budget" / "model.keras").is_file()
+    run_dir = tmp_path / "runs" / "budget"
+    result = train(shards_dir, run_dir, config)
+    assert result["epochs"] == 1 and result["truncated"] is False
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert (summary["epochs_planned"], summary["epochs_run"], summary["truncated"]) == (1, 1, False)
+    assert (run_dir / "model.keras").is_file()
+
+
+@pytest.mark.slow
+def test_time_budget_sizes_the_schedule_to_end_inside_it(small_archive, tmp_path):
+    from alexnet_tasks.train import train
+
+    # Epoch 1 (with the XLA compile) takes 3-30 s here, so one minute plans 2 to 19 of the 20 epochs.
+    config, shards_dir = prepare_shards(
+        small_archive, tmp_path, image_size=67, epochs=20, batch_size=16, learning_rate=0.01, recipe="fast",
+        max_train_minutes=1.0,
+    )
+    run_dir = tmp_path / "runs" / "budget"
+    result = train(shards_dir, run_dir, config)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    state = json.loads((run_dir / "state.json").read_text())
+    assert 2 <= summary["epochs_planned"] < 20 and state["epochs_planned"] == summary["epochs_planned"]
+    assert summary["epochs_run"] == summary["epochs_planned"] == result["epochs"]
+    assert summary["truncated"] is False and summary["stopped_reason"] is None
+    history = json.loads((run_dir / "history.json").read_text())
+    # The rate of the last step: the cosine has decayed to (almost) nothing inside the budget.
+    assert history[-1]["learning_rate"] < 0.03 * 0.01 and summary["seconds"] < 60
+
+
+def test_time_budget_callback_plans_from_the_first_epoch_and_marks_an_overrun_truncated():
+    import keras
+
+    from alexnet_tasks.callbacks import Progress, TimeBudget
+
+    settings = resolve_settings(PipelineConfig(recipe="fast", epochs=30))
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    progress = Progress(settings, 10, settings.epochs, plan_fixed=False, budget_seconds=100.0)
+    budget = TimeBudget(progress)
+    budget.set_model(model)
+    model.stop_training = False  # as fit sets it
+    budget.on_epoch_end(0, {"epoch_seconds": 12.0})  # 100 s // 12 s: 8 epochs fit
+    assert (progress.epochs_planned, progress.plan_fixed, model.stop_training) == (8, True, False)
+    progress.history = [{"epoch": e, "epoch_seconds": 12.0} for e in range(1, 6)]
+    budget.on_epoch_end(5, {"epoch_seconds": 25.0})  # 60 + 25 + 25 > 100: the next epoch would overrun
+    assert model.stop_training and progress.stopped_reason == "time budget"
+
+
+def _run(code: str, what: str) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"{what}: {run.stderr[-3000:]}"
+    return run
+
+
+def _kill_after_first_epoch(code: str, run_dir: Path, epochs: int) -> int:
+    """Start ``code``, SIGKILL it once an epoch is committed; return the committed epochs."""
+    process = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = run_dir / "state.json"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["epochs_done"] >= 1:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, process.stderr.read().decode()[-3000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = json.loads(state.read_text())["epochs_done"]
+    assert 1 <= done < epochs, "training finished before it could be killed"
+    return done
+
+
+@pytest.mark.slow
+def test_killed_mirrored_training_resumes_on_both_replicas(small_archive, tmp_path):
+    config, shards_dir = prepare_shards(
+        small_archive, tmp_path, image_size=67, epochs=3, batch_size=8, recipe="reference"
+    )
+    run_dir = tmp_path / "runs" / "mirrored"
+    code = train_script(shards_dir, run_dir, config, prelude=TWO_LOGICAL_CPUS,
+                        call_arguments=", devices=['/cpu:0', '/cpu:1']")
+    done = _kill_after_first_epoch(code, run_dir, 3)
+    resumed = _run(code, "resumed run")
+    assert f"resuming from the checkpoint of epoch {done}/3" in resumed.stderr
+    # Logged from model.distribute_strategy as fit starts: the restored model trains on both devices.
+    assert "fit on 2 replica(s)" in resumed.stderr and "fit on 1 replica(s)" not in resumed.stderr
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert (summary["replicas"], summary["devices"], summary["epochs_run"], summary["truncated"]) == (2, "2 x CPU", 3, False)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [entry["epoch"] for entry in history] == [1, 2, 3] and all(np.isfinite(e["loss"]) for e in history)
+
+
+@pytest.mark.slow
+def test_killed_fast_run_resumes_exactly_like_an_uninterrupted_one(small_archive, tmp_path):
+    import keras
+
+    config, shards_dir = prepare_shards(
+        small_archive, tmp_path, image_size=67, epochs=3, batch_size=16, learning_rate=0.01, recipe="fast"
+    )
+    straight, killed = tmp_path / "runs" / "straight", tmp_path / "runs" / "killed"
+    _run(train_script(shards_dir, straight, config, prelude=DETERMINISTIC), "uninterrupted run")
+    code = train_script(shards_dir, killed, config, prelude=DETERMINISTIC)
+    done = _kill_after_first_epoch(code, killed, 3)
+    resumed = _run(code, "resumed run")
+    assert f"resuming from the checkpoint of epoch {done}/3" in resumed.stderr
+
+    histories = [json.loads((run / "history.json").read_text()) for run in (straight, killed)]
+    for ours, theirs in zip(*histories):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+            assert ours[key] == theirs[key], (ours["epoch"], key)
+    weights = [keras.models.load_model(run / "model.keras").get_weights() for run in (straight, killed)]
+    for ours, theirs in zip(*weights):
+        np.testing.assert_array_equal(ours, theirs)
+    fingerprints = [json.loads((run / "train_summary.json").read_text())["fingerprint"] for run in (straight, killed)]
+    assert fingerprints[0] == fingerprints[1]

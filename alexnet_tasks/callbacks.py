@@ -1,0 +1,160 @@
+"""What runs around each epoch: the random streams, the rate of each step, the log, the budget, the commit.
+
+Every callback reads and writes one ``Progress``: the plan (how many epochs
+the schedule runs to), the history of completed epochs and why training
+stopped early, if it did.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from alexnet_tasks.checkpoints import commit_epoch
+from alexnet_tasks.model import reseed_random_layers
+from alexnet_tasks.recipe import TrainSettings, learning_rate_at
+
+log = logging.getLogger(__name__)
+
+TIME_BUDGET = "time budget"
+
+
+@dataclass
+class Progress:
+    """The run's plan and record, shared by the callbacks and saved in ``state.json``."""
+
+    settings: TrainSettings  # the resolved recipe
+    steps_per_epoch: int  # optimizer steps in one epoch
+    epochs_planned: int  # the epoch the learning-rate schedule ends with
+    plan_fixed: bool  # False until a time budget has sized the plan from the first epoch
+    budget_seconds: float | None  # max_train_minutes in seconds, None without a budget
+    history: list[dict] = field(default_factory=list)  # one entry per completed epoch
+    stopped_reason: str | None = None  # why training stopped before the plan ended
+
+    def seconds_spent(self) -> float:
+        return sum(entry.get("epoch_seconds", 0.0) for entry in self.history)
+
+
+class ReplicaLog(keras.callbacks.Callback):
+    """Say at the start of ``fit`` how many replicas the model's strategy trains on."""
+
+    def on_train_begin(self, logs=None):
+        log.info("fit on %d replica(s)", self.model.distribute_strategy.num_replicas_in_sync)
+
+
+class SeedsAndSchedule(keras.callbacks.Callback):
+    """Restart the random streams at (seed, epoch) and set each step's learning rate from the plan."""
+
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        reseed_random_layers(self.model, epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        progress = self.progress
+        step = self.epoch * progress.steps_per_epoch + batch
+        self.model.optimizer.learning_rate = learning_rate_at(
+            progress.settings, step, progress.steps_per_epoch, progress.epochs_planned
+        )
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One fixed-column line per epoch; puts the learning rate and the epoch's seconds into the logs."""
+
+    def __init__(self, progress: Progress, train_images: int):
+        super().__init__()
+        self.progress, self.train_images = progress, train_images
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        seconds = time.monotonic() - self._started
+        logs["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
+        logs["epoch_seconds"] = seconds
+        log.info(
+            "epoch %3d/%-3d  loss %7.4f  accuracy %6.4f  val_loss %7.4f  val_accuracy %6.4f"
+            "  lr %.5f  %7.1f s  %7.1f img/s",
+            epoch + 1, self.progress.epochs_planned, logs.get("loss", math.nan), logs.get("accuracy", math.nan),
+            logs.get("val_loss", math.nan), logs.get("val_accuracy", math.nan),
+            logs["learning_rate"], seconds, self.train_images / max(seconds, 1e-9),
+        )
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Size the plan to the budget after the first epoch; stop when the plan ends or the budget would overrun."""
+
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+
+    def on_epoch_end(self, epoch, logs=None):
+        progress, done = self.progress, epoch + 1
+        seconds = (logs or {}).get("epoch_seconds", 0.0)
+        if progress.budget_seconds is not None and not progress.plan_fixed:
+            fits = int(progress.budget_seconds // max(seconds, 1e-9))
+            progress.epochs_planned = max(done, min(progress.settings.epochs, fits))
+            progress.plan_fixed = True
+            log.info(
+                "time budget %.2f min: epoch %d took %.1f s, so the schedule ends after epoch %d of %d",
+                progress.budget_seconds / 60, done, seconds, progress.epochs_planned, progress.settings.epochs,
+            )
+        if done >= progress.epochs_planned:
+            self.model.stop_training = True  # the schedule is complete
+            return
+        if progress.budget_seconds is None:
+            return
+        elapsed = progress.seconds_spent() + seconds  # this epoch is not in the history yet
+        if elapsed + seconds > progress.budget_seconds:  # the next epoch, as long as this one, would overrun
+            log.info(
+                "time budget of %.2f min reached after %d of %d planned epochs; stopping (truncated)",
+                progress.budget_seconds / 60, done, progress.epochs_planned,
+            )
+            progress.stopped_reason = TIME_BUDGET
+            self.model.stop_training = True
+
+
+class CommitEpoch(keras.callbacks.Callback):
+    """Record the epoch, checkpoint model + optimizer, then commit ``state.json``: the epoch is done."""
+
+    def __init__(self, progress: Progress, run_dir: Path, record: dict):
+        super().__init__()
+        self.progress, self.run_dir, self.record = progress, run_dir, record
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.progress.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+        commit_epoch(
+            self.run_dir,
+            self.model,
+            epoch + 1,
+            {**self.record, "epochs_planned": self.progress.epochs_planned, "history": self.progress.history},
+        )
+
+
+def training_callbacks(progress: Progress, run_dir: Path, record: dict, train_images: int, tensorboard_dir: Path):
+    """The callbacks in the order they must run.
+
+    The seeds and the rate come first; EpochLog puts the learning rate into
+    the logs that TensorBoard and the history record; TimeBudget fixes the
+    plan before CommitEpoch saves it.
+    """
+    tensorboard = keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir), write_graph=False, update_freq="epoch")
+    return [
+        ReplicaLog(),
+        SeedsAndSchedule(progress),
+        EpochLog(progress, train_images),
+        tensorboard,
+        TimeBudget(progress),
+        CommitEpoch(progress, run_dir, record),
+    ]

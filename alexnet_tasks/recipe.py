@@ -1,0 +1,176 @@
+"""What a run trains with: the resolved settings, the learning-rate schedule, the loss and the precision.
+
+Everything here is a pure function of the pipeline config (and the device's
+compute capability), so a run's settings can be saved, compared and
+fingerprinted before any training starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import keras
+
+from alexnet_tasks.config import PipelineConfig
+
+FLOAT32 = "float32"
+MIXED_BFLOAT16 = "mixed_bfloat16"
+MIXED_FLOAT16 = "mixed_float16"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The resolved training recipe; saved as ``config.json`` beside the results."""
+
+    recipe: str  # "reference" or "fast"
+    epochs: int  # passes over the train split (a time budget may plan fewer)
+    batch_size: int  # global batch, split evenly over the replicas
+    learning_rate: float  # peak learning rate (after warm-up), used as given whatever the replica count
+    image_size: int  # side the model resizes its 32x32 input to
+    seed: int  # weight init, dropout, augmentation and shuffle order
+    momentum: float = 0.0  # SGD momentum (0 = plain SGD)
+    nesterov: bool = False  # Nesterov momentum
+    weight_decay: float | None = None  # decoupled weight decay per step, scaled by the lr
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    warmup_epochs: float = 0.0  # linear warm-up from 10% of the peak rate (at most 20% of the epochs)
+    cosine_decay: bool = False  # decay the rate to 0 along a half cosine, ending with the planned epochs
+    augment: bool = False  # random flip + translation, on the device
+    precision: str = FLOAT32  # Keras dtype policy: float32, mixed_bfloat16 or mixed_float16 (GPU only)
+    jit_compile: bool = False  # XLA-compile the train step (about 2x on the CPU at batch 256; single device only)
+    max_train_minutes: float | None = None  # time budget: the first epoch's time sizes the planned epochs
+
+
+RECIPE_DEFAULTS = {
+    # The tutorial exactly: plain SGD, constant rate, no augmentation, no XLA.
+    "reference": dict(epochs=50, batch_size=32, learning_rate=0.001),
+    "fast": dict(
+        epochs=30,
+        batch_size=256,
+        learning_rate=0.04,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+        warmup_epochs=1.0,
+        cosine_decay=True,
+        augment=True,
+        jit_compile=True,
+    ),
+}
+
+
+def precision_policy(compute_capability: tuple[int, int] | None) -> str:
+    """The Keras dtype policy for a GPU of this compute capability (None: no GPU, float32).
+
+    bfloat16 needs Ampere (8.0) or newer; Volta and Turing (7.x) have float16
+    tensor cores, used with loss scaling (Keras wraps the optimizer in a
+    LossScaleOptimizer under ``mixed_float16``); older GPUs stay in float32.
+    """
+    if compute_capability is None:
+        return FLOAT32
+    if tuple(compute_capability) >= (8, 0):
+        return MIXED_BFLOAT16
+    if tuple(compute_capability) >= (7, 0):
+        return MIXED_FLOAT16
+    return FLOAT32
+
+
+def resolve_settings(
+    config: PipelineConfig, replicas: int = 1, compute_capability: tuple[int, int] | None = None
+) -> TrainSettings:
+    """The recipe's defaults, overridden by whatever the config sets explicitly.
+
+    ``compute_capability``: the (lowest) GPU's, or None on the CPU; the fast
+    recipe trains in the mixed precision that GPU supports. Under several
+    replicas the step runs without XLA, which fails across replica devices.
+    """
+    values = dict(RECIPE_DEFAULTS[config.recipe])
+    for name in ("epochs", "batch_size", "learning_rate"):
+        if getattr(config, name) is not None:
+            values[name] = getattr(config, name)
+    if config.recipe == "fast":
+        values["precision"] = precision_policy(compute_capability)
+    if replicas > 1:
+        values["jit_compile"] = False
+    return TrainSettings(
+        recipe=config.recipe, image_size=config.image_size, seed=config.seed,
+        max_train_minutes=config.max_train_minutes, **values,
+    )
+
+
+def per_replica_batch(settings: TrainSettings, replicas: int) -> int:
+    """The global batch split over the replicas; a ValueError when it does not split evenly."""
+    if settings.batch_size % replicas:
+        raise ValueError(
+            f"batch_size={settings.batch_size} does not split evenly over {replicas} replicas: "
+            f"use a multiple of {replicas}"
+        )
+    return settings.batch_size // replicas
+
+
+# --------------------------------------------------------------------------- schedule
+def warmup_steps(settings: TrainSettings, steps_per_epoch: int) -> int:
+    """Warm-up length: ``warmup_epochs``, but never more than a fifth of the recipe's epochs."""
+    return int(min(settings.warmup_epochs, 0.2 * settings.epochs) * steps_per_epoch)
+
+
+def learning_rate_at(settings: TrainSettings, step: int, steps_per_epoch: int, epochs_planned: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) in a run planned for ``epochs_planned``.
+
+    Linear warm-up from 10% of the peak, then (with ``cosine_decay``) a half
+    cosine that reaches 0 at the end of the last planned epoch; without it
+    the peak rate stays. The warm-up does not depend on the plan, so a plan
+    made after the first epoch (a time budget) leaves the steps already run
+    unchanged.
+    """
+    peak = settings.learning_rate
+    warmup = warmup_steps(settings, steps_per_epoch)
+    if step < warmup:
+        return peak * (0.1 + 0.9 * step / warmup)
+    if not settings.cosine_decay:
+        return peak
+    decay_steps = max(epochs_planned * steps_per_epoch - warmup, 1)
+    progress = min((step - warmup) / decay_steps, 1.0)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- loss and optimizer
+@keras.saving.register_keras_serializable(package="alexnet_cifar10")
+class SparseCrossentropyWithSmoothing(keras.losses.Loss):
+    """Sparse categorical cross-entropy with label smoothing (Keras' sparse loss has none)."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        classes = keras.ops.shape(y_pred)[-1]
+        one_hot = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, [-1]), "int32"), classes)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def compile_model(model, settings: TrainSettings, steps_per_epoch: int | None = None) -> None:
+    """SGD at the schedule's first rate; the schedule callback sets the rate of every step.
+
+    Under the ``mixed_float16`` policy Keras wraps the optimizer in a
+    LossScaleOptimizer. ``steps_per_epoch`` is accepted for callers that
+    passed it before the schedule moved into a callback.
+    """
+    optimizer = keras.optimizers.SGD(
+        learning_rate=learning_rate_at(settings, 0, max(steps_per_epoch or 1, 1), settings.epochs),
+        momentum=settings.momentum,
+        nesterov=settings.nesterov,
+        weight_decay=settings.weight_decay,
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=SparseCrossentropyWithSmoothing(settings.label_smoothing)
+        if settings.label_smoothing
+        else "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=settings.jit_compile,
+    )
