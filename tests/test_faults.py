@@ -132,13 +132,14 @@ def test_killed_publish_keeps_latest_on_the_previous_run(tmp_path):
     _wait_for(lambda: _temps(published / "runs"), 60, "the publish copy to start", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert os.readlink(published / "latest") == "runs/previous"
+    previous_folder, big_folder = (Layout(tmp_path).run(run_id).name for run_id in ("previous", "big"))
+    assert os.readlink(published / "latest") == f"runs/{previous_folder}"
     assert [line["run_id"] for line in read_index(published)] == ["previous"]
     assert (published / "index.jsonl").read_text().endswith("\n")
-    assert not (published / "runs" / "big").exists()
+    assert not (published / "runs" / big_folder).exists()
     # Publishing again completes and cleans up the killed attempt.
     publish(big, "big", published)
-    assert os.readlink(published / "latest") == "runs/big" and not _temps(published)
+    assert os.readlink(published / "latest") == f"runs/{big_folder}" and not _temps(published)
     assert [line["run_id"] for line in read_index(published)] == ["previous", "big"]
 
 
