@@ -4,9 +4,10 @@ The official 10,000 test images are the test split. ``validation_size``
 images are held out of the 50,000 training images, stratified by class and
 drawn with ``split_seed`` (the training ``seed`` plays no part, so runs that
 differ only in it share one split and one shard set); ``train_limit``
-optionally caps the rest (stratified too) for a quick run. The manifest records the exact source indices and class
-counts of every split, and the step fails, with the count, if any identical
-image (by content hash) appears in two splits.
+optionally caps the rest (stratified too) for a quick run. The manifest
+records the exact source indices and class counts of every split, and the
+step fails, with the count, if any identical image (by content hash) appears
+in two splits.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, airflow_bin, airflow_env
@@ -209,8 +210,15 @@ def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tm
     assert line["test_accuracy"] == metrics["test_accuracy"] and line["run_id"].startswith("manual__")
     from alexnet_tasks.config import PipelineConfig
 
-    assert line["config"] == PipelineConfig.from_dict(conf).to_dict()  # the run's resolved settings
+    config = PipelineConfig.from_dict(conf)
+    assert line["config"] == config.to_dict()  # the run's resolved settings; a manual run keeps the form's seed
     assert line["fingerprint"] == metrics["fingerprint"]  # null until train writes train_summary.json
+    # Lineage: the data it trained on, its validation accuracy, and its per-image test predictions.
+    assert line["data_key"] == f"{md5}/shards-{config.shards_key()}"
+    assert (artifacts / "data" / line["data_key"]).is_dir()
+    history = json.loads((latest / "history.json").read_text())
+    assert line["validation_accuracy"] == metrics["validation_accuracy"] == history[-1]["val_accuracy"]
+    assert len(np.load(latest / "predictions.npy")) == 60
     assert (latest / "model.keras").is_file() and (latest / "confusion_matrix.png").is_file()
     tags = scalar_tags(latest / "tensorboard")
     assert {"train/epoch_loss", "train/epoch_accuracy", "validation/epoch_loss", "validation/epoch_accuracy"} <= tags
