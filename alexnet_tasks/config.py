@@ -30,6 +30,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ RECIPES = ("reference", "fast")
 
 # Bump when the stored shard content changes meaning; it is part of the shard key.
 PREPROCESSING_VERSION = 1
+MAX_SEED = 2**31 - 1
+# Run types (Airflow's DagRunType values) whose training seed comes from the logical date;
+# every other run (manual, asset- or operator-triggered) trains with the form's seed.
+DATE_SEEDED_RUN_TYPES = ("scheduled", "backfill")
 
 
 def _setting(default: Any, *, kind: str, title: str, description: str, shown_default: str | None = None,
@@ -114,9 +119,15 @@ class PipelineConfig:
         5000, kind="integer", minimum=NUM_CLASSES, maximum=49_000, title="Validation size",
         description="Images held out of the 50,000 training images for validation, stratified by class.",
     )
+    split_seed: int = _setting(
+        42, kind="integer", minimum=0, maximum=MAX_SEED, title="Split seed",
+        description="Draws the validation images (and the train_limit subset); it keys the split and shard "
+        "folders, so runs with the same split seed share one shard set.",
+    )
     seed: int = _setting(
-        42, kind="integer", minimum=0, maximum=2**31 - 1, title="Seed",
-        description="Drives the split, the shuffle order, the weight initialisation, dropout and augmentation.",
+        42, kind="integer", minimum=0, maximum=MAX_SEED, title="Training seed",
+        description="Drives the weight initialisation, the shuffle order, augmentation and dropout. Manual runs "
+        "use this value; scheduled runs derive theirs from the logical date, so each night tries a new one.",
     )
     train_limit: int | None = _setting(
         None, kind="integer", minimum=NUM_CLASSES, maximum=50_000, title="Training image limit",
@@ -165,8 +176,13 @@ class PipelineConfig:
 
     # -- content addresses -------------------------------------------------
     def split_key(self) -> str:
+        """The settings that shape the split; the training seed is not one of them.
+
+        ``seed<N>`` is the split seed: the name is the one folders had when a
+        single seed drew the split too, so shards built then are reused.
+        """
         limit = "all" if self.train_limit is None else str(self.train_limit)
-        return f"val{self.validation_size}-seed{self.seed}-limit{limit}"
+        return f"val{self.validation_size}-seed{self.split_seed}-limit{limit}"
 
     def shards_key(self) -> str:
         return f"{self.split_key()}-prep{PREPROCESSING_VERSION}"
@@ -177,6 +193,37 @@ class PipelineConfig:
     def settings_digest(self) -> str:
         """SHA-256 (hex) of every setting, the same for equal settings however they were given."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def seed_for_date(logical_date: datetime) -> int:
+    """The training seed of a scheduled run: a fixed function of its logical date, 0 to ``MAX_SEED``.
+
+    The same instant always gives the same seed (whatever timezone it is
+    written in), so rerunning a night retrains its model; another night gives
+    another seed. Raises ValueError for a date without a timezone.
+    """
+    if not isinstance(logical_date, datetime):
+        raise ValueError(f"logical_date must be a datetime, got {logical_date!r}")
+    if logical_date.tzinfo is None or logical_date.utcoffset() is None:
+        raise ValueError(f"logical_date {logical_date.isoformat()} has no timezone; a seed needs an exact instant")
+    instant = logical_date.astimezone(timezone.utc).isoformat()
+    digest = hashlib.sha256(f"alexnet-cifar10 training seed {instant}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (MAX_SEED + 1)
+
+
+def settings_for_run(config: PipelineConfig, run_type: Any, logical_date: datetime | None) -> PipelineConfig:
+    """The settings a run trains with: a scheduled (or backfill) run's training seed comes from its date.
+
+    ``run_type`` is Airflow's DagRunType (or its value). Manual and triggered
+    runs keep the form's ``seed``; nothing else changes, the split seed least
+    of all, so every night reuses the same shards.
+    """
+    kind = getattr(run_type, "value", run_type)
+    if kind not in DATE_SEEDED_RUN_TYPES:
+        return config
+    if logical_date is None:
+        raise ValueError(f"a {kind} run without a logical date has no training seed to derive")
+    return dataclasses.replace(config, seed=seed_for_date(logical_date))
 
 
 def param_specs() -> dict[str, dict[str, Any]]:

@@ -1,7 +1,10 @@
 """Evaluate the trained model on the test split.
 
-Writes ``metrics.json`` (test loss, accuracy, per-class accuracy, confusion
-matrix, and what train recorded in ``train_summary.json``: the run's
+Writes ``predictions.npy`` (the predicted class of every test image, uint8,
+in the test shard's order, so two runs scored on the same images compare
+image by image), ``metrics.json`` (test loss, accuracy, per-class accuracy,
+confusion matrix, the test shard's ``images_sha256``, the last epoch's
+validation accuracy from ``history.json`` (null without one), and what train recorded in ``train_summary.json``: the run's
 fingerprint, whether its schedule was truncated, epochs run and planned,
 training seconds and devices; null where train wrote no summary),
 ``confusion_matrix.png``, ``test_samples.png`` (a grid of test images with
@@ -12,6 +15,7 @@ their predicted and true classes) and the same figures to TensorBoard under
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -26,6 +30,8 @@ from alexnet_tasks.shards import load_split, read_attrs, shard_path
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
+PREDICTIONS = "predictions.npy"
+HISTORY = "history.json"
 CONFUSION_PNG = "confusion_matrix.png"
 SAMPLES_PNG = "test_samples.png"
 
@@ -56,6 +62,31 @@ def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names: list[s
         "confusion_matrix": matrix.tolist(),
         "class_names": list(class_names),
     }
+
+
+def last_validation_accuracy(run_dir: Path) -> float | None:
+    """The last epoch's validation accuracy in ``history.json``; None when there is no history."""
+    path = Path(run_dir) / HISTORY
+    if not path.is_file():
+        return None
+    try:
+        history = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); train again to rewrite it") from None
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise ValueError(f"{path}: expected a list of per-epoch objects")
+    value = history[-1].get("val_accuracy") if history else None
+    return None if value is None else float(value)
+
+
+def predictions_bytes(predictions: np.ndarray, num_classes: int) -> bytes:
+    """``predictions.npy``'s content: one uint8 class index per image."""
+    predictions = np.asarray(predictions)
+    if predictions.ndim != 1 or (len(predictions) and not 0 <= predictions.min() <= predictions.max() < num_classes):
+        raise ValueError(f"expected one class index below {num_classes} per image, got shape {predictions.shape}")
+    buffer = io.BytesIO()
+    np.save(buffer, predictions.astype(np.uint8), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _pyplot():
@@ -153,17 +184,23 @@ def evaluate(
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: no trained model; run the train step first")
     training = training_fields(run_dir)
+    validation_accuracy = last_validation_accuracy(run_dir)
     test_path = shard_path(shards_dir, "test")
     images, labels = load_split(test_path, source_md5)
-    class_names = [str(name) for name in read_attrs(test_path)["class_names"]]
+    test_attrs = read_attrs(test_path)
+    class_names = [str(name) for name in test_attrs["class_names"]]
     model = keras.models.load_model(model_path)
     probabilities = np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
     metrics = summarize(probabilities, labels, class_names)
     metrics["model"] = str(model_path)
+    metrics["test_images_sha256"] = str(test_attrs["images_sha256"])
+    metrics["validation_accuracy"] = validation_accuracy
     metrics.update(training)
+    predicted = probabilities.argmax(axis=1)
 
     confusion_png = confusion_figure(np.array(metrics["confusion_matrix"]), class_names, metrics["test_accuracy"])
-    samples_png = samples_figure(images, labels, probabilities.argmax(axis=1), class_names)
+    samples_png = samples_figure(images, labels, predicted, class_names)
+    atomic_write_bytes(run_dir / PREDICTIONS, predictions_bytes(predicted, len(class_names)))
     atomic_write_bytes(run_dir / CONFUSION_PNG, confusion_png)
     atomic_write_bytes(run_dir / SAMPLES_PNG, samples_png)
     _write_tensorboard(run_dir / "tensorboard" / "test", metrics, confusion_png, samples_png)
@@ -176,6 +213,7 @@ def evaluate(
     )
     return {
         "metrics": str(run_dir / METRICS),
+        "predictions": str(run_dir / PREDICTIONS),
         "confusion_matrix": str(run_dir / CONFUSION_PNG),
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],

@@ -1,7 +1,7 @@
 """Publish a finished run: copy, then index, then move ``latest``.
 
-The run's model, metrics, pictures, config, history, training summary and
-TensorBoard logs are copied into ``published/runs/<run>/`` (the same folder
+The run's model, metrics, per-image test predictions, pictures, config,
+history, training summary, gate decision and TensorBoard logs are copied into ``published/runs/<run>/`` (the same folder
 name as ``runs/<run>/``) through a temporary folder and one rename; only then
 is the run's line put in ``published/index.jsonl`` (the whole index is
 rewritten under a lock and renamed, so it never holds a partial or duplicate
@@ -48,12 +48,20 @@ log = logging.getLogger(__name__)
 
 INDEX = "index.jsonl"
 LATEST = "latest"
+DECISION = "decision.json"
 # What a published run holds; the first two are required.
 REQUIRED = ("model.keras", "metrics.json")
-OPTIONAL = ("config.json", "history.json", TRAIN_SUMMARY, "confusion_matrix.png", "test_samples.png", "tensorboard")
-# Index fields that older index lines lack; read_index fills them with None.
-TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_planned", "devices", "seconds")
-LATER_INDEX_FIELDS = TRAINING_INDEX_FIELDS + ("config",)
+OPTIONAL = ("config.json", "history.json", TRAIN_SUMMARY, "predictions.npy", DECISION,
+            "confusion_matrix.png", "test_samples.png", "tensorboard")
+# Copied from metrics.json into the index line (null where metrics.json lacks them).
+TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_planned", "devices", "seconds",
+                         "validation_accuracy")
+# Every field of an index line. The first five are in every line ever written; lines written
+# before the others existed lack them, and read_index fills them with None.
+INDEX_FIELDS = ("run_id", "published_at", "test_accuracy", "test_loss", "path") + TRAINING_INDEX_FIELDS + (
+    "config", "data_key", "code_version", "blessed", "blessed_reason",
+)
+LATER_INDEX_FIELDS = INDEX_FIELDS[5:]
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -122,7 +130,40 @@ def _published_fingerprint(final: Path) -> str | None:
         return None
 
 
-def _index_line(run_id: str, metrics: dict, published_at: str, config: PipelineConfig | None) -> dict:
+def _read_decision(run_dir: Path) -> dict | None:
+    """The gate's ``decision.json`` of ``run_dir``, checked; None when the run has none."""
+    path = run_dir / DECISION
+    if not path.is_file():
+        return None
+    try:
+        decision = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(decision, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(decision).__name__}")
+    if not isinstance(decision.get("blessed"), bool):
+        raise ValueError(f"{path}: blessed must be true or false, got {decision.get('blessed')!r}")
+    reasons = decision.get("reasons", [])
+    if not isinstance(reasons, list) or not all(isinstance(reason, str) for reason in reasons):
+        raise ValueError(f"{path}: reasons must be a list of strings, got {reasons!r}")
+    return decision
+
+
+def _code_version(run_dir: Path) -> str | None:
+    """The code version train recorded in ``train_summary.json`` (its fingerprint's parts); None if unknown."""
+    summary = read_train_summary(run_dir) or {}
+    parts = summary.get("fingerprint_parts")
+    return parts.get("code_version") if isinstance(parts, dict) else None
+
+
+def _index_line(
+    run_id: str,
+    metrics: dict,
+    published_at: str,
+    config: PipelineConfig | None,
+    code_version: str | None = None,
+    decision: dict | None = None,
+) -> dict:
     return {
         "run_id": run_id,
         "published_at": published_at,
@@ -131,6 +172,10 @@ def _index_line(run_id: str, metrics: dict, published_at: str, config: PipelineC
         "path": f"runs/{safe_run_id(run_id)}",
         **{key: metrics.get(key) for key in TRAINING_INDEX_FIELDS},
         "config": None if config is None else config.to_dict(),
+        "data_key": None if config is None else f"{config.source_md5}/shards-{config.shards_key()}",
+        "code_version": code_version,
+        "blessed": None if decision is None else decision["blessed"],
+        "blessed_reason": None if decision is None else "; ".join(decision.get("reasons", [])) or None,
     }
 
 
@@ -151,6 +196,24 @@ def read_index(published_root: Path) -> list[dict]:
             line.setdefault(key, None)
         lines.append(line)
     return lines
+
+
+def load_runs(published_root: Path) -> list[dict]:
+    """The table of published runs, newest first: one dict per index line with every field of ``INDEX_FIELDS``.
+
+    Fields a line lacks (written before they existed, or unknown) are None;
+    ``latest`` is True on the run ``published/latest`` points to. For scripts
+    and UIs; imports nothing heavy.
+    """
+    published_root = Path(published_root)
+    try:
+        latest = os.readlink(published_root / LATEST)
+    except OSError:
+        latest = None
+    return [
+        {**{key: line.get(key) for key in INDEX_FIELDS}, "latest": line["path"] == latest}
+        for line in reversed(read_index(published_root))
+    ]
 
 
 def _update_index(published_root: Path, entry: dict) -> bool:
@@ -202,10 +265,14 @@ def _read_metrics(run_dir: Path) -> dict:
 def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineConfig | None = None) -> dict:
     """Publish ``run_dir`` as ``run_id``; returns the published path and headline metrics.
 
-    ``config``, the run's pipeline settings, goes into the index line (None if not given).
+    ``config``, the run's pipeline settings, goes into the index line with the
+    data key it implies (both None if not given); the gate's ``decision.json``,
+    when the run has one, gives the line's ``blessed`` and ``blessed_reason``.
     """
     run_dir, published_root = Path(run_dir), Path(published_root)
     metrics = _read_metrics(run_dir)
+    decision = _read_decision(run_dir)
+    code_version = _code_version(run_dir)
     fingerprint = metrics.get("fingerprint")
     final = published_root / "runs" / safe_run_id(run_id)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +292,8 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
                 "%s held another training (fingerprint %s); replaced it with this run's (%s)",
                 final, previous or "unknown", fingerprint or "unknown",
             )
-        entry = _index_line(run_id, metrics, datetime.now(timezone.utc).isoformat(timespec="seconds"), config)
+        entry = _index_line(run_id, metrics, datetime.now(timezone.utc).isoformat(timespec="seconds"), config,
+                            code_version, decision)
         _update_index(published_root, entry)
         with file_lock(published_root / f".{LATEST}.lock"):
             _point_latest(published_root, f"runs/{final.name}")

@@ -2,10 +2,12 @@
 
 The official 10,000 test images are the test split. ``validation_size``
 images are held out of the 50,000 training images, stratified by class and
-drawn with ``seed``; ``train_limit`` optionally caps the rest (stratified too)
-for a quick run. The manifest records the exact source indices and class
-counts of every split, and the step fails, with the count, if any identical
-image (by content hash) appears in two splits.
+drawn with ``split_seed`` (the training ``seed`` plays no part, so runs that
+differ only in it share one split and one shard set); ``train_limit``
+optionally caps the rest (stratified too) for a quick run. The manifest
+records the exact source indices and class counts of every split, and the
+step fails, with the count, if any identical image (by content hash) appears
+in two splits.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def split(
 
     data = load_cifar10(Path(batch_dir))
     config.check_against_source(len(data.train_labels))
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.split_seed)
     validation = stratified_take(data.train_labels, config.validation_size, rng)
     remaining = np.setdiff1d(np.arange(len(data.train_labels)), validation)
     if config.train_limit is not None:
@@ -112,7 +114,7 @@ def split(
     manifest = {
         "source_md5": config.source_md5,
         "validation_size": config.validation_size,
-        "seed": config.seed,
+        "split_seed": config.split_seed,
         "train_limit": config.train_limit,
         "class_names": list(data.class_names),
         "splits": {

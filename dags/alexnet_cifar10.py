@@ -24,17 +24,24 @@ test split and publishes the model, metrics and TensorBoard logs.
   rate for it, on any number of devices. Leave `epochs`, `batch_size` and
   `learning_rate` empty to take the recipe's values. Every param's default,
   bounds and description come from `alexnet_tasks.config.PipelineConfig`.
+* `split_seed` draws the split and keys the data folders; `seed` is the
+  training seed. Scheduled runs derive the training seed from the logical
+  date (a new model each night on the same shards); manual runs use the
+  form's.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
-from alexnet_tasks.config import Layout, PipelineConfig, param_specs
+from alexnet_tasks.config import Layout, PipelineConfig, param_specs, settings_for_run
+
+log = logging.getLogger(__name__)
 
 GPU_QUEUE = os.environ.get("ALEXNET_GPU_QUEUE", "gpu")
 # Nightly at 02:00 UTC; ALEXNET_SCHEDULE sets another cron expression, or "none" for manual runs only.
@@ -47,9 +54,19 @@ PARAMS = {name: Param(**spec) for name, spec in param_specs().items()}
 
 
 def _settings():
-    """The validated config, the artifact layout and the run id of the running task."""
+    """The validated config, the artifact layout and the run id of the running task.
+
+    A scheduled (or backfill) run trains with a seed derived from its logical
+    date; a manual or triggered run with the form's ``seed``.
+    """
     context = get_current_context()
-    config = PipelineConfig.from_dict(dict(context["params"]))
+    form = PipelineConfig.from_dict(dict(context["params"]))
+    dag_run = context.get("dag_run")
+    run_type = getattr(dag_run, "run_type", None)
+    config = settings_for_run(form, run_type, context.get("logical_date"))
+    if config.seed != form.seed:
+        log.info("%s run: training seed %d, derived from the logical date %s",
+                 getattr(run_type, "value", run_type), config.seed, context.get("logical_date"))
     run_id = context["run_id"]
     if run_id.startswith("__airflow_temporary_run_"):
         # `airflow tasks test` makes a new temporary run id per call; key its outputs by the

@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from alexnet_tasks.config import Layout, PipelineConfig, artifacts_root, safe_run_id
+from alexnet_tasks.config import (
+    Layout,
+    PipelineConfig,
+    artifacts_root,
+    safe_run_id,
+    seed_for_date,
+    settings_for_run,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +45,8 @@ def test_unknown_keys_are_rejected_by_name():
         ({"validation_size": 5}, "validation_size must be between 10"),
         ({"train_limit": 3}, "train_limit must be between 10"),
         ({"source_url": " "}, "source_url must be a non-empty"),
+        ({"split_seed": -1}, "split_seed must be between 0"),
+        ({"split_seed": 1.5}, "split_seed must be an integer"),
     ],
 )
 def test_bad_values_name_the_setting(values, message):
@@ -55,12 +64,53 @@ def test_split_settings_checked_against_the_archive():
 
 def test_data_folders_are_keyed_by_source_and_shaping_settings(tmp_path):
     layout = Layout(tmp_path)
-    a = PipelineConfig(source_md5="a" * 32, validation_size=100, seed=1)
-    b = PipelineConfig(source_md5="a" * 32, validation_size=100, seed=2)
-    c = PipelineConfig(source_md5="a" * 32, validation_size=100, seed=1, epochs=3, image_size=99)
-    assert layout.shards(a) != layout.shards(b)
-    assert layout.shards(a) == layout.shards(c)  # training settings do not reshape the data
+    a = PipelineConfig(source_md5="a" * 32, validation_size=100, split_seed=1)
+    b = PipelineConfig(source_md5="a" * 32, validation_size=100, split_seed=2)
+    c = PipelineConfig(source_md5="a" * 32, validation_size=100, split_seed=1, epochs=3, image_size=99, seed=7)
+    assert layout.shards(a) != layout.shards(b) and layout.split(a) != layout.split(b)
+    # Training settings, the training seed among them, do not reshape the data.
+    assert layout.shards(a) == layout.shards(c) and layout.split(a) == layout.split(c)
     assert layout.shards(a).parent == tmp_path / "data" / ("a" * 32)
+
+
+def test_the_default_split_keeps_the_data_folder_of_the_former_single_seed():
+    # Before the training seed had a setting of its own, `seed` (default 42) drew the split and keyed
+    # its folder; the split seed's default draws the same split under the same name, so shards built
+    # then are reused.
+    assert PipelineConfig(validation_size=5000).shards_key() == "val5000-seed42-limitall-prep1"
+
+
+def test_seed_for_date_is_a_deterministic_seed_within_bounds():
+    import pendulum
+    from datetime import datetime, timedelta, timezone
+
+    night = datetime(2026, 11, 29, 2, 0, tzinfo=timezone.utc)
+    seeds = [seed_for_date(night + timedelta(days=day)) for day in range(60)]
+    assert len(set(seeds)) == 60  # a new training seed every night
+    high = FIELDS["seed"].metadata["schema"]["maximum"]
+    assert all(isinstance(seed, int) and 0 <= seed <= high for seed in seeds)
+    # The same instant gives the same seed, however it is written.
+    assert seed_for_date(night) == seeds[0]
+    assert seed_for_date(pendulum.datetime(2026, 11, 29, 3, 0, tz="Europe/Paris")) == seeds[0]
+    assert seed_for_date(night + timedelta(hours=1)) != seeds[0]
+    with pytest.raises(ValueError, match="timezone"):
+        seed_for_date(datetime(2026, 11, 29, 2, 0))
+
+
+def test_scheduled_runs_train_with_the_dates_seed_manual_runs_with_the_forms():
+    from datetime import datetime, timezone
+
+    night = datetime(2026, 11, 29, 2, 0, tzinfo=timezone.utc)
+    form = PipelineConfig(seed=5, split_seed=9, image_size=67)
+    scheduled = settings_for_run(form, "scheduled", night)
+    assert scheduled.seed == seed_for_date(night)
+    assert scheduled == PipelineConfig(seed=seed_for_date(night), split_seed=9, image_size=67)  # nothing else moves
+    assert settings_for_run(form, "backfill", night).seed == seed_for_date(night)  # a backfill replays its night
+    for run_type in ("manual", "asset_triggered", "operator_triggered"):
+        assert settings_for_run(form, run_type, night) == form
+        assert settings_for_run(form, run_type, None) == form
+    with pytest.raises(ValueError, match="scheduled run without a logical date"):
+        settings_for_run(form, "scheduled", None)
 
 
 def test_run_ids_become_safe_folder_names(tmp_path):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, airflow_bin, airflow_env
@@ -42,7 +43,7 @@ def test_schedule_and_run_policy(dag):
 def test_params_have_titles_descriptions_and_bounds(dag):
     expected = {
         "source_url", "source_md5", "recipe", "epochs", "batch_size", "learning_rate",
-        "image_size", "validation_size", "seed", "train_limit", "max_train_minutes",
+        "image_size", "validation_size", "split_seed", "seed", "train_limit", "max_train_minutes",
     }
     assert set(dag.params.keys()) == expected
     for name in expected:
@@ -93,6 +94,49 @@ def test_form_and_config_accept_and_refuse_the_same_edge_values(dag):
             except ParamValidationError:
                 form_accepts = False
             assert form_accepts == config_accepts, (field.name, value)
+
+
+def _task_settings(run_type: str, logical_date, params: dict):
+    """What the DAG's ``_settings()`` resolves inside a task of a run of ``run_type``."""
+    import importlib.util
+
+    import pendulum
+    from airflow.sdk.api.datamodels._generated import DagRun, DagRunState, DagRunType
+    from airflow.sdk.execution_time.context import set_current_context
+
+    spec = importlib.util.spec_from_file_location("alexnet_dag_module", ROOT / "dags" / "alexnet_cifar10.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_id = f"{run_type}__2026-11-29T02:00:00+00:00"
+    dag_run = DagRun(
+        dag_id="alexnet_cifar10", run_id=run_id, logical_date=logical_date, data_interval_start=logical_date,
+        data_interval_end=logical_date, run_after=logical_date or pendulum.now("UTC"), start_date=None,
+        end_date=None, run_type=DagRunType(run_type), state=DagRunState.RUNNING, consumed_asset_events=[],
+        partition_key=None,
+    )
+    context = {"params": params, "run_id": run_id, "dag_run": dag_run}
+    if logical_date is not None:
+        context["logical_date"] = logical_date
+    with set_current_context(context):
+        return module._settings()
+
+
+def test_scheduled_runs_take_the_training_seed_from_the_logical_date_manual_runs_from_the_form():
+    import pendulum
+
+    from alexnet_tasks.config import PipelineConfig, seed_for_date
+
+    night = pendulum.datetime(2026, 11, 29, 2, tz="UTC")
+    form = {"seed": 5, "split_seed": 9, "image_size": 67}
+    config, _, run_id = _task_settings("scheduled", night, form)
+    assert config == PipelineConfig(seed=seed_for_date(night), split_seed=9, image_size=67)
+    assert run_id.startswith("scheduled__")
+    next_night, _, _ = _task_settings("scheduled", night.add(days=1), form)
+    assert next_night.seed != config.seed and next_night.split_seed == 9  # new training seed, same data
+    manual, _, _ = _task_settings("manual", night, form)
+    assert manual == PipelineConfig.from_dict(form)
+    without_date, _, _ = _task_settings("manual", None, form)
+    assert without_date.seed == 5
 
 
 @pytest.mark.parametrize(
@@ -166,8 +210,15 @@ def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tm
     assert line["test_accuracy"] == metrics["test_accuracy"] and line["run_id"].startswith("manual__")
     from alexnet_tasks.config import PipelineConfig
 
-    assert line["config"] == PipelineConfig.from_dict(conf).to_dict()  # the run's resolved settings
+    config = PipelineConfig.from_dict(conf)
+    assert line["config"] == config.to_dict()  # the run's resolved settings; a manual run keeps the form's seed
     assert line["fingerprint"] == metrics["fingerprint"]  # null until train writes train_summary.json
+    # Lineage: the data it trained on, its validation accuracy, and its per-image test predictions.
+    assert line["data_key"] == f"{md5}/shards-{config.shards_key()}"
+    assert (artifacts / "data" / line["data_key"]).is_dir()
+    history = json.loads((latest / "history.json").read_text())
+    assert line["validation_accuracy"] == metrics["validation_accuracy"] == history[-1]["val_accuracy"]
+    assert len(np.load(latest / "predictions.npy")) == 60
     assert (latest / "model.keras").is_file() and (latest / "confusion_matrix.png").is_file()
     tags = scalar_tags(latest / "tensorboard")
     assert {"train/epoch_loss", "train/epoch_accuracy", "validation/epoch_loss", "validation/epoch_accuracy"} <= tags

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,63 @@ def test_a_broken_train_summary_is_refused_by_name(tmp_path, content, message):
     with pytest.raises(ValueError, match=f"train_summary.json.*{message}"):
         evaluate(tmp_path / "model.keras", tmp_path, tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_stores_per_image_predictions_and_the_data_it_scored(trained_run, tmp_path):
+    import keras
+
+    from alexnet_tasks.publish import publish
+    from alexnet_tasks.shards import load_split, read_attrs, shard_path
+
+    config, shards_dir, trained_dir, _ = trained_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("model.keras", "history.json"):
+        shutil.copy(trained_dir / name, run_dir / name)
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    predictions = np.load(run_dir / "predictions.npy", allow_pickle=False)
+    assert predictions.dtype == np.uint8 and predictions.shape == (60,)
+    # One predicted class per test image, in the test shard's order.
+    images, labels = load_split(shard_path(shards_dir, "test"))
+    expected = keras.models.load_model(run_dir / "model.keras").predict(images, verbose=0).argmax(axis=1)
+    np.testing.assert_array_equal(predictions, expected)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(float((predictions == labels).mean()))
+    assert metrics["test_images_sha256"] == read_attrs(shard_path(shards_dir, "test"))["images_sha256"]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert metrics["validation_accuracy"] == history[-1]["val_accuracy"]
+    assert not [path for path in run_dir.iterdir() if ".tmp-" in path.name]
+    # The published copy carries the predictions too.
+    published = publish(run_dir, "run-with-predictions", tmp_path / "published")
+    assert (Path(published["published"]) / "predictions.npy").read_bytes() == (run_dir / "predictions.npy").read_bytes()
+    # Without a history (a run trained elsewhere), the validation accuracy is unknown.
+    (run_dir / "history.json").unlink()
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    assert json.loads((run_dir / "metrics.json").read_text())["validation_accuracy"] is None
+
+
+def test_predictions_file_holds_one_uint8_class_per_image():
+    import io
+
+    from alexnet_tasks.evaluate import predictions_bytes
+
+    stored = np.load(io.BytesIO(predictions_bytes(np.array([0, 9, 3]), 10)), allow_pickle=False)
+    assert stored.dtype == np.uint8 and stored.tolist() == [0, 9, 3]
+    with pytest.raises(ValueError, match="one class index below 10"):
+        predictions_bytes(np.array([0, 10]), 10)
+    with pytest.raises(ValueError, match="one class index below 10"):
+        predictions_bytes(np.zeros((2, 2)), 10)
+
+
+def test_validation_accuracy_is_the_last_epochs(tmp_path):
+    from alexnet_tasks.evaluate import last_validation_accuracy
+
+    assert last_validation_accuracy(tmp_path) is None
+    (tmp_path / "history.json").write_text(json.dumps([{"epoch": 1, "val_accuracy": 0.3}, {"epoch": 2, "val_accuracy": 0.4}]))
+    assert last_validation_accuracy(tmp_path) == 0.4
+    (tmp_path / "history.json").write_text("[]")
+    assert last_validation_accuracy(tmp_path) is None
+    (tmp_path / "history.json").write_text("{")
+    with pytest.raises(ValueError, match="history.json: not valid JSON"):
+        last_validation_accuracy(tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from alexnet_tasks.config import Layout, PipelineConfig
-from alexnet_tasks.publish import _exchange, publish, read_index
+from alexnet_tasks.publish import INDEX_FIELDS, _exchange, load_runs, publish, read_index
 
 SUMMARY = "train_summary.json"
 
@@ -29,7 +29,8 @@ def write_train_summary(run_dir: Path, fingerprint: str | None = None, **overrid
     return summary
 
 
-def fake_run(root: Path, name: str, accuracy: float, fingerprint: str | None = None, truncated: bool = False) -> Path:
+def fake_run(root: Path, name: str, accuracy: float, fingerprint: str | None = None, truncated: bool = False,
+             validation_accuracy: float | None = None) -> Path:
     """A run folder as train and evaluate leave it (small stand-in files, real layout).
 
     With a ``fingerprint`` it also holds train's ``train_summary.json`` and the
@@ -44,6 +45,8 @@ def fake_run(root: Path, name: str, accuracy: float, fingerprint: str | None = N
         summary = write_train_summary(run, fingerprint, truncated=truncated, epochs_run=2 if truncated else 3)
         metrics.update({key: summary[key] for key in
                         ("fingerprint", "truncated", "epochs_run", "epochs_planned", "seconds", "devices")})
+    if validation_accuracy is not None:
+        metrics["validation_accuracy"] = validation_accuracy
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "config.json").write_text("{}")
     return run
@@ -55,10 +58,13 @@ def folder(run_id: str) -> str:
 
 def test_publish_copies_indexes_then_points_latest(tmp_path):
     published = tmp_path / "published"
-    result = publish(fake_run(tmp_path, "run_a", 0.5), "manual__a:1", published)
+    run = fake_run(tmp_path, "run_a", 0.5)
+    (run / "predictions.npy").write_bytes(b"predictions-run_a")
+    result = publish(run, "manual__a:1", published)
     target = published / "runs" / folder("manual__a:1")
     assert Path(result["published"]) == target
     assert (target / "model.keras").read_bytes() == b"model-run_a"
+    assert (target / "predictions.npy").read_bytes() == b"predictions-run_a"
     assert (target / "tensorboard" / "train" / "events.out.tfevents.1").is_file()
     assert os.readlink(published / "latest") == f"runs/{folder('manual__a:1')}"
     assert json.loads((published / "latest" / "metrics.json").read_text())["test_accuracy"] == 0.5
@@ -124,8 +130,86 @@ def test_old_index_lines_without_the_new_fields_still_load(tmp_path):
     [line] = read_index(published)
     assert line["run_id"] == "old" and line["test_accuracy"] == 0.4
     assert line["fingerprint"] is None and line["truncated"] is None and line["config"] is None
+    assert set(line) == set(INDEX_FIELDS)
+    for key in ("data_key", "code_version", "validation_accuracy", "blessed", "blessed_reason"):
+        assert line[key] is None, key
     publish(fake_run(tmp_path, "new", 0.6, "d" * 64), "new", published)
     assert [line["run_id"] for line in read_index(published)] == ["old", "new"]
+
+
+def write_decision(run_dir: Path, blessed: bool, reasons: list[str]) -> None:
+    """``decision.json`` as the gate leaves it (the keys publish reads)."""
+    (run_dir / "decision.json").write_text(json.dumps({"blessed": blessed, "reasons": reasons, "champion": None}))
+
+
+def test_index_line_carries_the_runs_lineage(tmp_path):
+    published = tmp_path / "published"
+    config = PipelineConfig(source_md5="a" * 32, image_size=67, epochs=3, split_seed=7, seed=11)
+    run = fake_run(tmp_path, "run_a", 0.61, "c" * 64, validation_accuracy=0.58)
+    write_decision(run, True, ["sanity checks hold", "no champion yet"])
+    publish(run, "scheduled__2026-11-29", published, config)
+    [line] = read_index(published)
+    assert set(line) == set(INDEX_FIELDS)
+    assert line["fingerprint"] == "c" * 64 and line["config"] == config.to_dict()
+    assert line["data_key"] == f"{'a' * 32}/shards-{config.shards_key()}"
+    assert line["code_version"] == "0.1.0+test"  # train_summary.json's fingerprint_parts
+    assert (line["epochs_run"], line["epochs_planned"], line["truncated"]) == (3, 3, False)
+    assert line["validation_accuracy"] == 0.58 and line["test_accuracy"] == 0.61
+    assert line["seconds"] == 12.5 and line["devices"] == "CPU"
+    assert line["blessed"] is True and line["blessed_reason"] == "sanity checks hold; no champion yet"
+    assert (published / line["path"] / "decision.json").is_file()
+
+
+def test_lineage_fields_without_summary_or_decision_are_null(tmp_path):
+    published = tmp_path / "published"
+    publish(fake_run(tmp_path, "bare", 0.5), "bare", published)
+    [line] = read_index(published)
+    for key in ("data_key", "code_version", "validation_accuracy", "blessed", "blessed_reason", "fingerprint"):
+        assert line[key] is None, key
+
+
+def test_an_unblessed_decision_is_recorded_with_its_reasons(tmp_path):
+    published = tmp_path / "published"
+    run = fake_run(tmp_path, "diverged", 0.1, "5" * 64)
+    write_decision(run, False, ["test loss is not finite", "test accuracy 0.1000 is below the floor 0.25"])
+    publish(run, "diverged", published)
+    [line] = read_index(published)
+    assert line["blessed"] is False
+    assert line["blessed_reason"] == "test loss is not finite; test accuracy 0.1000 is below the floor 0.25"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("{oops", "not valid JSON"), ('{"blessed": "yes", "reasons": []}', "blessed must be true or false"),
+     ('{"blessed": true, "reasons": "fine"}', "reasons must be a list of strings"),
+     ("[true]", "expected a JSON object")],
+)
+def test_a_broken_decision_is_refused_by_name_and_nothing_is_published(tmp_path, content, message):
+    published = tmp_path / "published"
+    run = fake_run(tmp_path, "run_a", 0.5, "6" * 64)
+    (run / "decision.json").write_text(content)
+    with pytest.raises(ValueError, match=f"decision.json.*{message}"):
+        publish(run, "run_a", published)
+    assert read_index(published) == [] and not (published / "runs" / folder("run_a")).exists()
+
+
+def test_load_runs_gives_the_table_of_runs_newest_first(tmp_path):
+    published = tmp_path / "published"
+    assert load_runs(published) == []
+    published.mkdir()
+    old = {"run_id": "old", "published_at": "2026-11-01T00:00:00+00:00", "test_accuracy": 0.4,
+           "test_loss": 1.5, "path": "runs/old"}
+    (published / "index.jsonl").write_text(json.dumps(old) + "\n")
+    publish(fake_run(tmp_path, "first", 0.5, "1" * 64), "first", published)
+    second = fake_run(tmp_path, "second", 0.6, "2" * 64, validation_accuracy=0.55)
+    write_decision(second, True, ["sanity checks hold"])
+    publish(second, "second", published)
+    table = load_runs(published)
+    assert [row["run_id"] for row in table] == ["second", "first", "old"]
+    assert [row["latest"] for row in table] == [True, False, False]
+    assert table[0]["validation_accuracy"] == 0.55 and table[0]["blessed"] is True
+    assert table[2]["fingerprint"] is None and table[2]["blessed"] is None
+    assert all(set(row) == set(INDEX_FIELDS) | {"latest"} for row in table)
 
 
 def test_republishing_the_same_fingerprint_changes_nothing(tmp_path):

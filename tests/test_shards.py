@@ -93,3 +93,30 @@ def test_wrong_source_is_refused(built):
 def test_missing_shard_is_named(tmp_path):
     with pytest.raises(ShardError, match="test.h5: shard is missing"):
         load_split(tmp_path / "test.h5")
+
+
+def test_training_seeds_share_one_shard_set_a_split_seed_gets_its_own(small_archive, artifacts):
+    path, md5 = small_archive
+    batch_dir = Path(download(str(path), md5, artifacts)["batch_dir"])
+
+    def data_steps(**seeds) -> tuple[dict, dict]:
+        config = PipelineConfig(source_md5=md5, validation_size=50, **seeds)
+        manifest = split(batch_dir, config, artifacts)
+        return manifest, build_shards(batch_dir, manifest["manifest"], config, artifacts)
+
+    first_split, first = data_steps(seed=1, split_seed=42)
+    other_split, other_training_seed = data_steps(seed=2, split_seed=42)
+    assert other_split["reused"] is True and other_training_seed["reused"] is True
+    assert other_training_seed["shards_dir"] == first["shards_dir"]
+    new_split, new_shards = data_steps(seed=1, split_seed=43)
+    assert new_split["reused"] is False and new_shards["reused"] is False
+    assert new_shards["shards_dir"] != first["shards_dir"]
+    import json
+
+    drawn = [json.loads(Path(result["manifest"]).read_text()) for result in (first_split, new_split)]
+    assert [manifest["split_seed"] for manifest in drawn] == [42, 43]
+    assert drawn[0]["splits"]["validation"]["indices"] != drawn[1]["splits"]["validation"]["indices"]
+    # The split seed alone draws the split: the training seed plays no part in it.
+    assert drawn[0]["splits"] == json.loads(Path(other_split["manifest"]).read_text())["splits"]
+    shard_dirs = sorted(p.name for p in Layout(artifacts).data(md5).iterdir() if p.name.startswith("shards-"))
+    assert len(shard_dirs) == 2

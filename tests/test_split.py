@@ -19,7 +19,7 @@ def source(small_archive, artifacts):
 
 def test_manifest_holds_exact_disjoint_stratified_indices(source, artifacts):
     batch_dir, md5 = source
-    config = PipelineConfig(source_md5=md5, validation_size=50, seed=3)
+    config = PipelineConfig(source_md5=md5, validation_size=50, split_seed=3)
     result = split(batch_dir, config, artifacts)
     assert (result["train"], result["validation"], result["test"]) == (150, 50, 60)
     manifest = json.loads(Path(result["manifest"]).read_text())
@@ -36,12 +36,12 @@ def test_manifest_holds_exact_disjoint_stratified_indices(source, artifacts):
     assert Path(result["manifest"]).parent == Layout(artifacts).split(config)
 
 
-def test_same_seed_same_split_other_seed_other_split(source, artifacts):
+def test_same_split_seed_same_split_other_split_seed_other_split(source, artifacts):
     batch_dir, md5 = source
-    first = json.loads(Path(split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, seed=1), artifacts)["manifest"]).read_text())
-    again = split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, seed=1), artifacts)
+    first = json.loads(Path(split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, split_seed=1), artifacts)["manifest"]).read_text())
+    again = split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, split_seed=1), artifacts)
     assert again["reused"] is True
-    other = json.loads(Path(split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, seed=2), artifacts)["manifest"]).read_text())
+    other = json.loads(Path(split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, split_seed=2), artifacts)["manifest"]).read_text())
     assert first["splits"]["validation"]["indices"] != other["splits"]["validation"]["indices"]
 
 
