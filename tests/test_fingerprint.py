@@ -15,10 +15,10 @@ from conftest import ROOT, prepare_shards
 
 @pytest.fixture(scope="module")
 def shards(small_archive, tmp_path_factory):
-    """Two shard sets of the same archive: seed 42 and seed 7 (other images in each split)."""
+    """Two shard sets of the same archive: split seeds 42 and 7 (other images in each split)."""
     root = tmp_path_factory.mktemp("fingerprint")
     first = prepare_shards(small_archive, root, image_size=67, recipe="fast")
-    other = prepare_shards(small_archive, root, image_size=67, recipe="fast", seed=7)
+    other = prepare_shards(small_archive, root, image_size=67, recipe="fast", split_seed=7)
     return first, other
 
 
