@@ -208,6 +208,13 @@ def client(published, tokens, monkeypatch):
         yield test_client
 
 
+def old_folder() -> str:
+    """The published folder of the champion run: its run id's readable name plus hash."""
+    from alexnet_tasks.config import safe_run_id
+
+    return safe_run_id(OLD_RUN)
+
+
 def quoted(run_id: str) -> str:
     from urllib.parse import quote
 
@@ -250,7 +257,7 @@ def test_run_page_shows_metrics_curves_classes_pictures_config_and_tensorboard(c
     response = client.get(url)
     assert response.status_code == 200
     page = response.text
-    run = published / "published" / "runs" / "manual__2026-11-28T10_00_00_00_00"
+    run = published / "published" / "runs" / old_folder()
     metrics = json.loads((run / "metrics.json").read_text())
     history = json.loads((run / "history.json").read_text())
     assert f"{metrics['test_accuracy']:.2%}" in page and f"{metrics['test_loss']:.4f}" in page
@@ -324,7 +331,7 @@ def test_only_named_artifacts_of_indexed_runs_inside_published_are_served(client
     (outside / "metrics.json").write_text('{"test_accuracy": 0.99}')
     runs = root / "published" / "runs"
     (runs / "escape").symlink_to(outside)  # a run folder that is a link out of published/
-    run = runs / "manual__2026-11-28T10_00_00_00_00"
+    run = runs / old_folder()
     (run / "test_samples.png").unlink()
     (run / "test_samples.png").symlink_to(outside / "confusion_matrix.png")  # a file that links out
     (run / "state.json").write_text("{}")  # a file that is not a served artifact
@@ -343,7 +350,7 @@ def test_only_named_artifacts_of_indexed_runs_inside_published_are_served(client
         "/alexnet/runs/dotdot/files/metrics.json", "/alexnet/runs/dotdot/files/confusion_matrix.png",
         "/alexnet/runs/absolute/files/metrics.json", "/alexnet/runs/link/files/confusion_matrix.png",
         "/alexnet/runs/unknown/files/metrics.json", "/alexnet/runs/unknown",
-        "/alexnet/runs/runs%2Fmanual__2026-11-28T10_00_00_00_00/files/metrics.json",
+        f"/alexnet/runs/runs%2F{old_folder()}/files/metrics.json",
     ]
     for route in refused:
         response = client.get(route)
