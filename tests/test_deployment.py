@@ -8,9 +8,13 @@ ran from the workers' own records.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -175,3 +179,147 @@ def test_native_cluster_runs_the_dag_with_train_on_the_gpu_worker(served_archive
         assert (latest / "model.keras").is_file()
     for pid in state["pids"].values():
         assert not cluster._alive(pid)
+
+
+# --------------------------------------------------------------------------- cluster.py's own safety
+def test_cluster_folder_with_its_secrets_is_git_ignored():
+    assert cluster.DEFAULT_DIR == ROOT / ".cluster"
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("secrets.json", "passwords.json", "cluster.json", "logs/worker.log", "home/airflow.cfg"):
+        check = subprocess.run(["git", "check-ignore", "-q", str(cluster.DEFAULT_DIR / name)], cwd=ROOT)
+        assert check.returncode == 0, f".cluster/{name} is not git-ignored"
+
+
+def test_cluster_takes_a_redis_db_of_its_own_by_default(monkeypatch):
+    monkeypatch.delenv("ALEXNET_REDIS_DB", raising=False)
+    assert cluster.build_parser().parse_args(["start"]).redis_db == 7
+    monkeypatch.setenv("ALEXNET_REDIS_DB", "9")
+    assert cluster.build_parser().parse_args(["start"]).redis_db == 9
+    assert cluster.build_parser().parse_args(["start", "--redis-db", "5"]).redis_db == 5
+
+
+@pytest.fixture
+def redis_dbs():
+    """Two scratch Redis databases (13 and 14) on 127.0.0.1:6379, emptied of this test's keys after."""
+    redis = pytest.importorskip("redis")
+    clients = [redis.Redis(host="127.0.0.1", port=6379, db=db) for db in (13, 14)]
+    try:
+        clients[0].ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    for client in clients:
+        assert client.dbsize() == 0, f"Redis db {client.connection_pool.connection_kwargs['db']} is not empty"
+    yield clients
+    for client in clients:
+        client.flushdb()
+
+
+def test_cluster_flushes_only_the_redis_db_it_was_given(redis_dbs, tmp_path):
+    other, mine = redis_dbs
+    other.set("someone-else", "keep")
+    cluster.claim_redis(14, tmp_path)
+    mine.set("_kombu.binding.default", "left over by this cluster")
+    cluster.release_redis(14, tmp_path)
+    cluster.claim_redis(14, tmp_path)  # a restart cleans up after itself
+    assert mine.get("_kombu.binding.default") is None
+    cluster.release_redis(14, tmp_path)
+    assert mine.dbsize() == 0
+    assert other.get("someone-else") == b"keep"
+
+
+def test_cluster_refuses_a_redis_db_holding_someone_elses_keys(redis_dbs, tmp_path):
+    _, mine = redis_dbs
+    mine.set("someone-else", "keep")
+    with pytest.raises(SystemExit, match=r"Redis db 14 .*someone-else.*--redis-db"):
+        cluster.claim_redis(14, tmp_path)
+    cluster.release_redis(14, tmp_path)  # never claimed: nothing is flushed
+    assert mine.get("someone-else") == b"keep"
+
+
+def test_cluster_refuses_a_redis_db_claimed_by_another_running_cluster(redis_dbs, tmp_path):
+    _, mine = redis_dbs
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (first / "cluster.json").write_text(json.dumps({"pids": {"worker": sleeper.pid},
+                                                        "processes": {"worker": cluster.process_identity(sleeper.pid)}}))
+        cluster.claim_redis(14, first)
+        mine.set("_kombu.binding.default", "in use")
+        with pytest.raises(SystemExit, match=f"Redis db 14 is in use by the cluster in {first}"):
+            cluster.claim_redis(14, second)
+        assert mine.get("_kombu.binding.default") == b"in use"
+        cluster.release_redis(14, second)
+        assert mine.get("_kombu.binding.default") == b"in use"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    cluster.claim_redis(14, second)  # that cluster is gone: its leftovers may go
+    assert mine.get("_kombu.binding.default") is None
+
+
+def _stale_state(folder: Path, pid: int, processes: dict | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"dir": str(folder), "pids": {"worker": pid}}
+    if processes is not None:
+        state["processes"] = processes
+    (folder / "cluster.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("recorded", ["other start time", "other boot", "other program", "no record"])
+def test_stop_leaves_alone_an_unrelated_process_that_got_a_recorded_pid(tmp_path, recorded):
+    """After a crash the pid in cluster.json may belong to another program: stop must not kill it."""
+    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)  # its own process group, like a worker
+    try:
+        identity = cluster.process_identity(sleeper.pid)
+        assert identity["cmdline"] == ["sleep", "300"] and identity["start_time"] > 0
+        if recorded == "other start time":
+            processes = {"worker": {**identity, "start_time": identity["start_time"] - 1}}
+        elif recorded == "other boot":
+            processes = {"worker": {**identity, "boot_id": "00000000-0000-0000-0000-000000000000"}}
+        elif recorded == "other program":
+            processes = {"worker": {**identity, "exe": sys.executable, "cmdline": ["airflow", "celery", "worker"]}}
+        else:
+            processes = None
+        _stale_state(tmp_path / "cluster", sleeper.pid, processes)
+        cluster.stop(argparse.Namespace(dir=str(tmp_path / "cluster")))
+        time.sleep(0.5)
+        assert sleeper.poll() is None, "stop killed a process the cluster did not start"
+        assert json.loads((tmp_path / "cluster" / "cluster.json").read_text())["pids"] == {}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_stop_signals_the_processes_the_cluster_started_even_after_they_retitle_themselves(tmp_path):
+    folder = tmp_path / "cluster"
+    (folder / "logs").mkdir(parents=True)
+    retitle = "import setproctitle, time; setproctitle.setproctitle('[celeryd: worker@host:MainProcess]'); time.sleep(300)"
+    pid, identity = cluster._spawn("worker", [sys.executable, "-c", retitle], dict(os.environ), folder)
+    assert identity["cmdline"][1:] == ["-c", retitle]
+    deadline = time.monotonic() + 30
+    while cluster.process_identity(pid)["cmdline"][:1] != ["[celeryd: worker@host:MainProcess]"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    (folder / "cluster.json").write_text(json.dumps({"dir": str(folder), "pids": {"worker": pid},
+                                                     "processes": {"worker": identity}}))
+    cluster.stop(argparse.Namespace(dir=str(folder)))
+    assert cluster.process_identity(pid) is None
+
+
+def test_a_ready_line_from_an_earlier_start_does_not_make_a_restarted_worker_healthy(tmp_path):
+    folder = tmp_path / "cluster"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "logs" / "worker.log").write_bytes(b"[2026-01-01] celery@worker ready.\n")
+    pid, identity = cluster._spawn("worker", ["sleep", "300"], dict(os.environ), folder)
+    try:
+        state = {"dir": str(folder), "port": cluster.free_port(), "pids": {"worker": pid},
+                 "processes": {"worker": identity}}
+        assert cluster.health(state)["worker"] is None
+        (folder / "logs" / "worker.log").open("ab").write(b"[2026-01-02] celery@worker ready.\n")
+        assert cluster.health(state)["worker"] == "healthy"
+        assert b"2026-01-01" in (folder / "logs" / "worker.log.1").read_bytes()  # the earlier log is kept
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
