@@ -13,9 +13,12 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from datetime import datetime
@@ -323,3 +326,132 @@ def test_a_ready_line_from_an_earlier_start_does_not_make_a_restarted_worker_hea
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+# --------------------------------------------------------------------------- compose: users and volumes
+AIRFLOW_USER = "${AIRFLOW_UID:-50000}:0"
+VOLUME_MOUNTS = {"artifacts": "/opt/alexnet-artifacts", "airflow-logs": "/opt/airflow/logs",
+                 "airflow-auth": "/opt/airflow/auth"}
+IMAGE_AIRFLOW_HOME = "/opt/airflow"  # ENV AIRFLOW_HOME of the apache/airflow image
+INIT_SCRIPT = "/opt/alexnet/deploy/airflow-init.sh"
+
+
+def _mounts(service: dict) -> dict[str, tuple[str, bool]]:
+    """Named volume -> (path in the container, read-only)."""
+    mounts = {}
+    for entry in service.get("volumes", []):
+        volume, path, *mode = entry.split(":")
+        mounts[volume] = (path, mode == ["ro"])
+    return mounts
+
+
+def test_every_service_runs_as_airflow_uid_and_only_init_starts_as_root():
+    for name, service in SERVICES.items():
+        if name in ("postgres", "redis"):  # their images' own users
+            assert "user" not in service, name
+        elif name == "airflow-init":
+            assert service["user"] == "0:0"
+        else:
+            assert service["user"] == AIRFLOW_USER, name
+    # init hands the volumes to the same user the services run as
+    assert SERVICES["airflow-init"]["environment"]["AIRFLOW_UID"] == AIRFLOW_USER.removesuffix(":0")
+    assert cluster.read_env_file(ROOT / ".env.example")["AIRFLOW_UID"] == "50000"
+
+
+def test_named_volumes_are_mounted_where_the_settings_point():
+    assert set(COMPOSE["volumes"]) == {"postgres-db", *VOLUME_MOUNTS}
+    for name, service in SERVICES.items():
+        if name in ("postgres", "redis", "tensorboard"):
+            continue
+        assert _mounts(service) == {volume: (path, False) for volume, path in VOLUME_MOUNTS.items()}, name
+        environment = service["environment"]
+        assert environment["ALEXNET_ARTIFACTS"] == VOLUME_MOUNTS["artifacts"]
+        passwords = environment["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
+        assert str(Path(passwords).parent) == VOLUME_MOUNTS["airflow-auth"]
+        assert VOLUME_MOUNTS["airflow-logs"] == f"{IMAGE_AIRFLOW_HOME}/logs"
+        assert "AIRFLOW__LOGGING__BASE_LOG_FOLDER" not in environment and "AIRFLOW_HOME" not in environment
+    assert _mounts(SERVICES["tensorboard"]) == {"artifacts": (VOLUME_MOUNTS["artifacts"], True)}
+    assert _mounts(SERVICES["postgres"]) == {"postgres-db": ("/var/lib/postgresql/data", False)}
+
+
+def test_init_runs_the_script_the_image_ships():
+    init = SERVICES["airflow-init"]
+    assert init["entrypoint"] == "/bin/bash" and init["command"] == [INIT_SCRIPT]
+    assert (ROOT / "deploy" / Path(INIT_SCRIPT).name).is_file()
+    assert "COPY --chown=airflow:root deploy /opt/alexnet/deploy" in (ROOT / "Dockerfile").read_text()
+    for name, service in SERVICES.items():  # the services wait for it
+        if name not in ("postgres", "redis", "airflow-init", "worker", "worker-gpu"):
+            assert service["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully", name
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv, as in the image")
+def test_init_script_hands_the_named_volumes_and_the_files_it_writes_to_airflow_uid():
+    """deploy/airflow-init.sh run natively as root, with compose's paths moved under a scratch folder.
+
+    The volumes start as new named volumes do (root-owned, plus a root-owned file
+    and the 0600 password file an earlier init wrote as root); ``airflow`` is a
+    stand-in that records who ran it.
+    """
+    uid = "50123"
+    root = Path(tempfile.mkdtemp(prefix="alexnet-init-", dir="/tmp"))
+    try:
+        root.chmod(0o755)  # the scratch folder must be reachable by AIRFLOW_UID, as / is in the container
+        rebase = lambda path: str(root / path.lstrip("/"))  # noqa: E731
+        volumes = {volume: Path(rebase(path)) for volume, path in VOLUME_MOUNTS.items()}
+        for folder in volumes.values():
+            folder.mkdir(parents=True)
+            folder.chmod(0o755)
+        (volumes["artifacts"] / "runs").mkdir()
+        (volumes["artifacts"] / "runs" / "old.json").write_text("{}")
+        old_passwords = volumes["airflow-auth"] / "passwords.json"
+        old_passwords.write_text('{"admin": "old"}')
+        old_passwords.chmod(0o600)
+        fake_bin = root / "bin"
+        fake_bin.mkdir()
+        (fake_bin / "airflow").write_text(f'#!/bin/sh\necho "$(id -u):$(id -g) $*" >> {root}/airflow-calls\n')
+        (fake_bin / "airflow").chmod(0o755)
+        (fake_bin / "python").symlink_to("/usr/bin/python3")
+        (root / "airflow-calls").touch(mode=0o666)
+        (root / "airflow-calls").chmod(0o666)
+
+        compose_env = SERVICES["airflow-init"]["environment"]
+        env = {key: rebase(value) for key, value in compose_env.items()
+               if isinstance(value, str) and any(value.startswith(path) for path in VOLUME_MOUNTS.values())}
+        env.update(PATH=f"{fake_bin}:/usr/bin:/bin", AIRFLOW_HOME=rebase(IMAGE_AIRFLOW_HOME),
+                   AIRFLOW_UID=uid, AIRFLOW_ADMIN_PASSWORD="s3cret")
+        run = subprocess.run(["bash", str(ROOT / "deploy" / "airflow-init.sh")], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+
+        assert (root / "airflow-calls").read_text() == f"{uid}:0 db migrate\n"
+        for volume, folder in volumes.items():
+            for path in [folder, *folder.rglob("*")]:
+                assert (path.stat().st_uid, path.stat().st_gid) == (int(uid), 0), (volume, path)
+            assert folder.stat().st_mode & 0o070 == 0o070, volume  # group 0 may write, as in the image
+        passwords = Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
+        assert passwords == old_passwords
+        assert json.loads(passwords.read_text()) == {"admin": "s3cret"}
+        assert stat.S_IMODE(passwords.stat().st_mode) == 0o600
+        assert sorted(p.name for p in volumes["airflow-auth"].iterdir()) == ["passwords.json"]
+
+        # What the services then do, as AIRFLOW_UID:0: read the password file, write artifacts and logs.
+        as_airflow = ["setpriv", f"--reuid={uid}", "--regid=0", "--clear-groups", "--"]
+        assert subprocess.run([*as_airflow, "cat", str(passwords)], capture_output=True).returncode == 0
+        for folder in (volumes["artifacts"], volumes["airflow-logs"], volumes["artifacts"] / "runs"):
+            assert subprocess.run([*as_airflow, "touch", str(folder / "written")]).returncode == 0, folder
+
+        # A second start (compose up again) changes nothing and still succeeds.
+        again = subprocess.run(["bash", str(ROOT / "deploy" / "airflow-init.sh")], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stdout + again.stderr
+    finally:
+        shutil.rmtree(root)
+
+
+def test_init_script_refuses_root_as_the_service_user(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_UID": "0", "AIRFLOW_ADMIN_PASSWORD": "x",
+           "ALEXNET_ARTIFACTS": str(tmp_path / "a"),
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp_path / "auth" / "passwords.json")}
+    run = subprocess.run(["bash", str(ROOT / "deploy" / "airflow-init.sh")], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "AIRFLOW_UID=0" in run.stderr
+    assert not (tmp_path / "a").exists()
