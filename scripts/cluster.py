@@ -198,6 +198,20 @@ def process_identity(pid: int) -> dict | None:
             "cmdline": [part.decode(errors="replace") for part in cmdline.split(b"\0")[:-1]]}
 
 
+def started_identity(pid: int, timeout: float = 10) -> dict | None:
+    """process_identity of a process that has just been started, once its exec has completed.
+
+    For a moment after exec starts, /proc/<pid>/cmdline reads empty (or as empty
+    strings) while the new program's memory is being set up.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        identity = process_identity(pid)
+        if identity is None or any(identity["cmdline"]) or time.monotonic() > deadline:
+            return identity
+        time.sleep(0.01)
+
+
 def _ours(name: str, state: dict) -> bool:
     """Whether the process recorded as ``name`` still runs and is the one the cluster started.
 
@@ -234,8 +248,8 @@ def _spawn(name: str, argv: list[str], env: dict[str, str], folder: Path) -> tup
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=folder,
         )
-    # Popen returns once the program is executing, so this is its own identity.
-    identity = process_identity(process.pid) or {"pid": process.pid, "start_time": None, "cmdline": list(argv)}
+    identity = started_identity(process.pid) or {"pid": process.pid, "start_time": None}
+    identity["cmdline"] = list(argv)  # the command line started (a script's reads as its interpreter's)
     return process.pid, identity
 
 

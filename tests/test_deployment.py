@@ -247,7 +247,7 @@ def test_cluster_refuses_a_redis_db_claimed_by_another_running_cluster(redis_dbs
     sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
         (first / "cluster.json").write_text(json.dumps({"pids": {"worker": sleeper.pid},
-                                                        "processes": {"worker": cluster.process_identity(sleeper.pid)}}))
+                                                        "processes": {"worker": cluster.started_identity(sleeper.pid)}}))
         cluster.claim_redis(14, first)
         mine.set("_kombu.binding.default", "in use")
         with pytest.raises(SystemExit, match=f"Redis db 14 is in use by the cluster in {first}"):
@@ -275,7 +275,7 @@ def test_stop_leaves_alone_an_unrelated_process_that_got_a_recorded_pid(tmp_path
     """After a crash the pid in cluster.json may belong to another program: stop must not kill it."""
     sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)  # its own process group, like a worker
     try:
-        identity = cluster.process_identity(sleeper.pid)
+        identity = cluster.started_identity(sleeper.pid)
         assert identity["cmdline"] == ["sleep", "300"] and identity["start_time"] > 0
         if recorded == "other start time":
             processes = {"worker": {**identity, "start_time": identity["start_time"] - 1}}
@@ -300,7 +300,8 @@ def test_stop_signals_the_processes_the_cluster_started_even_after_they_retitle_
     (folder / "logs").mkdir(parents=True)
     retitle = "import setproctitle, time; setproctitle.setproctitle('[celeryd: worker@host:MainProcess]'); time.sleep(300)"
     pid, identity = cluster._spawn("worker", [sys.executable, "-c", retitle], dict(os.environ), folder)
-    assert identity["cmdline"][1:] == ["-c", retitle]
+    assert identity["cmdline"] == [sys.executable, "-c", retitle]
+    assert identity["exe"] == os.path.realpath(sys.executable)
     deadline = time.monotonic() + 30
     while cluster.process_identity(pid)["cmdline"][:1] != ["[celeryd: worker@host:MainProcess]"]:
         assert time.monotonic() < deadline
@@ -455,3 +456,81 @@ def test_init_script_refuses_root_as_the_service_user(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "deploy" / "airflow-init.sh")], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "AIRFLOW_UID=0" in run.stderr
     assert not (tmp_path / "a").exists()
+
+
+# --------------------------------------------------------------------------- pinned GPU image
+def _pins(path: Path) -> dict[str, str]:
+    """Canonical name -> version of a constraints file in which every line is NAME==VERSION."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^=\s;]+)", line.strip())
+        assert match, f"{path.name}: {line!r} is not pinned with =="
+        name = canonicalize_name(match.group(1))
+        assert name not in pins, f"{path.name}: {name} pinned twice"
+        pins[name] = match.group(2)
+    return pins
+
+
+def _requirements(path: Path) -> list:
+    from packaging.requirements import Requirement
+
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return [Requirement(line) for line in lines if line and not line.startswith("-r")]
+
+
+def test_gpu_constraints_pin_tensorflow_every_cuda_library_and_the_rest_as_the_cpu_ones():
+    from importlib.metadata import distribution
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    gpu, cpu = _pins(ROOT / "constraints-gpu.txt"), _pins(ROOT / "constraints.txt")
+    [tensorflow] = _requirements(ROOT / "requirements-gpu.txt")
+    assert tensorflow.name == "tensorflow" and tensorflow.extras == {"and-cuda"}
+    assert gpu["tensorflow"] in tensorflow.specifier and gpu["tensorflow"] == cpu["tensorflow-cpu"]
+
+    # tensorflow-cpu of the same release declares the same dependencies and the same
+    # and-cuda extra as tensorflow: every one of them is pinned, within its bounds.
+    metadata = distribution("tensorflow-cpu")
+    assert metadata.version == gpu["tensorflow"]
+    environment = default_environment()
+    cuda = []
+    for requirement in map(Requirement, metadata.requires):
+        wanted_by_gpu = requirement.marker is None or requirement.marker.evaluate({**environment, "extra": "and-cuda"})
+        if not wanted_by_gpu:
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in gpu, f"constraints-gpu.txt does not pin {name}"
+        assert gpu[name] in requirement.specifier, (name, gpu[name], str(requirement.specifier))
+        if requirement.marker is not None and "extra" in str(requirement.marker):
+            cuda.append(name)
+    assert len(cuda) >= 10 and all(name.startswith("nvidia-") for name in cuda), cuda
+    assert {name for name in gpu if name.startswith("nvidia-")} >= set(cuda)
+
+    # What both images install has one version; the GPU image adds only TensorFlow's CUDA build.
+    for name in set(gpu) & set(cpu):
+        assert gpu[name] == cpu[name], (name, gpu[name], cpu[name])
+    extra = set(gpu) - set(cpu)
+    assert extra <= {"tensorflow", "setuptools", "wheel"} | {name for name in extra if name.startswith("nvidia-")}, extra
+    assert set(cpu) - set(gpu) == {"tensorflow-cpu"}
+    for requirement in _requirements(ROOT / "requirements-base.txt"):
+        assert gpu[canonicalize_name(requirement.name)] in requirement.specifier, requirement
+
+
+def test_gpu_image_installs_with_the_gpu_constraints():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ARG CONSTRAINTS=constraints.txt" in dockerfile
+    assert re.search(r"pip install .*-r /opt/alexnet/\$\{REQUIREMENTS\} -c /opt/alexnet/\$\{CONSTRAINTS\}", dockerfile)
+    copied = re.search(r"COPY --chown=airflow:root (requirements.*) /opt/alexnet/\n", dockerfile).group(1).split()
+    assert {"constraints.txt", "constraints-gpu.txt", "requirements-gpu.txt"} <= set(copied)
+    assert SERVICES["worker-gpu"]["build"]["args"] == {"REQUIREMENTS": "requirements-gpu.txt",
+                                                       "CONSTRAINTS": "constraints-gpu.txt"}
+    for name, service in SERVICES.items():  # every other image is the CPU build with the CPU pins
+        if name not in ("postgres", "redis", "worker-gpu") and "build" in service:
+            assert service["build"]["args"] == {"REQUIREMENTS": "requirements.txt"}, name
+    assert "scripts/pin_gpu_constraints.py" in (ROOT / "constraints-gpu.txt").read_text()
