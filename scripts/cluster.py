@@ -337,8 +337,8 @@ def stop(args) -> None:
         print(f"no cluster in {folder}")
         return
     state = json.loads(path.read_text())
-    # Only processes that are still the ones started (same start time and command
-    # line) are signalled: after a crash or a reboot a recorded pid may name another program.
+    # Only processes that are still the ones started (same boot, start time and
+    # program) are signalled: after a crash or a reboot a recorded pid may name another program.
     ours = [name for name in state["pids"] if _ours(name, state)]
     for name in sorted(set(state["pids"]) - set(ours)):
         print(f"{name}: pid {state['pids'][name]} is gone or is no longer the process the cluster started; left alone")
@@ -364,6 +364,7 @@ def stop(args) -> None:
         time.sleep(0.5)
     for name in running:
         os.killpg(state["pids"][name], signal.SIGKILL)
+    for name in order:  # every signalled process has exited or been killed: reap those that are our children
         try:
             os.waitpid(state["pids"][name], 0)
         except ChildProcessError:
