@@ -129,16 +129,24 @@ def failure_alert(context) -> Alert:
 
 def not_blessed_alert(decision: dict, run_id: str, dag_id: str = DEFAULT_DAG_ID, task_id: str | None = None,
                       try_number: int | None = None) -> Alert:
-    """The alert for a model the gate refused: ``decision`` as the gate wrote it to ``decision.json``."""
+    """The alert for a model the gate refused: ``decision`` as the gate wrote it to ``decision.json``.
+
+    Its ``reasons`` (or ``reason``) make the reason; the test accuracy, the
+    champion, its accuracy and the paired comparison are added when present.
+    """
     reasons = decision.get("reasons")
     if isinstance(reasons, list) and reasons:
         reason = "; ".join(str(item) for item in reasons)
     else:
         reason = str(decision.get("reason") or "no reason given")
     facts = {"DAG": dag_id, "run": run_id, "task": task_id, "try": try_number, "reason": reason}
-    for key in ("champion_run_id", "challenger_accuracy", "champion_accuracy", "p_value"):
+    for key in ("test_accuracy", "champion", "champion_accuracy", "publish_mode"):
         if decision.get(key) is not None:
             facts[key] = decision[key]
+    paired = decision.get("paired")
+    if isinstance(paired, dict):
+        facts["paired"] = (f"only this model right on {paired.get('only_challenger_right')} images, only the "
+                           f"champion on {paired.get('only_champion_right')}, McNemar p={paired.get('mcnemar_p')}")
     return Alert(
         subject=_subject(f"[{dag_id}] model of run {run_id} not blessed: {reason}"),
         text=(f"The model trained by run {run_id} was not blessed; it is recorded but not published as "

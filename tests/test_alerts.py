@@ -18,13 +18,14 @@ from alexnet_tasks import alerts
 from alexnet_tasks.alerts import AlertSettings, failure_alert, notify_not_blessed
 
 WRONG_MD5 = "0" * 32
-UNBLESSED = {
+UNBLESSED = {  # as the gate writes decision.json
     "blessed": False,
     "reasons": ["test accuracy 0.1000 is below the floor 0.25", "worse than the champion by 0.4200"],
-    "champion_run_id": "scheduled__2026-11-27T02:00:00+00:00",
-    "challenger_accuracy": 0.1,
+    "reason": "test accuracy 0.1000 is below the floor 0.25; worse than the champion by 0.4200",
+    "test_accuracy": 0.1,
+    "champion": "scheduled__2026-11-27T02:00:00+00:00",
     "champion_accuracy": 0.52,
-    "p_value": 1.2e-30,
+    "paired": {"images": 10000, "only_challenger_right": 310, "only_champion_right": 4510, "mcnemar_p": 1.2e-30},
 }
 
 
@@ -110,7 +111,8 @@ def test_unblessed_model_is_mailed_with_the_gates_reason(mail_env):
     body = mail.body()
     for fact in ("DAG: alexnet_cifar10", "run: manual__2026-11-28T10:00:00+00:00", "task: gate", "try: 1",
                  "reason: test accuracy 0.1000 is below the floor 0.25; worse than the champion by 0.4200",
-                 "champion_run_id: scheduled__2026-11-27T02:00:00+00:00", "champion_accuracy: 0.52"):
+                 "champion: scheduled__2026-11-27T02:00:00+00:00", "champion_accuracy: 0.52",
+                 "only this model right on 310 images, only the champion on 4510, McNemar p=1.2e-30"):
         assert fact in body
 
 
