@@ -194,3 +194,32 @@ def test_publish_drops_the_runs_checkpoints_and_prunes_old_runs(tmp_path, monkey
     monkeypatch.setenv("ALEXNET_KEEP_RUNS", "none")
     with pytest.raises(ValueError, match="ALEXNET_KEEP_RUNS"):
         publish(new, "new", published)
+
+
+@pytest.mark.slow
+def test_a_dag_run_drops_its_checkpoints_and_prunes_an_old_failed_run(small_archive, tmp_path):
+    import subprocess
+
+    from conftest import airflow_bin, airflow_env
+
+    path, md5 = small_archive
+    artifacts = tmp_path / "artifacts"
+    failed = artifacts / "runs" / "scheduled__2026-10-01T02_00_00_00_00-0badc0de"  # a run that died in train
+    failed.mkdir(parents=True)
+    (failed / "config.json").write_text("{}")
+    add_checkpoint(failed)
+    age(failed, 30 * DAY)
+    env = airflow_env(tmp_path / "home", artifacts, ALEXNET_KEEP_RUNS="1")
+    subprocess.run([airflow_bin(), "db", "migrate"], env=env, check=True, capture_output=True)
+    conf = {"source_url": path.as_uri(), "source_md5": md5, "image_size": 67, "epochs": 1,
+            "validation_size": 50, "batch_size": 16}
+    run = subprocess.run([airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf)],
+                         env=env, capture_output=True, text=True, timeout=900)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    [run_dir] = [entry for entry in (artifacts / "runs").iterdir() if not entry.name.startswith(".")]
+    assert run_dir.name.startswith("manual__") and not (run_dir / "checkpoints").exists()
+    assert (run_dir / "model.keras").is_file() and (run_dir / "state.json").is_file()
+    assert f"dropped the checkpoints of {run_dir.name}" in output
+    assert f"retention: removed {failed} (never published" in output
+    assert (artifacts / "published" / "latest" / "model.keras").is_file()
