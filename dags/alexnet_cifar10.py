@@ -24,6 +24,9 @@ test split and publishes the model, metrics and TensorBoard logs.
   rate for it, on any number of devices. Leave `epochs`, `batch_size` and
   `learning_rate` empty to take the recipe's values. Every param's default,
   bounds and description come from `alexnet_tasks.config.PipelineConfig`.
+* A task that fails after its last try is reported by e-mail
+  (`ALEXNET_ALERT_EMAIL`, through the SMTP connection `ALEXNET_ALERT_SMTP_CONN`)
+  and/or a JSON POST to `ALEXNET_ALERT_WEBHOOK`; alerts are off when neither is set.
 * `split_seed` draws the split and keys the data folders; `seed` is the
   training seed. Scheduled runs derive the training seed from the logical
   date (a new model each night on the same shards); manual runs use the
@@ -39,6 +42,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
+from alexnet_tasks.alerts import failure_notifier
 from alexnet_tasks.config import Layout, PipelineConfig, param_specs, settings_for_run
 
 log = logging.getLogger(__name__)
@@ -87,6 +91,9 @@ def _settings():
         "retries": 2,
         "retry_delay": timedelta(seconds=int(os.environ.get("ALEXNET_RETRY_DELAY_SECONDS", "120"))),
         "retry_exponential_backoff": True,
+        # Mails and/or posts the failure after the last try (ALEXNET_ALERT_EMAIL, ALEXNET_ALERT_WEBHOOK);
+        # a logged no-op when neither is set.
+        "on_failure_callback": failure_notifier(),
     },
     params=PARAMS,
     tags=["ml", "cifar10", "alexnet", "tensorflow"],
