@@ -208,6 +208,7 @@ def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tm
     conf = {
         "source_url": path.as_uri(), "source_md5": md5, "image_size": 67, "epochs": 1,
         "validation_size": 50, "batch_size": 16, "recipe": "reference",
+        "publish_mode": "always",  # one epoch on tiny data need not pass the gate's accuracy floor
     }
     run = subprocess.run(
         [airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf)],
@@ -244,7 +245,7 @@ def test_each_step_runs_alone_with_tasks_test_and_finds_its_inputs(small_archive
     artifacts = tmp_path / "artifacts"
     env = _migrate(tmp_path / "home", artifacts)
     params = {"source_url": str(path), "source_md5": md5, "image_size": 67, "epochs": 1,
-              "validation_size": 50, "batch_size": 16, "recipe": "reference"}
+              "validation_size": 50, "batch_size": 16, "recipe": "reference", "publish_mode": "always"}
     for task_id in TASKS:
         run = subprocess.run(
             [airflow_bin(), "tasks", "test", "alexnet_cifar10", task_id, "2026-11-28", "-t", json.dumps(params)],
@@ -276,6 +277,8 @@ def test_steps_tested_alone_share_a_run_folder_only_with_the_same_params(tmp_pat
     first = run_folder({"image_size": 67, "epochs": 1})
     assert first.startswith("tasks_test__2026-11-28")
     assert run_folder({"epochs": 1, "image_size": 67}) == first
+    # The gate's settings decide what is published, not what is trained: the same run folder.
+    assert run_folder({"image_size": 67, "epochs": 1, "accuracy_floor": 0.9, "publish_mode": "always"}) == first
     assert run_folder({"image_size": 67, "epochs": 2}) != first
 
 
