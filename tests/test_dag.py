@@ -352,3 +352,16 @@ def test_a_diverged_run_is_recorded_not_published_and_only_the_blessed_model_is_
     # Two training seeds, one shard set.
     assert len(list((artifacts / "data" / md5).glob("shards-*"))) == 1
     assert good["data_key"] == diverged["data_key"] and good["fingerprint"] != diverged["fingerprint"]
+
+    # A third run trains the champion's settings again: the same model, so not worse, so blessed.
+    _dags_test(env, {**base, "seed": 1, "accuracy_floor": 0.0})
+    *_, again = read_index(published)
+    assert again["blessed"] is True and again["fingerprint"] == good["fingerprint"]
+    assert again["test_accuracy"] == good["test_accuracy"] and os.readlink(published / "latest") == again["path"]
+    decision = json.loads((published / again["path"] / "decision.json").read_text())
+    assert decision["champion"] == good["run_id"]  # compared with the first run, not the refused one
+    assert decision["paired"]["only_challenger_right"] == decision["paired"]["only_champion_right"] == 0
+    assert decision["paired"]["mcnemar_p"] == 1.0
+    events = _query(home, "SELECT e.source_run_id FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+                          "WHERE a.name = 'alexnet_cifar10_model' ORDER BY e.id")
+    assert [run_id for (run_id,) in events] == [good["run_id"], again["run_id"]]
