@@ -227,6 +227,10 @@ def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tm
     config = PipelineConfig.from_dict(conf)
     assert line["config"] == config.to_dict()  # the run's resolved settings; a manual run keeps the form's seed
     assert line["fingerprint"] == metrics["fingerprint"]  # null until train writes train_summary.json
+    assert line["train_settings"]["epochs"] == 1 and line["train_settings"]["learning_rate"] == 0.001  # as resolved
+    assert line["blessed"] is True and line["blessed_reason"]  # publish_mode always, or the checks held
+    assert line["code_version"]["git_commit"] and line["devices"] == "CPU" and line["seconds"] > 0
+    assert line["epochs_run"] == line["epochs_planned"] == 1 and line["truncated"] is False
     # Lineage: the data it trained on, its validation accuracy, and its per-image test predictions.
     assert line["data_key"] == f"{md5}/shards-{config.shards_key()}"
     assert (artifacts / "data" / line["data_key"]).is_dir()
@@ -365,3 +369,17 @@ def test_a_diverged_run_is_recorded_not_published_and_only_the_blessed_model_is_
     events = _query(home, "SELECT e.source_run_id FROM asset_event e JOIN asset a ON a.id = e.asset_id "
                           "WHERE a.name = 'alexnet_cifar10_model' ORDER BY e.id")
     assert [run_id for (run_id,) in events] == [good["run_id"], again["run_id"]]
+
+
+def test_the_readme_consumer_dag_runs_on_the_model_asset(tmp_path):
+    """The downstream DAG the README shows parses and is scheduled on the asset publish emits."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import Asset
+
+    readme = (ROOT / "README.md").read_text()
+    [example] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "schedule=[MODEL]" in block]
+    (tmp_path / "deploy_alexnet.py").write_text(example)
+    bag = DagBag(str(tmp_path))
+    assert bag.import_errors == {}
+    consumer = bag.dags["deploy_alexnet"]
+    assert list(consumer.timetable.asset_condition.objects) == [Asset("alexnet_cifar10_model")]
