@@ -240,6 +240,9 @@ def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir
     paired, comparison = None, None
     if champion is None:
         comparison = {"passed": True, "detail": "no champion yet: the sanity checks decide"}
+    elif champion_accuracy is None:
+        comparison = {"passed": True, "detail": f"the champion {champion['run_id']} has no test accuracy to "
+                      "compare with: the sanity checks decide"}
     else:
         ours, theirs = metrics.get("test_images_sha256"), champion_metrics.get("test_images_sha256")
         if ours is not None and theirs is not None and ours != theirs:

@@ -227,6 +227,15 @@ def test_gate_needs_evaluate_first(tmp_path, shards):
         gate(run, tmp_path / "published", settings(), shards, "bare")
 
 
+def test_a_champion_without_a_test_accuracy_leaves_the_decision_to_sanity(tmp_path, shards):
+    crown(tmp_path, shards, 6)
+    metrics_path = tmp_path / "published" / "latest" / "metrics.json"
+    metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "test_accuracy": None}))
+    decision = gate(evaluated_run(tmp_path, "next", right(3)), tmp_path / "published", settings(), shards, "next")
+    assert decision["blessed"] is True and decision["champion_accuracy"] is None
+    assert "has no test accuracy to compare with" in decision["reason"]
+
+
 def test_a_broken_latest_is_named(tmp_path, shards):
     published = tmp_path / "published"
     published.mkdir()
