@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (32, 32, 3)
 MIN_IMAGE_SIZE = 67  # smallest input for which AlexNet's three max-pools keep a 1x1 map
 RECIPES = ("reference", "fast")
+PUBLISH_MODES = ("gated", "always")
+# Settings of the gate alone: they decide what is published, not what is trained.
+GATE_SETTINGS = ("accuracy_floor", "gate_tolerance", "publish_mode")
 
 # Bump when the stored shard content changes meaning; it is part of the shard key.
 PREPROCESSING_VERSION = 1
@@ -138,6 +142,21 @@ class PipelineConfig:
         description="Optional time budget for training; empty means none. A run that stops before its "
         "schedule ends is marked truncated in metrics.json and the published index.",
     )
+    accuracy_floor: float = _setting(
+        0.25, kind="number", minimum=0, maximum=1, title="Gate: accuracy floor",
+        description="Lowest test accuracy a run may have to be published (0.25 is two and a half times "
+        "chance); below it the gate refuses the run.",
+    )
+    gate_tolerance: float = _setting(
+        0.0, kind="number", minimum=0, maximum=1, title="Gate: tolerance",
+        description="How far below the champion's (the run published/latest points to) test accuracy a run "
+        "may score and still be published; 0 means it must do at least as well.",
+    )
+    publish_mode: str = _setting(
+        "gated", kind="string", enum=list(PUBLISH_MODES), title="Publish mode",
+        description="gated: publish only what the gate blesses, otherwise record the run and keep the "
+        "champion. always: publish this run whatever the gate finds (its checks are still recorded).",
+    )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PipelineConfig":
@@ -191,8 +210,14 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
     def settings_digest(self) -> str:
-        """SHA-256 (hex) of every setting, the same for equal settings however they were given."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """SHA-256 (hex) of every setting that shapes the trained model, the same however they were given.
+
+        The gate's settings (``GATE_SETTINGS``) are left out: they decide what
+        is published, not what is trained, so a step tested alone with another
+        accuracy floor or publish mode finds the run already trained.
+        """
+        trained = {key: value for key, value in self.to_dict().items() if key not in GATE_SETTINGS}
+        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()
 
 
 def seed_for_date(logical_date: datetime) -> int:
@@ -365,8 +390,34 @@ def safe_run_id(run_id: str) -> str:
     return f"{readable}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
+def json_safe(payload: Any, _where: str = "") -> tuple[Any, list[str]]:
+    """``(payload with every NaN or infinite number replaced by None, where they were)``.
+
+    JSON has no NaN or infinity (Python writes them as bare tokens that strict
+    readers refuse); a diverged run's loss is one. Places are dotted keys and
+    list indices, for example ``["test_loss", "history.3.loss"]``.
+    """
+    if isinstance(payload, float) and not math.isfinite(payload):
+        return None, [_where or "."]
+    if isinstance(payload, dict):
+        clean, places = {}, []
+        for key, value in payload.items():
+            clean[key], found = json_safe(value, f"{_where}.{key}" if _where else str(key))
+            places += found
+        return clean, places
+    if isinstance(payload, (list, tuple)):
+        clean, places = [], []
+        for index, value in enumerate(payload):
+            item, found = json_safe(value, f"{_where}.{index}" if _where else str(index))
+            clean.append(item)
+            places += found
+        return clean, places
+    return payload, []
+
+
 def save_json(path: Path, payload: Any) -> Path:
-    """Write JSON atomically (temporary name, fsync, rename)."""
+    """Write strict JSON atomically (temporary name, fsync, rename); NaN and infinity are written as null."""
     from alexnet_tasks.atomic import atomic_write_bytes
 
-    return atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    payload, _ = json_safe(payload)
+    return atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())

@@ -3,7 +3,8 @@
 Writes ``predictions.npy`` (the predicted class of every test image, uint8,
 in the test shard's order, so two runs scored on the same images compare
 image by image), ``metrics.json`` (test loss, accuracy, per-class accuracy,
-confusion matrix, the test shard's ``images_sha256``, the last epoch's
+confusion matrix, the test shard's ``images_sha256``, ``finite`` and ``nonfinite`` (a diverged
+model's NaN or infinite figures are written as null and named there), the last epoch's
 validation accuracy from ``history.json`` (null without one), and what train recorded in ``train_summary.json``: the run's
 fingerprint, whether its schedule was truncated, epochs run and planned,
 training seconds and devices; null where train wrote no summary),
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_tasks.atomic import atomic_write_bytes
-from alexnet_tasks.config import save_json
+from alexnet_tasks.config import json_safe, save_json
 from alexnet_tasks.run_summary import training_fields
 from alexnet_tasks.shards import load_split, read_attrs, shard_path
 
@@ -62,6 +63,16 @@ def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names: list[s
         "confusion_matrix": matrix.tolist(),
         "class_names": list(class_names),
     }
+
+
+def finite_metrics(metrics: dict) -> dict:
+    """``metrics`` as valid JSON: NaN and infinity become null, listed in ``nonfinite``, with ``finite`` false.
+
+    A diverged model's loss (and any figure it makes NaN) is kept as a fact
+    the gate reads, instead of a value no JSON reader accepts.
+    """
+    clean, places = json_safe({key: value for key, value in metrics.items() if key not in ("finite", "nonfinite")})
+    return {**clean, "finite": not places, "nonfinite": places}
 
 
 def last_validation_accuracy(run_dir: Path) -> float | None:
@@ -196,7 +207,7 @@ def evaluate(
     metrics["test_images_sha256"] = str(test_attrs["images_sha256"])
     metrics["validation_accuracy"] = validation_accuracy
     metrics.update(training)
-    predicted = probabilities.argmax(axis=1)
+    predicted = probabilities.argmax(axis=1)  # a row of NaN (a diverged model) counts as class 0
 
     confusion_png = confusion_figure(np.array(metrics["confusion_matrix"]), class_names, metrics["test_accuracy"])
     samples_png = samples_figure(images, labels, predicted, class_names)
@@ -204,13 +215,17 @@ def evaluate(
     atomic_write_bytes(run_dir / CONFUSION_PNG, confusion_png)
     atomic_write_bytes(run_dir / SAMPLES_PNG, samples_png)
     _write_tensorboard(run_dir / "tensorboard" / "test", metrics, confusion_png, samples_png)
-    save_json(run_dir / METRICS, metrics)
     log.info(
         "test accuracy %.4f  loss %.4f on %d images; worst class %s (%.3f); fingerprint %s%s",
         metrics["test_accuracy"], metrics["test_loss"], len(labels),
         *min(metrics["per_class_accuracy"].items(), key=lambda item: item[1]),
         metrics["fingerprint"] or "unknown", "; training was truncated" if metrics["truncated"] else "",
     )
+    metrics = finite_metrics(metrics)
+    if not metrics["finite"]:
+        log.warning("not finite (the model diverged?): %s; written as null in %s",
+                    ", ".join(metrics["nonfinite"]), METRICS)
+    save_json(run_dir / METRICS, metrics)
     return {
         "metrics": str(run_dir / METRICS),
         "predictions": str(run_dir / PREDICTIONS),

@@ -1,4 +1,11 @@
-"""Publish a finished run: copy, then index, then move ``latest``.
+"""Publish a finished run as the gate decided: copy, then index, then move ``latest``.
+
+A run the gate blessed (``decision.json``; a run without one is treated as
+blessed) is published whole and becomes ``latest``. A run it did not bless is
+recorded: its copy holds everything but ``model.keras`` (the model stays in
+``runs/<run>/``; publishing it later with ``publish_mode=always`` copies it),
+its index line says ``blessed: false`` and why, and ``latest`` stays on the
+champion.
 
 The run's model, metrics, per-image test predictions, pictures, config,
 history, training summary, gate decision and TensorBoard logs are copied into ``published/runs/<run>/`` (the same folder
@@ -51,7 +58,8 @@ INDEX = "index.jsonl"
 LATEST = "latest"
 DECISION = "decision.json"
 # What a published run holds; the first two are required.
-REQUIRED = ("model.keras", "metrics.json")
+MODEL = "model.keras"
+REQUIRED = (MODEL, "metrics.json")
 OPTIONAL = ("config.json", "history.json", TRAIN_SUMMARY, "predictions.npy", DECISION,
             "confusion_matrix.png", "test_samples.png", "tensorboard")
 # Copied from metrics.json into the index line (null where metrics.json lacks them).
@@ -60,7 +68,7 @@ TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_plann
 # Every field of an index line. The first five are in every line ever written; lines written
 # before the others existed lack them, and read_index fills them with None.
 INDEX_FIELDS = ("run_id", "published_at", "test_accuracy", "test_loss", "path") + TRAINING_INDEX_FIELDS + (
-    "config", "data_key", "code_version", "blessed", "blessed_reason",
+    "config", "data_key", "code_version", "blessed", "blessed_reason", "train_settings",
 )
 LATER_INDEX_FIELDS = INDEX_FIELDS[5:]
 
@@ -68,9 +76,11 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
-def _copy_run(run_dir: Path, destination: Path) -> None:
+def _copy_run(run_dir: Path, destination: Path, with_model: bool = True) -> None:
     for name in REQUIRED + OPTIONAL:
         source = run_dir / name
+        if name == MODEL and not with_model:
+            continue
         if not source.exists():
             if name in REQUIRED:
                 raise FileNotFoundError(f"{source}: missing; train and evaluate must finish first")
@@ -81,12 +91,12 @@ def _copy_run(run_dir: Path, destination: Path) -> None:
             shutil.copy2(source, destination / name)
 
 
-def _build_copy(run_dir: Path, final: Path) -> Path:
+def _build_copy(run_dir: Path, final: Path, with_model: bool = True) -> Path:
     """A complete, synced copy of the run in a temporary sibling of ``final``."""
     tmp = temp_sibling(final)
     tmp.mkdir(parents=True)
     try:
-        _copy_run(run_dir, tmp)
+        _copy_run(run_dir, tmp, with_model)
         for child in tmp.rglob("*"):
             if child.is_file():
                 with open(child, "rb") as handle:
@@ -131,7 +141,7 @@ def _published_fingerprint(final: Path) -> str | None:
         return None
 
 
-def _read_decision(run_dir: Path) -> dict | None:
+def read_decision(run_dir: Path) -> dict | None:
     """The gate's ``decision.json`` of ``run_dir``, checked; None when the run has none."""
     path = run_dir / DECISION
     if not path.is_file():
@@ -150,11 +160,16 @@ def _read_decision(run_dir: Path) -> dict | None:
     return decision
 
 
-def _code_version(run_dir: Path) -> str | None:
-    """The code version train recorded in ``train_summary.json`` (its fingerprint's parts); None if unknown."""
+def _fingerprint_part(run_dir: Path, name: str):
+    """A part of the fingerprint train recorded in ``train_summary.json``; None if unknown.
+
+    ``code_version`` (package, git commit, uncommitted changes) and
+    ``settings`` (the resolved recipe the run trained with: every epoch count,
+    batch, rate and precision as used, not as the form left them empty).
+    """
     summary = read_train_summary(run_dir) or {}
     parts = summary.get("fingerprint_parts")
-    return parts.get("code_version") if isinstance(parts, dict) else None
+    return parts.get(name) if isinstance(parts, dict) else None
 
 
 def _index_line(
@@ -162,8 +177,9 @@ def _index_line(
     metrics: dict,
     published_at: str,
     config: PipelineConfig | None,
-    code_version: str | None = None,
+    code_version: dict | str | None = None,
     decision: dict | None = None,
+    train_settings: dict | None = None,
 ) -> dict:
     return {
         "run_id": run_id,
@@ -177,6 +193,7 @@ def _index_line(
         "code_version": code_version,
         "blessed": None if decision is None else decision["blessed"],
         "blessed_reason": None if decision is None else "; ".join(decision.get("reasons", [])) or None,
+        "train_settings": train_settings,
     }
 
 
@@ -220,14 +237,15 @@ def load_runs(published_root: Path) -> list[dict]:
 def _update_index(published_root: Path, entry: dict) -> bool:
     """Put ``entry`` in the index in place of any earlier line of the same run; False if already there.
 
-    A line of the same run with the same known fingerprint is kept as it is,
-    so publishing the same training again changes nothing.
+    A line of the same run with the same known fingerprint and the same
+    decision is kept as it is, so publishing the same training again changes
+    nothing.
     """
     with file_lock(published_root / f".{INDEX}.lock"):
         lines = read_index(published_root)
         if any(
             line["run_id"] == entry["run_id"] and line["path"] == entry["path"]
-            and same_run(line["fingerprint"], entry["fingerprint"])
+            and same_run(line["fingerprint"], entry["fingerprint"]) and line["blessed"] == entry["blessed"]
             for line in lines
         ):
             return False
@@ -263,13 +281,39 @@ def _read_metrics(run_dir: Path) -> dict:
     return metrics
 
 
+def _check_decision(decision: dict | None, metrics: dict, run_dir: Path) -> None:
+    """Refuse a decision the gate made for another training than the evaluated one."""
+    if decision is None:
+        return
+    made_for, evaluated = decision.get("fingerprint"), metrics.get("fingerprint")
+    if made_for is not None and evaluated is not None and made_for != evaluated:
+        raise ValueError(
+            f"{run_dir / DECISION}: made for another training (fingerprint {made_for}) than the evaluated "
+            f"one ({evaluated}); run the gate again before publishing"
+        )
+
+
+def _latest_target(published_root: Path) -> str | None:
+    try:
+        return os.readlink(published_root / LATEST)
+    except OSError:
+        return None
+
+
 def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineConfig | None = None,
             keep_runs: int | None = None) -> dict:
-    """Publish ``run_dir`` as ``run_id``; returns the published path and headline metrics.
+    """Publish ``run_dir`` as ``run_id`` as the gate decided; returns the published path and headline metrics.
 
     ``config``, the run's pipeline settings, goes into the index line with the
     data key it implies (both None if not given); the gate's ``decision.json``,
     when the run has one, gives the line's ``blessed`` and ``blessed_reason``.
+
+    A blessed run (or one without a decision) is copied whole, indexed and
+    becomes ``latest``. A run the gate did not bless is recorded: its copy
+    holds everything but ``model.keras`` (the model stays in the run folder),
+    its index line says ``blessed: false`` and why, and ``latest`` stays on the
+    champion. The result's ``blessed`` is the decision's (None without one).
+
     Then retention (``alexnet_tasks.retention.retain``) drops the run's
     checkpoints and prunes ``runs/`` beyond the newest ``keep_runs``
     (default ``$ALEXNET_KEEP_RUNS`` or 10).
@@ -277,37 +321,65 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
     run_dir, published_root = Path(run_dir), Path(published_root)
     keep = retention.keep_runs(keep_runs)  # a bad setting is refused before anything is published
     metrics = _read_metrics(run_dir)
-    decision = _read_decision(run_dir)
-    code_version = _code_version(run_dir)
+    decision = read_decision(run_dir)
+    _check_decision(decision, metrics, run_dir)
+    blessed = None if decision is None else decision["blessed"]
+    promote = blessed is not False
+    code_version = _fingerprint_part(run_dir, "code_version")
     fingerprint = metrics.get("fingerprint")
     final = published_root / "runs" / safe_run_id(run_id)
     final.parent.mkdir(parents=True, exist_ok=True)
+    if not promote and not (run_dir / MODEL).is_file():
+        raise FileNotFoundError(f"{run_dir / MODEL}: missing; train and evaluate must finish first")
     with file_lock(published_root / f".{final.name}.lock"):
         remove_stale_temps(final)
         previous = _published_fingerprint(final) if final.is_dir() else None
+        if not promote and _latest_target(published_root) == f"runs/{final.name}":
+            # A retrained run id whose earlier training is the champion: keep that one as published.
+            log.warning("%s is not blessed and its run id's earlier training is the champion; the champion "
+                        "stays as published (%s)", run_id, decision.get("reason"))
+            result = _result(final, published_root, metrics, fingerprint, "kept", blessed, decision)
+            return {**result, **retention.retain(run_dir, published_root, keep)}
         if not final.is_dir():
-            os.rename(_build_copy(run_dir, final), final)
+            os.rename(_build_copy(run_dir, final, with_model=promote), final)
             fsync_dir(final.parent)
-            action = "published"
-        elif same_run(previous, fingerprint):
+            action = "published" if promote else "recorded"
+        elif same_run(previous, fingerprint) and (not promote or (final / MODEL).is_file()):
             action = "unchanged"
+            if decision is not None:  # the same training gated again: the copy carries the new decision
+                atomic_write_bytes(final / DECISION, (run_dir / DECISION).read_bytes())
         else:
-            _replace_directory(_build_copy(run_dir, final), final)
-            action = "replaced"
-            log.warning(
-                "%s held another training (fingerprint %s); replaced it with this run's (%s)",
-                final, previous or "unknown", fingerprint or "unknown",
-            )
+            # Another training, or this one recorded without its model and now blessed.
+            _replace_directory(_build_copy(run_dir, final, with_model=promote), final)
+            other_training = not same_run(previous, fingerprint)
+            action = "recorded" if not promote else "replaced" if other_training else "published"
+            if other_training:
+                log.warning(
+                    "%s held another training (fingerprint %s); replaced it with this run's (%s)",
+                    final, previous or "unknown", fingerprint or "unknown",
+                )
         entry = _index_line(run_id, metrics, datetime.now(timezone.utc).isoformat(timespec="seconds"), config,
-                            code_version, decision)
+                            code_version, decision, _fingerprint_part(run_dir, "settings"))
         _update_index(published_root, entry)
-        with file_lock(published_root / f".{LATEST}.lock"):
-            _point_latest(published_root, f"runs/{final.name}")
-    log.info(
-        "%s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
-        action, final, metrics["test_accuracy"], fingerprint or "unknown", final.name,
-    )
-    kept = retention.retain(run_dir, published_root, keep)
+        if promote:
+            with file_lock(published_root / f".{LATEST}.lock"):
+                _point_latest(published_root, f"runs/{final.name}")
+    if promote:
+        log.info(
+            "%s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
+            action, final, metrics["test_accuracy"], fingerprint or "unknown", final.name,
+        )
+    else:
+        log.info(
+            "%s %s without its model: not blessed (%s); latest stays on %s",
+            action, final, decision.get("reason"), _latest_target(published_root) or "nothing",
+        )
+    result = _result(final, published_root, metrics, fingerprint, action, blessed, decision)
+    return {**result, **retention.retain(run_dir, published_root, keep)}
+
+
+def _result(final: Path, published_root: Path, metrics: dict, fingerprint: str | None, action: str,
+            blessed: bool | None, decision: dict | None) -> dict:
     return {
         "published": str(final),
         "latest": str(published_root / LATEST),
@@ -315,5 +387,6 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
         "test_accuracy": metrics["test_accuracy"],
         "fingerprint": fingerprint,
         "action": action,
-        **kept,
+        "blessed": blessed,
+        "reason": None if decision is None else "; ".join(decision.get("reasons", [])) or None,
     }

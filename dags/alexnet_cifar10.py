@@ -5,13 +5,23 @@ Downloads CIFAR-10, splits it, builds standardized HDF5 shards, trains AlexNet
 (TensorFlow/Keras) on the `gpu` Celery queue, evaluates it on the official
 test split and publishes the model, metrics and TensorBoard logs.
 
-`download >> split >> build_shards >> train >> evaluate >> publish`
+`download >> split >> build_shards >> train >> evaluate >> gate >> publish`
 
 * Artifacts live under `$ALEXNET_ARTIFACTS` (default `~/alexnet-artifacts`).
   Data steps are content-addressed (source MD5 + the settings that shape
   them) and reused by later runs; training outputs live in `runs/<run>/`
   (the run id made safe for a folder name plus a short hash of it);
-  `published/latest` points at the newest complete run.
+  `published/latest` points at the champion: the newest run the gate
+  blessed.
+* `gate` checks the run (finite test loss, test accuracy at least
+  `accuracy_floor`, not truncated, the champion's class names) and compares
+  it image by image with the champion; it is blessed when it is sane and its
+  test accuracy is at least the champion's minus `gate_tolerance`
+  (`publish_mode=always` blesses whatever the checks say). Its
+  `decision.json` goes into the run folder. A blessed run is published,
+  becomes `latest` and `publish` emits an event on the asset
+  `alexnet_cifar10_model`; a run that is not blessed is recorded in the
+  index and `publish` ends skipped, with the DAG run successful.
 * Every step is a plain function in `alexnet_tasks/`; this file only wires
   them. A single step runs alone with
   `airflow tasks test alexnet_cifar10 <task_id> <date>`: it finds its inputs
@@ -40,7 +50,7 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 from alexnet_tasks.alerts import failure_notifier
 from alexnet_tasks.config import Layout, PipelineConfig, param_specs, settings_for_run
@@ -55,6 +65,8 @@ TRAIN_TIMEOUT = timedelta(hours=int(os.environ.get("ALEXNET_TRAIN_TIMEOUT_HOURS"
 # The form is generated from PipelineConfig's fields: defaults, bounds, titles and
 # descriptions live there once (alexnet_tasks.config imports nothing heavy).
 PARAMS = {name: Param(**spec) for name, spec in param_specs().items()}
+# Every blessed model is an event on this asset; a downstream DAG runs on it with schedule=[MODEL_ASSET].
+MODEL_ASSET = Asset("alexnet_cifar10_model")
 
 
 def _settings():
@@ -144,13 +156,37 @@ def alexnet_cifar10():
         return evaluate(run_dir / "model.keras", layout.shards(config), run_dir, config.source_md5)
 
     @task
+    def gate() -> dict:
+        from alexnet_tasks.gate import gate
+
+        config, layout, run_id = _settings()
+        return gate(layout.run(run_id), layout.published, config, layout.shards(config), run_id)
+
+    @task(outlets=[MODEL_ASSET])
     def publish() -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from alexnet_tasks.publish import publish
 
         config, layout, run_id = _settings()
-        return publish(layout.run(run_id), run_id, layout.published, config)
+        result = publish(layout.run(run_id), run_id, layout.published, config)
+        if result["blessed"] is False:
+            # Recorded in the index, latest left on the champion: an expected outcome, not a failure,
+            # that the alert channels (when configured) are told of.
+            from alexnet_tasks.alerts import notify_not_blessed
+            from alexnet_tasks.publish import read_decision
 
-    download() >> split() >> build_shards() >> train() >> evaluate() >> publish()
+            notify_not_blessed(read_decision(layout.run(run_id)), run_id)
+            raise AirflowSkipException(f"not blessed, so not published as latest: {result['reason']}")
+        get_current_context()["outlet_events"][MODEL_ASSET].extra = {
+            "run_id": run_id,
+            "test_accuracy": result["test_accuracy"],
+            "published": result["published"],
+            "fingerprint": result["fingerprint"],
+        }
+        return result
+
+    download() >> split() >> build_shards() >> train() >> evaluate() >> gate() >> publish()
 
 
 alexnet_cifar10()

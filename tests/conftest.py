@@ -186,3 +186,13 @@ def train_script(shards_dir: Path, run_dir: Path, config, prelude: str = "", cal
         f"PipelineConfig(**{config.to_dict()!r}){call_arguments})\n"
         "print('RESULT', json.dumps(result))\n"
     )
+
+
+@pytest.fixture
+def smtp():
+    """A real SMTP server on 127.0.0.1 that keeps what it receives (``.messages``)."""
+    from smtp_server import SMTPServer
+
+    server = SMTPServer().start()
+    yield server
+    server.stop()

@@ -29,13 +29,6 @@ UNBLESSED = {  # as the gate writes decision.json
 }
 
 
-@pytest.fixture
-def smtp():
-    server = SMTPServer().start()
-    yield server
-    server.stop()
-
-
 def smtp_connection(port: int) -> str:
     """An Airflow SMTP connection (as an AIRFLOW_CONN_* value) for the plain-text test server."""
     return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,

@@ -143,6 +143,32 @@ def test_settings_digest_follows_the_resolved_settings():
     assert re.fullmatch(r"[0-9a-f]{64}", a.settings_digest())
 
 
+def test_gate_settings_change_neither_the_run_folder_key_nor_the_training():
+    from alexnet_tasks.config import GATE_SETTINGS
+    from alexnet_tasks.recipe import resolve_settings
+
+    a = PipelineConfig(image_size=67, epochs=1)
+    gated = PipelineConfig(image_size=67, epochs=1, accuracy_floor=0.6, gate_tolerance=0.02, publish_mode="always")
+    assert set(GATE_SETTINGS) == {"accuracy_floor", "gate_tolerance", "publish_mode"}
+    # A step tested alone finds the same run folder whatever the gate's settings...
+    assert gated.settings_digest() == a.settings_digest()
+    # ...and the fingerprint hashes the resolved training settings, which do not hold them: no retraining.
+    assert resolve_settings(gated) == resolve_settings(a)
+    assert gated.to_dict() != a.to_dict()  # the index line still records them
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [({"accuracy_floor": 1.5}, "accuracy_floor must be between 0 and 1"),
+     ({"accuracy_floor": float("nan")}, "accuracy_floor must be between 0 and 1"),
+     ({"gate_tolerance": -0.1}, "gate_tolerance must be between 0 and 1"),
+     ({"publish_mode": "sometimes"}, "publish_mode must be one of")],
+)
+def test_bad_gate_settings_name_the_setting(values, message):
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig.from_dict(values)
+
+
 FIELDS = {field.name: field for field in dataclasses.fields(PipelineConfig)}
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from alexnet_tasks.publish import read_index
 from conftest import ROOT, airflow_bin, airflow_env
 from test_train import scalar_tags
 
-TASKS = ["download", "split", "build_shards", "train", "evaluate", "publish"]
+TASKS = ["download", "split", "build_shards", "train", "evaluate", "gate", "publish"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def test_params_have_titles_descriptions_and_bounds(dag):
     expected = {
         "source_url", "source_md5", "recipe", "epochs", "batch_size", "learning_rate",
         "image_size", "validation_size", "split_seed", "seed", "train_limit", "max_train_minutes",
+        "accuracy_floor", "gate_tolerance", "publish_mode",
     }
     assert set(dag.params.keys()) == expected
     for name in expected:
@@ -55,6 +58,16 @@ def test_params_have_titles_descriptions_and_bounds(dag):
     assert schema["learning_rate"]["exclusiveMinimum"] == 0
     assert schema["validation_size"]["maximum"] < 50000
     assert schema["source_md5"]["pattern"] == "^[0-9a-f]{32}$"
+    assert dag.params["accuracy_floor"] == 0.25 and schema["accuracy_floor"]["maximum"] == 1
+    assert dag.params["gate_tolerance"] == 0 and dag.params["publish_mode"] == "gated"
+    assert schema["publish_mode"]["enum"] == ["gated", "always"]
+
+
+def test_publish_emits_the_model_asset_and_nothing_else_does(dag):
+    from airflow.sdk import Asset
+
+    assert dag.get_task("publish").outlets == [Asset("alexnet_cifar10_model")]
+    assert all(not dag.get_task(task).outlets for task in TASKS if task != "publish")
 
 
 def test_params_are_generated_from_the_config_fields(dag):
@@ -195,6 +208,7 @@ def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tm
     conf = {
         "source_url": path.as_uri(), "source_md5": md5, "image_size": 67, "epochs": 1,
         "validation_size": 50, "batch_size": 16, "recipe": "reference",
+        "publish_mode": "always",  # one epoch on tiny data need not pass the gate's accuracy floor
     }
     run = subprocess.run(
         [airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf)],
@@ -213,6 +227,10 @@ def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tm
     config = PipelineConfig.from_dict(conf)
     assert line["config"] == config.to_dict()  # the run's resolved settings; a manual run keeps the form's seed
     assert line["fingerprint"] == metrics["fingerprint"]  # null until train writes train_summary.json
+    assert line["train_settings"]["epochs"] == 1 and line["train_settings"]["learning_rate"] == 0.001  # as resolved
+    assert line["blessed"] is True and line["blessed_reason"]  # publish_mode always, or the checks held
+    assert line["code_version"]["git_commit"] and line["devices"] == "CPU" and line["seconds"] > 0
+    assert line["epochs_run"] == line["epochs_planned"] == 1 and line["truncated"] is False
     # Lineage: the data it trained on, its validation accuracy, and its per-image test predictions.
     assert line["data_key"] == f"{md5}/shards-{config.shards_key()}"
     assert (artifacts / "data" / line["data_key"]).is_dir()
@@ -231,7 +249,7 @@ def test_each_step_runs_alone_with_tasks_test_and_finds_its_inputs(small_archive
     artifacts = tmp_path / "artifacts"
     env = _migrate(tmp_path / "home", artifacts)
     params = {"source_url": str(path), "source_md5": md5, "image_size": 67, "epochs": 1,
-              "validation_size": 50, "batch_size": 16, "recipe": "reference"}
+              "validation_size": 50, "batch_size": 16, "recipe": "reference", "publish_mode": "always"}
     for task_id in TASKS:
         run = subprocess.run(
             [airflow_bin(), "tasks", "test", "alexnet_cifar10", task_id, "2026-11-28", "-t", json.dumps(params)],
@@ -263,4 +281,117 @@ def test_steps_tested_alone_share_a_run_folder_only_with_the_same_params(tmp_pat
     first = run_folder({"image_size": 67, "epochs": 1})
     assert first.startswith("tasks_test__2026-11-28")
     assert run_folder({"epochs": 1, "image_size": 67}) == first
+    # The gate's settings decide what is published, not what is trained: the same run folder.
+    assert run_folder({"image_size": 67, "epochs": 1, "accuracy_floor": 0.9, "publish_mode": "always"}) == first
     assert run_folder({"image_size": 67, "epochs": 2}) != first
+
+
+def _dags_test(env: dict, conf: dict) -> subprocess.CompletedProcess:
+    run = subprocess.run(
+        [airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    return run
+
+
+def _query(home: Path, sql: str, *args) -> list[tuple]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(home / "airflow.db")) as db:
+        return db.execute(sql, args).fetchall()
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_recorded_not_published_and_only_the_blessed_model_is_an_asset_event(
+        small_archive, tmp_path, smtp):
+    path, md5 = small_archive
+    home, artifacts = tmp_path / "home", tmp_path / "artifacts"
+    env = _migrate(home, artifacts)
+    env.update(  # alerts go to the SMTP server on 127.0.0.1
+        AIRFLOW_CONN_ALEXNET_TEST_SMTP=json.dumps({
+            "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
+            "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}),
+        ALEXNET_ALERT_SMTP_CONN="alexnet_test_smtp", ALEXNET_ALERT_EMAIL="ml-team@example.com",
+    )
+    published = artifacts / "published"
+    base = {"source_url": path.as_uri(), "source_md5": md5, "image_size": 67, "epochs": 1,
+            "validation_size": 50, "batch_size": 16, "recipe": "reference"}
+    # A good run with no champion yet: sanity alone decides (the floor is lowered, as one epoch on
+    # 150 tiny images need not reach 25%).
+    _dags_test(env, {**base, "seed": 1, "accuracy_floor": 0.0})
+    [good] = read_index(published)
+    assert good["blessed"] is True and os.readlink(published / "latest") == good["path"]
+    assert (published / good["path"] / "model.keras").is_file()
+    assert smtp.messages == [], "a blessed model is no alert"
+
+    # A second run, another training seed, a learning rate of 10: it diverges.
+    run = _dags_test(env, {**base, "seed": 2, "learning_rate": 10.0, "accuracy_floor": 0.0})
+    good_line, diverged = read_index(published)
+    assert good_line == good  # the champion's line is untouched
+    assert diverged["blessed"] is False and "not finite" in diverged["blessed_reason"]
+    assert diverged["test_loss"] is None and diverged["config"]["learning_rate"] == 10.0
+    assert os.readlink(published / "latest") == good["path"]  # latest stays on the champion
+    run_dir = artifacts / "runs" / Path(diverged["path"]).name
+    assert (run_dir / "model.keras").is_file()  # the run folder is kept...
+    assert not (published / diverged["path"] / "model.keras").exists()  # ...its published record has no model
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["finite"] is False and "test_loss" in metrics["nonfinite"] and metrics["test_loss"] is None
+    decision = json.loads((published / diverged["path"] / "decision.json").read_text())
+    assert decision["blessed"] is False and decision["checks"]["finite_loss"]["passed"] is False
+    assert decision["champion"] == good["run_id"] and decision["champion_accuracy"] == good["test_accuracy"]
+    paired = decision["paired"]
+    assert paired["images"] == 60
+    assert paired["only_challenger_right"] - paired["only_champion_right"] == round(
+        (diverged["test_accuracy"] - good["test_accuracy"]) * 60)
+    assert 0 < paired["mcnemar_p"] <= 1
+    assert "gate: NOT blessed" in run.stdout + run.stderr
+    [mail] = smtp.messages  # the team is told, with the gate's reason
+    assert mail.recipients == ["ml-team@example.com"]
+    assert diverged["run_id"] in mail.body() and "not finite" in mail.body()
+    assert "not blessed" in str(mail.message["Subject"]).lower()
+
+    # Airflow: the diverged run succeeded with its publish task skipped; the good one published.
+    states = dict(_query(home, "SELECT run_id, state FROM dag_run WHERE dag_id = 'alexnet_cifar10'"))
+    assert states == {good["run_id"]: "success", diverged["run_id"]: "success"}
+    tasks = {(run_id, task): state for run_id, task, state in _query(
+        home, "SELECT run_id, task_id, state FROM task_instance WHERE task_id IN ('gate', 'publish')")}
+    assert tasks == {(good["run_id"], "gate"): "success", (good["run_id"], "publish"): "success",
+                     (diverged["run_id"], "gate"): "success", (diverged["run_id"], "publish"): "skipped"}
+    # One asset event, for the blessed model, with what a downstream DAG needs in its extra.
+    events = _query(home, "SELECT e.source_run_id, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+                          "WHERE a.name = 'alexnet_cifar10_model'")
+    assert [run_id for run_id, _ in events] == [good["run_id"]]
+    extra = json.loads(events[0][1])
+    assert extra == {"run_id": good["run_id"], "test_accuracy": good["test_accuracy"],
+                     "published": str(published / good["path"]), "fingerprint": good["fingerprint"]}
+    # Two training seeds, one shard set.
+    assert len(list((artifacts / "data" / md5).glob("shards-*"))) == 1
+    assert good["data_key"] == diverged["data_key"] and good["fingerprint"] != diverged["fingerprint"]
+
+    # A third run trains the champion's settings again: the same model, so not worse, so blessed.
+    _dags_test(env, {**base, "seed": 1, "accuracy_floor": 0.0})
+    *_, again = read_index(published)
+    assert again["blessed"] is True and again["fingerprint"] == good["fingerprint"]
+    assert again["test_accuracy"] == good["test_accuracy"] and os.readlink(published / "latest") == again["path"]
+    decision = json.loads((published / again["path"] / "decision.json").read_text())
+    assert decision["champion"] == good["run_id"]  # compared with the first run, not the refused one
+    assert decision["paired"]["only_challenger_right"] == decision["paired"]["only_champion_right"] == 0
+    assert decision["paired"]["mcnemar_p"] == 1.0
+    events = _query(home, "SELECT e.source_run_id FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+                          "WHERE a.name = 'alexnet_cifar10_model' ORDER BY e.id")
+    assert [run_id for (run_id,) in events] == [good["run_id"], again["run_id"]]
+
+
+def test_the_readme_consumer_dag_runs_on_the_model_asset(tmp_path):
+    """The downstream DAG the README shows parses and is scheduled on the asset publish emits."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import Asset
+
+    readme = (ROOT / "README.md").read_text()
+    [example] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "schedule=[MODEL]" in block]
+    (tmp_path / "deploy_alexnet.py").write_text(example)
+    bag = DagBag(str(tmp_path))
+    assert bag.import_errors == {}
+    consumer = bag.dags["deploy_alexnet"]
+    assert list(consumer.timetable.asset_condition.objects) == [Asset("alexnet_cifar10_model")]

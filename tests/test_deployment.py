@@ -143,7 +143,8 @@ def test_native_cluster_runs_the_dag_with_train_on_the_gpu_worker(served_archive
     started = time.monotonic()
     with native_cluster(artifacts.parent / "cluster", "deploy", redis_db=11) as (state, api):
         conf = {"source_url": url, "source_md5": md5, "image_size": 67, "epochs": 1,
-                "validation_size": 50, "batch_size": 16, "recipe": "reference"}
+                "validation_size": 50, "batch_size": 16, "recipe": "reference",
+                "publish_mode": "always"}  # both runs are published, whatever tiny data scores
         # Two triggers at once: max_active_runs=1 makes the second wait for the first.
         run_ids = [api.post("/api/v2/dags/alexnet_cifar10/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
                    for _ in range(2)]
@@ -166,7 +167,7 @@ def test_native_cluster_runs_the_dag_with_train_on_the_gpu_worker(served_archive
         for run_id in run_ids:
             instances = api.get(f"/api/v2/dags/alexnet_cifar10/dagRuns/{urllib.parse.quote(run_id)}/taskInstances")
             by_task = {ti["task_id"]: ti for ti in instances["task_instances"]}
-            assert set(by_task) == {"download", "split", "build_shards", "train", "evaluate", "publish"}
+            assert set(by_task) == {"download", "split", "build_shards", "train", "evaluate", "gate", "publish"}
             for task_id, ti in by_task.items():
                 assert ti["state"] == "success", (task_id, ti)
                 expected = "worker-gpu" if task_id == "train" else "worker"

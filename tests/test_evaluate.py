@@ -150,3 +150,48 @@ def test_validation_accuracy_is_the_last_epochs(tmp_path):
     (tmp_path / "history.json").write_text("{")
     with pytest.raises(ValueError, match="history.json: not valid JSON"):
         last_validation_accuracy(tmp_path)
+
+
+def test_non_finite_metrics_are_null_and_flagged():
+    from alexnet_tasks.evaluate import finite_metrics
+
+    metrics = finite_metrics({"test_loss": float("nan"), "test_accuracy": 0.1,
+                              "per_class_accuracy": {"a": float("inf"), "b": 0.5}, "history": [1.0, float("-inf")]})
+    assert metrics == {"test_loss": None, "test_accuracy": 0.1, "per_class_accuracy": {"a": None, "b": 0.5},
+                       "history": [1.0, None], "finite": False,
+                       "nonfinite": ["test_loss", "per_class_accuracy.a", "history.1"]}
+    assert finite_metrics({"test_loss": 0.7})["finite"] is True and finite_metrics({"test_loss": 0.7})["nonfinite"] == []
+    json.dumps(metrics, allow_nan=False)
+
+
+def test_save_json_writes_strict_json(tmp_path):
+    from alexnet_tasks.config import save_json
+
+    save_json(tmp_path / "history.json", [{"epoch": 1, "loss": float("nan"), "val_loss": float("inf")}])
+    text = (tmp_path / "history.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == [{"epoch": 1, "loss": None, "val_loss": None}]
+
+
+@pytest.mark.slow
+def test_a_diverged_model_is_evaluated_into_valid_json(small_archive, tmp_path):
+    """A model whose weights are NaN (as a diverged run leaves them) is scored, not crashed on."""
+    import keras
+
+    from conftest import prepare_shards
+
+    config, shards_dir = prepare_shards(small_archive, tmp_path / "artifacts")
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
+    model.set_weights([np.full(weight.shape, np.nan, dtype=np.float32) for weight in model.get_weights()])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model.save(run_dir / "model.keras")
+    result = evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    text = (run_dir / "metrics.json").read_text()
+    metrics = json.loads(text)
+    assert "NaN" not in text
+    assert metrics["test_loss"] is None and result["test_loss"] is None
+    assert metrics["finite"] is False and metrics["nonfinite"] == ["test_loss"]
+    assert metrics["test_accuracy"] == pytest.approx(0.1)  # every image called class 0: chance on 60 balanced images
+    json.dumps(result, allow_nan=False)  # what goes to XCom
+    assert np.load(run_dir / "predictions.npy").tolist() == [0] * 60

@@ -210,7 +210,8 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(served_archive
     monkeypatch.setenv("ALEXNET_MAX_ACTIVE_RUNS", "2")  # case 9 needs two runs at once
     with native_cluster(artifacts.parent / "cluster", "faults", redis_db=12) as (state, api):
         conf = {"source_url": url, "source_md5": md5, "image_size": 67,
-                "validation_size": 50, "batch_size": 8, "recipe": "reference"}
+                "validation_size": 50, "batch_size": 8, "recipe": "reference",
+                "publish_mode": "always"}  # every run is published, whatever tiny data scores
         runs_url = "/api/v2/dags/alexnet_cifar10/dagRuns"
 
         # 6. Bad params through the REST API: refused, naming the param; nothing runs.

@@ -212,7 +212,7 @@ def test_a_dag_run_drops_its_checkpoints_and_prunes_an_old_failed_run(small_arch
     env = airflow_env(tmp_path / "home", artifacts, ALEXNET_KEEP_RUNS="1")
     subprocess.run([airflow_bin(), "db", "migrate"], env=env, check=True, capture_output=True)
     conf = {"source_url": path.as_uri(), "source_md5": md5, "image_size": 67, "epochs": 1,
-            "validation_size": 50, "batch_size": 16}
+            "validation_size": 50, "batch_size": 16, "publish_mode": "always"}  # tiny data: no gate
     run = subprocess.run([airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf)],
                          env=env, capture_output=True, text=True, timeout=900)
     output = run.stdout + run.stderr

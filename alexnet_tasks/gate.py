@@ -1,0 +1,316 @@
+"""Decide whether a finished run may replace the published model: sanity checks, then the champion.
+
+``gate()`` runs between evaluate and publish and writes ``decision.json`` in
+the run folder (and one log line); publish follows it.
+
+Sanity, on the run's ``metrics.json``:
+
+* the test loss (and accuracy) are finite numbers: a diverged run's NaN loss
+  is written as null by evaluate and fails here;
+* the test accuracy is at least ``accuracy_floor`` (default 0.25, two and a
+  half times chance);
+* training was not truncated (a time budget cut its schedule short);
+* the class names are the champion's.
+
+Not worse than the champion, the run ``published/latest`` points to: both
+runs were scored on the same official test images (``test_images_sha256``),
+so they are compared image by image from their ``predictions.npy`` and the
+test shard's labels: how many images only the new run gets right, how many
+only the champion gets right, and the exact two-sided McNemar p-value of
+that split (a binomial test on the discordant images, so no SciPy). The run
+is blessed when the sanity checks hold and its accuracy is at least the
+champion's minus ``gate_tolerance``; with no champion, sanity alone decides.
+The p-value is recorded for whoever reads the decision; it does not decide.
+
+``publish_mode="always"`` blesses the run whatever the checks say, and still
+records what they found.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from alexnet_tasks.config import PipelineConfig, save_json
+
+log = logging.getLogger(__name__)
+
+DECISION = "decision.json"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.npy"
+INDEX = "index.jsonl"
+LATEST = "latest"
+# Accuracies are shares of the same images; a difference below this is rounding, not a worse model.
+_EPSILON = 1e-9
+
+
+# --------------------------------------------------------------------------- statistics
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar p-value for ``only_first`` and ``only_second`` discordant pairs.
+
+    Under the null hypothesis (both models equally good) each discordant
+    image is equally likely to favour either model, so the smaller count is
+    Binomial(n, 1/2); the p-value doubles its lower tail, at most 1. Exact
+    for any n (integer arithmetic); 1.0 when there are no discordant pairs.
+    """
+    for name, value in (("only_first", only_first), ("only_second", only_second)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a count (an integer >= 0), got {value!r}")
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_first, only_second) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_counts(challenger, champion, labels) -> dict:
+    """Image-by-image comparison of two models' predicted classes against the true labels.
+
+    Returns the number of images, those both get right, both get wrong, only
+    the challenger gets right, only the champion gets right, and the McNemar
+    p-value of the last two.
+    """
+    import numpy as np
+
+    challenger, champion, labels = (np.asarray(a).astype(np.int64) for a in (challenger, champion, labels))
+    if not challenger.shape == champion.shape == labels.shape or labels.ndim != 1:
+        raise ValueError(
+            f"predictions and labels must be one class per image for the same images, got shapes "
+            f"{challenger.shape} (challenger), {champion.shape} (champion) and {labels.shape} (labels)"
+        )
+    new_right, old_right = challenger == labels, champion == labels
+    only_challenger = int(np.sum(new_right & ~old_right))
+    only_champion = int(np.sum(old_right & ~new_right))
+    return {
+        "images": int(len(labels)),
+        "both_right": int(np.sum(new_right & old_right)),
+        "both_wrong": int(np.sum(~new_right & ~old_right)),
+        "only_challenger_right": only_challenger,
+        "only_champion_right": only_champion,
+        "mcnemar_p": mcnemar_p(only_challenger, only_champion),
+    }
+
+
+# --------------------------------------------------------------------------- reading
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {what}")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def _read_predictions(path: Path):
+    import numpy as np
+
+    try:
+        predictions = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable predictions file ({error})") from None
+    if predictions.ndim != 1:
+        raise ValueError(f"{path}: expected one predicted class per image, got shape {predictions.shape}")
+    return predictions
+
+
+def _test_labels(shards_dir: Path, test_images_sha256: str | None):
+    """The test shard's labels, checked to belong to the images the run was scored on."""
+    import h5py
+
+    from alexnet_tasks.shards import read_attrs, shard_path
+
+    path = shard_path(Path(shards_dir), "test")
+    recorded = read_attrs(path).get("images_sha256")  # ShardError names a missing or unreadable shard
+    if test_images_sha256 is not None and recorded != test_images_sha256:
+        raise ValueError(
+            f"{path}: holds other test images (sha256 {recorded}) than the run was scored on "
+            f"({test_images_sha256}); evaluate again on this shard set"
+        )
+    with h5py.File(path, "r") as handle:
+        return handle["labels"][...]
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def champion_of(published_root: Path) -> dict | None:
+    """The run ``published/latest`` points to: its run id, folder, metrics and predictions path; None if none.
+
+    The run id comes from the index line of that folder (the folder's name
+    where no line names it). Raises ValueError when ``latest`` points to a
+    folder without readable metrics.
+    """
+    published_root = Path(published_root)
+    link = published_root / LATEST
+    if not link.is_symlink() and not link.exists():
+        return None
+    folder = link.resolve()
+    target = (published_root / LATEST).readlink() if link.is_symlink() else Path(LATEST)
+    metrics = _read_json(folder / METRICS, f"{link} points to a run without metrics; publish a run again")
+    run_id = None
+    index = published_root / INDEX
+    if index.is_file():
+        for text in index.read_text().splitlines():
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(line, dict) and line.get("path") == str(target):
+                run_id = line.get("run_id")
+    return {
+        "run_id": run_id or folder.name,
+        "path": str(target),
+        "folder": folder,
+        "metrics": metrics,
+        "predictions": folder / PREDICTIONS,
+    }
+
+
+# --------------------------------------------------------------------------- the checks
+def sanity_checks(metrics: dict, accuracy_floor: float, champion_metrics: dict | None) -> dict:
+    """``{check: {"passed": bool, "detail": str}}`` for the four sanity rules, in order."""
+    loss, accuracy = _number(metrics.get("test_loss")), _number(metrics.get("test_accuracy"))
+    nonfinite = metrics.get("nonfinite") or []
+    finite = loss is not None and math.isfinite(loss) and accuracy is not None and math.isfinite(accuracy)
+    checks = {
+        "finite_loss": {
+            "passed": finite,
+            "detail": f"test loss {loss:.4f}" if finite else
+            "test loss is not finite (the model diverged)" + (f": {', '.join(nonfinite)} not finite" if nonfinite else ""),
+        },
+        "accuracy_floor": {
+            "passed": accuracy is not None and accuracy + _EPSILON >= accuracy_floor,
+            "detail": (f"test accuracy {accuracy:.4f}" if accuracy is not None else "test accuracy unknown")
+            + (" is at or above" if accuracy is not None and accuracy + _EPSILON >= accuracy_floor else " is below")
+            + f" the floor {accuracy_floor:g}",
+        },
+    }
+    truncated = metrics.get("truncated")
+    checks["not_truncated"] = {
+        "passed": truncated is not True,
+        "detail": "training was truncated before its schedule ended" if truncated is True else
+        "training ran its whole schedule" if truncated is False else "unknown whether truncated (no train summary)",
+    }
+    names = metrics.get("class_names")
+    champion_names = None if champion_metrics is None else champion_metrics.get("class_names")
+    if champion_names is None:
+        checks["class_names"] = {"passed": True, "detail": "no champion class names to compare with"}
+    else:
+        same = list(names or []) == list(champion_names)
+        checks["class_names"] = {
+            "passed": same,
+            "detail": "the champion's class names" if same else
+            f"class names {names} differ from the champion's {champion_names}",
+        }
+    return checks
+
+
+def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir: Path,
+         run_id: str | None = None) -> dict:
+    """Decide whether ``run_dir`` (evaluated) is blessed; write ``decision.json`` there and return the decision.
+
+    ``config`` gives ``accuracy_floor``, ``gate_tolerance`` and
+    ``publish_mode``; ``shards_dir`` the test labels. The decision holds
+    ``blessed``, ``reasons`` (and ``reason``, them joined), every check, both
+    accuracies, the champion's run id and path, and the paired counts with
+    their McNemar p-value (null where the champion has no per-image
+    predictions).
+    """
+    run_dir, published_root = Path(run_dir), Path(published_root)
+    metrics = _read_json(run_dir / METRICS, "evaluate must finish before the gate")
+    predictions_path = run_dir / PREDICTIONS
+    if not predictions_path.is_file():
+        raise FileNotFoundError(f"{predictions_path}: missing; evaluate must finish before the gate")
+    predictions = _read_predictions(predictions_path)
+    champion = champion_of(published_root)
+    champion_metrics = None if champion is None else champion["metrics"]
+    checks = sanity_checks(metrics, config.accuracy_floor, champion_metrics)
+    sanity = all(check["passed"] for check in checks.values())
+    reasons = [check["detail"] for check in checks.values() if not check["passed"]]
+
+    accuracy = _number(metrics.get("test_accuracy"))
+    champion_accuracy = None if champion is None else _number(champion_metrics.get("test_accuracy"))
+    paired, comparison = None, None
+    if champion is None:
+        comparison = {"passed": True, "detail": "no champion yet: the sanity checks decide"}
+    elif champion_accuracy is None:
+        comparison = {"passed": True, "detail": f"the champion {champion['run_id']} has no test accuracy to "
+                      "compare with: the sanity checks decide"}
+    else:
+        ours, theirs = metrics.get("test_images_sha256"), champion_metrics.get("test_images_sha256")
+        if ours is not None and theirs is not None and ours != theirs:
+            comparison = {"passed": False, "detail": (
+                f"scored on other test images (sha256 {ours[:12]}) than the champion {champion['run_id']} "
+                f"({theirs[:12]}); their accuracies are not comparable")}
+        elif champion["predictions"].is_file() and ours is not None and theirs is not None:
+            labels = _test_labels(shards_dir, ours)
+            if len(predictions) != len(labels):
+                raise ValueError(
+                    f"{predictions_path}: {len(predictions)} predictions for the {len(labels)} test images"
+                )
+            paired = paired_counts(predictions, _read_predictions(champion["predictions"]), labels)
+        if comparison is None:
+            tolerance = config.gate_tolerance
+            not_worse = (accuracy is not None and champion_accuracy is not None
+                         and accuracy + tolerance + _EPSILON >= champion_accuracy)
+            detail = (f"test accuracy {_fmt(accuracy)} {'is' if not_worse else 'is not'} at least the champion "
+                      f"{champion['run_id']}'s {_fmt(champion_accuracy)}"
+                      + (f" minus the tolerance {tolerance:g}" if tolerance else ""))
+            if paired is not None:
+                detail += (f" (on {paired['images']} images: {paired['only_challenger_right']} right only here, "
+                           f"{paired['only_champion_right']} only by the champion, McNemar p={paired['mcnemar_p']:.3g})")
+            else:
+                detail += " (the champion has no per-image predictions: compared by accuracy alone)"
+            comparison = {"passed": not_worse, "detail": detail}
+    checks["not_worse_than_champion"] = comparison
+    if not comparison["passed"]:
+        reasons.append(comparison["detail"])
+
+    passed = sanity and comparison["passed"]
+    mode = config.publish_mode
+    blessed = passed or mode == "always"
+    if passed:
+        reasons = ["sanity checks hold", comparison["detail"]]
+    elif blessed:
+        reasons = [f"publish_mode always: published although {'; '.join(reasons)}"]
+    decision = {
+        "blessed": blessed,
+        "reasons": reasons,
+        "reason": "; ".join(reasons),
+        "run_id": run_id,
+        "fingerprint": metrics.get("fingerprint"),
+        "publish_mode": mode,
+        "sanity_passed": sanity,
+        "checks_passed": passed,
+        "checks": checks,
+        "accuracy_floor": config.accuracy_floor,
+        "gate_tolerance": config.gate_tolerance,
+        "test_accuracy": accuracy,
+        "test_loss": _number(metrics.get("test_loss")),
+        "champion": None if champion is None else champion["run_id"],
+        "champion_path": None if champion is None else champion["path"],
+        "champion_accuracy": champion_accuracy,
+        "champion_fingerprint": None if champion is None else champion_metrics.get("fingerprint"),
+        "paired": paired,
+        "test_images_sha256": metrics.get("test_images_sha256"),
+        "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    save_json(run_dir / DECISION, decision)
+    log.info("gate: %s %s (test accuracy %s, champion %s at %s%s): %s",
+             "blessed" if blessed else "NOT blessed", run_id or run_dir.name, _fmt(accuracy),
+             decision["champion"] or "none", _fmt(champion_accuracy),
+             "" if paired is None else f", only here {paired['only_challenger_right']} / only champion "
+             f"{paired['only_champion_right']}, McNemar p={paired['mcnemar_p']:.3g}",
+             decision["reason"])
+    return decision
+
+
+def _fmt(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.4f}"
