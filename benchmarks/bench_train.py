@@ -260,6 +260,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds over the variants")
     parser.add_argument("--steps-32", type=int, default=40, help="timed steps of the batch-32 comparison")
     parser.add_argument("--variants", nargs="*", default=list(FAST_VARIANTS), help="names of FAST_VARIANTS")
+    parser.add_argument("--name", default="train", help="results file: benchmarks/results/<name>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -268,7 +269,7 @@ def main() -> None:
         return
 
     started = time.monotonic()
-    payload = {"code": git_commit(), "machine": {"cpus": os.cpu_count(), "processor": platform.processor()},
+    payload = {"code": git_commit(), "argv": sys.argv[1:], "machine": {"cpus": os.cpu_count(), "processor": platform.processor()},
                "image_size": args.image_size, "data": "random arrays of the train shard's shape and dtype"}
     print("matmul peak and input path", flush=True)
     payload["matmul"] = {name: run_child({"what": "matmul", "n": 4096, "repeats": 5}, env)
@@ -317,8 +318,8 @@ def main() -> None:
         [name, b32[name]["images_per_second"], f"{b32[name]['images_per_second'] / ref:.2f}"]
         for name in ("reference", "project_no_xla", "project_xla")]))
     print(json.dumps({"input": summary(payload["input"]), "ceiling": payload["ceiling"]}, indent=2))
-    save("train", payload)
-    print(f"written {RESULTS / 'train.json'} in {payload['seconds']:.0f} s")
+    save(args.name, payload)
+    print(f"written {RESULTS / (args.name + '.json')} in {payload['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

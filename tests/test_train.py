@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from alexnet_tasks.config import PipelineConfig
-from alexnet_tasks.recipe import learning_rate_at, per_replica_batch, precision_policy
+from alexnet_tasks.recipe import learning_rate_at, onednn_enabled, per_replica_batch, precision_policy, xla_pays
 from alexnet_tasks.train import RECIPE_DEFAULTS, ShuffledBatches, resolve_settings
 from conftest import ROOT, prepare_shards, train_script
 
@@ -43,8 +43,34 @@ def test_recipes_resolve_with_explicit_overrides():
     assert resolve_settings(PipelineConfig(recipe="reference"), 1, (9, 0)).precision == "float32"
     fast = resolve_settings(PipelineConfig(recipe="fast", epochs=3))
     assert fast.epochs == 3 and fast.batch_size == RECIPE_DEFAULTS["fast"]["batch_size"] and fast.augment
-    assert (fast.batch_size, fast.learning_rate, fast.jit_compile, fast.precision) == (256, 0.04, True, "float32")
-    assert resolve_settings(PipelineConfig(recipe="fast"), 1, (9, 0)).precision == "mixed_bfloat16"
+    assert (fast.batch_size, fast.learning_rate, fast.jit_compile, fast.precision) == (256, 0.04, False, "float32")
+    on_gpu = resolve_settings(PipelineConfig(recipe="fast"), 1, (9, 0))
+    assert (on_gpu.precision, on_gpu.jit_compile) == ("mixed_bfloat16", True)
+
+
+@pytest.mark.parametrize(
+    "wanted, replicas, capability, onednn, xla",
+    [(True, 1, None, True, False), (True, 1, None, False, True), (True, 1, (7, 0), True, True),
+     (True, 1, (9, 0), False, True), (True, 2, (9, 0), True, False), (True, 2, None, False, False),
+     (False, 1, (9, 0), True, False), (False, 1, None, False, False)],
+)
+def test_xla_compiles_the_step_on_one_gpu_or_on_a_cpu_without_onednn(wanted, replicas, capability, onednn, xla):
+    # On the CPU the step runs faster on oneDNN's kernels than XLA-compiled, and slower on Eigen's
+    # (docs/performance.md).
+    assert xla_pays(wanted, replicas, capability, onednn) is xla
+    config = PipelineConfig(recipe="fast" if wanted else "reference")
+    assert resolve_settings(config, replicas, capability, onednn).jit_compile is xla
+
+
+def test_onednn_is_read_from_tensorflow_and_decides_the_cpu_step():
+    from tensorflow.python.util import _pywrap_util_port
+
+    assert onednn_enabled() is bool(_pywrap_util_port.IsMklEnabled())
+    code = "from alexnet_tasks.recipe import onednn_enabled; print(onednn_enabled())"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**ENV, "TF_ENABLE_ONEDNN_OPTS": value}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected
 
 
 def test_batch_size_and_learning_rate_are_global_whatever_the_replicas():
