@@ -37,7 +37,7 @@ class TrainSettings:
     cosine_decay: bool = False  # decay the rate to 0 along a half cosine, ending with the planned epochs
     augment: bool = False  # random flip + translation, on the device
     precision: str = FLOAT32  # Keras dtype policy: float32, mixed_bfloat16 or mixed_float16 (GPU only)
-    jit_compile: bool = False  # XLA-compile the train step (about 2x on the CPU at batch 256; single device only)
+    jit_compile: bool = False  # XLA-compile the train step (where it pays: see xla_pays)
     max_train_minutes: float | None = None  # time budget: the first epoch's time sizes the planned epochs
 
 
@@ -55,7 +55,7 @@ RECIPE_DEFAULTS = {
         warmup_epochs=1.0,
         cosine_decay=True,
         augment=True,
-        jit_compile=True,
+        jit_compile=True,  # where it pays: see xla_pays
     ),
 }
 
@@ -76,14 +76,49 @@ def precision_policy(compute_capability: tuple[int, int] | None) -> str:
     return FLOAT32
 
 
+def onednn_enabled() -> bool:
+    """Whether this process's TensorFlow runs its CPU kernels on oneDNN.
+
+    TensorFlow turns oneDNN on by default only on CPUs with AVX512-VNNI,
+    AVX512-BF16, AVX-VNNI or AMX; ``TF_ENABLE_ONEDNN_OPTS`` (read when
+    TensorFlow is imported) forces it either way. False when TensorFlow
+    cannot tell.
+    """
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return False
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def xla_pays(
+    wanted: bool, replicas: int, compute_capability: tuple[int, int] | None, onednn: bool = True
+) -> bool:
+    """Whether to XLA-compile the train step: only if the recipe ``wanted`` it, on a single device.
+
+    On a GPU, yes. On the CPU only without oneDNN: with oneDNN TensorFlow's
+    own kernels run the ``fast`` step faster than XLA's CPU code, without it
+    XLA is several times faster (docs/performance.md measures both).
+    Across several replicas XLA fails. ``compute_capability`` is None on
+    the CPU.
+    """
+    if not wanted or replicas != 1:
+        return False
+    return compute_capability is not None or not onednn
+
+
 def resolve_settings(
-    config: PipelineConfig, replicas: int = 1, compute_capability: tuple[int, int] | None = None
+    config: PipelineConfig,
+    replicas: int = 1,
+    compute_capability: tuple[int, int] | None = None,
+    onednn: bool = True,
 ) -> TrainSettings:
     """The recipe's defaults, overridden by whatever the config sets explicitly.
 
     ``compute_capability``: the (lowest) GPU's, or None on the CPU; the fast
-    recipe trains in the mixed precision that GPU supports. Under several
-    replicas the step runs without XLA, which fails across replica devices.
+    recipe trains in the mixed precision that GPU supports, XLA-compiled
+    on a single GPU, and on the CPU only where TensorFlow runs without
+    oneDNN (``onednn``; see ``xla_pays``).
     """
     values = dict(RECIPE_DEFAULTS[config.recipe])
     for name in ("epochs", "batch_size", "learning_rate"):
@@ -91,8 +126,7 @@ def resolve_settings(
             values[name] = getattr(config, name)
     if config.recipe == "fast":
         values["precision"] = precision_policy(compute_capability)
-    if replicas > 1:
-        values["jit_compile"] = False
+    values["jit_compile"] = xla_pays(values.get("jit_compile", False), replicas, compute_capability, onednn)
     return TrainSettings(
         recipe=config.recipe, image_size=config.image_size, seed=config.seed,
         max_train_minutes=config.max_train_minutes, **values,

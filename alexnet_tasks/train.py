@@ -26,8 +26,8 @@ Recipes:
   augmentation, no momentum, no XLA.
 - ``fast``: random flip and translation on the device, SGD with Nesterov
   momentum and weight decay, linear warm-up then cosine decay, label
-  smoothing, a larger batch, XLA on a single device; on a GPU also mixed
-  precision (bfloat16 from compute capability 8.0, float16 with loss scaling
+  smoothing, a larger batch, XLA on a single GPU (on the CPU only where
+  TensorFlow runs without oneDNN); on a GPU also mixed precision (bfloat16 from compute capability 8.0, float16 with loss scaling
   on 7.x).
 
 ``batch_size`` and ``learning_rate`` are global: N replicas each take
@@ -60,6 +60,7 @@ from alexnet_tasks.recipe import (
     TrainSettings,
     compile_model,
     learning_rate_at,
+    onednn_enabled,
     per_replica_batch,
     precision_policy,
     resolve_settings,
@@ -104,7 +105,7 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
     strategy = distribution_strategy(devices)
     replicas = strategy.num_replicas_in_sync
     device_names, compute_capability = describe_devices(devices, replicas)
-    settings = resolve_settings(config, replicas, compute_capability)
+    settings = resolve_settings(config, replicas, compute_capability, onednn_enabled())
     per_replica_batch(settings, replicas)
     fingerprint = run_fingerprint(config, settings, shards_dir)
     save_json(run_dir / CONFIG, {

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from alexnet_tasks.config import PipelineConfig
-from alexnet_tasks.recipe import learning_rate_at, per_replica_batch, precision_policy
+from alexnet_tasks.recipe import learning_rate_at, onednn_enabled, per_replica_batch, precision_policy, xla_pays
 from alexnet_tasks.train import RECIPE_DEFAULTS, ShuffledBatches, resolve_settings
 from conftest import ROOT, prepare_shards, train_script
 
@@ -43,8 +43,34 @@ def test_recipes_resolve_with_explicit_overrides():
     assert resolve_settings(PipelineConfig(recipe="reference"), 1, (9, 0)).precision == "float32"
     fast = resolve_settings(PipelineConfig(recipe="fast", epochs=3))
     assert fast.epochs == 3 and fast.batch_size == RECIPE_DEFAULTS["fast"]["batch_size"] and fast.augment
-    assert (fast.batch_size, fast.learning_rate, fast.jit_compile, fast.precision) == (256, 0.04, True, "float32")
-    assert resolve_settings(PipelineConfig(recipe="fast"), 1, (9, 0)).precision == "mixed_bfloat16"
+    assert (fast.batch_size, fast.learning_rate, fast.jit_compile, fast.precision) == (256, 0.04, False, "float32")
+    on_gpu = resolve_settings(PipelineConfig(recipe="fast"), 1, (9, 0))
+    assert (on_gpu.precision, on_gpu.jit_compile) == ("mixed_bfloat16", True)
+
+
+@pytest.mark.parametrize(
+    "wanted, replicas, capability, onednn, xla",
+    [(True, 1, None, True, False), (True, 1, None, False, True), (True, 1, (7, 0), True, True),
+     (True, 1, (9, 0), False, True), (True, 2, (9, 0), True, False), (True, 2, None, False, False),
+     (False, 1, (9, 0), True, False), (False, 1, None, False, False)],
+)
+def test_xla_compiles_the_step_on_one_gpu_or_on_a_cpu_without_onednn(wanted, replicas, capability, onednn, xla):
+    # On the CPU the step runs faster on oneDNN's kernels than XLA-compiled, and slower on Eigen's
+    # (docs/performance.md).
+    assert xla_pays(wanted, replicas, capability, onednn) is xla
+    config = PipelineConfig(recipe="fast" if wanted else "reference")
+    assert resolve_settings(config, replicas, capability, onednn).jit_compile is xla
+
+
+def test_onednn_is_read_from_tensorflow_and_decides_the_cpu_step():
+    from tensorflow.python.util import _pywrap_util_port
+
+    assert onednn_enabled() is bool(_pywrap_util_port.IsMklEnabled())
+    code = "from alexnet_tasks.recipe import onednn_enabled; print(onednn_enabled())"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**ENV, "TF_ENABLE_ONEDNN_OPTS": value}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected
 
 
 def test_batch_size_and_learning_rate_are_global_whatever_the_replicas():
@@ -228,21 +254,22 @@ def test_time_budget_below_one_epoch_plans_one_epoch_and_is_not_truncated(small_
 def test_time_budget_sizes_the_schedule_to_end_inside_it(small_archive, tmp_path):
     from alexnet_tasks.train import train
 
-    # Epoch 1 (with the XLA compile) takes 3-30 s here, so one minute plans 2 to 19 of the 20 epochs.
+    # Epoch 1 (with the tracing, and on a GPU the XLA compile) takes 0.2-15 s here, so half a minute
+    # plans 2 to 150 of the 200 epochs.
     config, shards_dir = prepare_shards(
-        small_archive, tmp_path, image_size=67, epochs=20, batch_size=16, learning_rate=0.01, recipe="fast",
-        max_train_minutes=1.0,
+        small_archive, tmp_path, image_size=67, epochs=200, batch_size=16, learning_rate=0.01, recipe="fast",
+        max_train_minutes=0.5,
     )
     run_dir = tmp_path / "runs" / "budget"
     result = train(shards_dir, run_dir, config)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     state = json.loads((run_dir / "state.json").read_text())
-    assert 2 <= summary["epochs_planned"] < 20 and state["epochs_planned"] == summary["epochs_planned"]
+    assert 2 <= summary["epochs_planned"] < 200 and state["epochs_planned"] == summary["epochs_planned"]
     assert summary["epochs_run"] == summary["epochs_planned"] == result["epochs"]
     assert summary["truncated"] is False and summary["stopped_reason"] is None
     history = json.loads((run_dir / "history.json").read_text())
     # The rate of the last step: the cosine has decayed to (almost) nothing inside the budget.
-    assert history[-1]["learning_rate"] < 0.03 * 0.01 and summary["seconds"] < 60
+    assert history[-1]["learning_rate"] < 0.03 * 0.01 and summary["seconds"] < 30
 
 
 def test_time_budget_callback_plans_from_the_first_epoch_and_marks_an_overrun_truncated():
