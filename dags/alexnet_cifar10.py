@@ -24,6 +24,10 @@ test split and publishes the model, metrics and TensorBoard logs.
   rate for it, on any number of devices. Leave `epochs`, `batch_size` and
   `learning_rate` empty to take the recipe's values. Every param's default,
   bounds and description come from `alexnet_tasks.config.PipelineConfig`.
+* Errors that fail the same way on every try (a wrong MD5, an unsafe or
+  corrupt archive, a forbidden pickle, settings that cannot fit the data, bad
+  shard content) fail their task at once, without retries; network errors, a
+  failed read and a killed worker are retried (two retries, backoff).
 * `split_seed` draws the split and keys the data folders; `seed` is the
   training seed. Scheduled runs derive the training seed from the logical
   date (a new model each night on the same shards); manual runs use the
@@ -32,14 +36,17 @@ test split and publishes the model, metrics and TensorBoard logs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from alexnet_tasks.config import Layout, PipelineConfig, param_specs, settings_for_run
+from alexnet_tasks.errors import is_permanent
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,26 @@ TRAIN_TIMEOUT = timedelta(hours=int(os.environ.get("ALEXNET_TRAIN_TIMEOUT_HOURS"
 # The form is generated from PipelineConfig's fields: defaults, bounds, titles and
 # descriptions live there once (alexnet_tasks.config imports nothing heavy).
 PARAMS = {name: Param(**spec) for name, spec in param_specs().items()}
+
+
+def _fail_at_once(step):
+    """Run ``step``; a permanent error (``alexnet_tasks.errors.is_permanent``) fails the task without retries.
+
+    It is raised again as ``AirflowFailException`` with the same message, the
+    original error chained as its cause; every other error is left to the
+    task's retries.
+    """
+
+    @functools.wraps(step)
+    def run(*args, **kwargs):
+        try:
+            return step(*args, **kwargs)
+        except Exception as error:
+            if is_permanent(error):
+                raise AirflowFailException(f"{type(error).__name__}: {error}") from error
+            raise
+
+    return run
 
 
 def _settings():
@@ -94,6 +121,7 @@ def _settings():
 )
 def alexnet_cifar10():
     @task
+    @_fail_at_once
     def download() -> dict:
         from alexnet_tasks.download import download
 
@@ -103,6 +131,7 @@ def alexnet_cifar10():
         return result
 
     @task
+    @_fail_at_once
     def split() -> dict:
         from alexnet_tasks.split import split
 
@@ -110,6 +139,7 @@ def alexnet_cifar10():
         return split(layout.batches(config.source_md5), config, layout.root)
 
     @task
+    @_fail_at_once
     def build_shards() -> dict:
         from alexnet_tasks.shards import build_shards
 
@@ -122,6 +152,7 @@ def alexnet_cifar10():
         )
 
     @task(queue=GPU_QUEUE, execution_timeout=TRAIN_TIMEOUT)
+    @_fail_at_once
     def train() -> dict:
         from alexnet_tasks.train import train
 
@@ -129,6 +160,7 @@ def alexnet_cifar10():
         return train(layout.shards(config), layout.run(run_id), config)
 
     @task
+    @_fail_at_once
     def evaluate() -> dict:
         from alexnet_tasks.evaluate import evaluate
 
@@ -137,6 +169,7 @@ def alexnet_cifar10():
         return evaluate(run_dir / "model.keras", layout.shards(config), run_dir, config.source_md5)
 
     @task
+    @_fail_at_once
     def publish() -> dict:
         from alexnet_tasks.publish import publish
 
