@@ -7,6 +7,7 @@ globals) are covered in test_download.py; bad params through
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -207,6 +208,30 @@ def test_reruns_reuse_identical_data_artifacts(small_archive, tmp_path):
 
 
 # --------------------------------------------------------------------------- 1, 6, 9 on a real cluster
+class _SlowHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder at about 200 kB/s, so that a download of the small archive lasts seconds."""
+
+    def copyfile(self, source, outputfile):
+        while block := source.read(64 * 1024):
+            outputfile.write(block)
+            outputfile.flush()
+            time.sleep(0.3)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _slow_server(folder: Path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_SlowHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(served_archive, monkeypatch):
@@ -243,11 +268,23 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(served_archive
         assert f"resuming from the checkpoint of epoch {done_at_kill}/3" in attempt_log
 
         # 9. Two runs at once (max_active_runs=2) keep their outputs apart.
-        # Same data settings (both race to build the same content-addressed data), other learning rates.
-        pair = [api.post(runs_url, {"logical_date": None, "conf": {**conf, "epochs": 1, "seed": 7, "learning_rate": rate}})["dag_run_id"]
-                for rate in (0.001, 0.002)]
-        finished = wait_for_runs(api, pair, 900)
+        # Same data settings on an archive no run has fetched yet, served slowly so that both
+        # downloads are under way together (both race to build the same content-addressed data),
+        # other learning rates.
+        (artifacts.parent / "slow").mkdir()
+        pair_md5 = write_archive(artifacts.parent / "slow" / "pair.tar.gz", seed=4)[1]
+        with _slow_server(artifacts.parent / "slow") as slow_url:
+            pair_conf = {**conf, "source_url": f"{slow_url}/pair.tar.gz", "source_md5": pair_md5,
+                         "epochs": 1, "seed": 7}
+            pair = [api.post(runs_url, {"logical_date": None, "conf": {**pair_conf, "learning_rate": rate}})["dag_run_id"]
+                    for rate in (0.001, 0.002)]
+            finished = wait_for_runs(api, pair, 900)
         assert [run["state"] for run in finished] == ["success", "success"], finished
+        # Neither builder broke the other's work: every data task succeeded on its first try.
+        for concurrent_id in pair:
+            for task_id in ("download", "split", "build_shards"):
+                ti = api.get(f"{runs_url}/{urllib.parse.quote(concurrent_id)}/taskInstances/{task_id}")
+                assert (ti["state"], ti["try_number"]) == ("success", 1), (concurrent_id, ti)
         starts = sorted(finished, key=lambda run: run["start_date"])
         assert starts[1]["start_date"] < starts[0]["end_date"], "the two runs did not overlap"
         models = [_file_digest(Layout(artifacts).run(run_id) / "model.keras") for run_id in pair]
