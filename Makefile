@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONF ?= {}
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench clean constraints-gpu
 
 setup: $(VENV)/.installed
 
@@ -30,3 +30,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) airflow_home .pytest_cache
+
+# constraints-gpu.txt: the GPU image's pinned resolution (TensorFlow with CUDA, every nvidia-*
+# library), kept in step with constraints.txt. Regenerate after changing either requirements file.
+constraints-gpu:
+	$(PYTHON) scripts/pin_gpu_constraints.py --python $(PYTHON)

@@ -34,6 +34,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alexnet_tasks import retention
 from alexnet_tasks.atomic import (
     atomic_write_bytes,
     file_lock,
@@ -262,14 +263,19 @@ def _read_metrics(run_dir: Path) -> dict:
     return metrics
 
 
-def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineConfig | None = None) -> dict:
+def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineConfig | None = None,
+            keep_runs: int | None = None) -> dict:
     """Publish ``run_dir`` as ``run_id``; returns the published path and headline metrics.
 
     ``config``, the run's pipeline settings, goes into the index line with the
     data key it implies (both None if not given); the gate's ``decision.json``,
     when the run has one, gives the line's ``blessed`` and ``blessed_reason``.
+    Then retention (``alexnet_tasks.retention.retain``) drops the run's
+    checkpoints and prunes ``runs/`` beyond the newest ``keep_runs``
+    (default ``$ALEXNET_KEEP_RUNS`` or 10).
     """
     run_dir, published_root = Path(run_dir), Path(published_root)
+    keep = retention.keep_runs(keep_runs)  # a bad setting is refused before anything is published
     metrics = _read_metrics(run_dir)
     decision = _read_decision(run_dir)
     code_version = _code_version(run_dir)
@@ -301,6 +307,7 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
         "%s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
         action, final, metrics["test_accuracy"], fingerprint or "unknown", final.name,
     )
+    kept = retention.retain(run_dir, published_root, keep)
     return {
         "published": str(final),
         "latest": str(published_root / LATEST),
@@ -308,4 +315,5 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
         "test_accuracy": metrics["test_accuracy"],
         "fingerprint": fingerprint,
         "action": action,
+        **kept,
     }

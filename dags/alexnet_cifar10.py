@@ -28,6 +28,9 @@ test split and publishes the model, metrics and TensorBoard logs.
   corrupt archive, a forbidden pickle, settings that cannot fit the data, bad
   shard content) fail their task at once, without retries; network errors, a
   failed read and a killed worker are retried (two retries, backoff).
+* A task that fails after its last try is reported by e-mail
+  (`ALEXNET_ALERT_EMAIL`, through the SMTP connection `ALEXNET_ALERT_SMTP_CONN`)
+  and/or a JSON POST to `ALEXNET_ALERT_WEBHOOK`; alerts are off when neither is set.
 * `split_seed` draws the split and keys the data folders; `seed` is the
   training seed. Scheduled runs derive the training seed from the logical
   date (a new model each night on the same shards); manual runs use the
@@ -45,6 +48,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from alexnet_tasks.alerts import failure_notifier
 from alexnet_tasks.config import Layout, PipelineConfig, param_specs, settings_for_run
 from alexnet_tasks.errors import is_permanent
 
@@ -114,6 +118,9 @@ def _settings():
         "retries": 2,
         "retry_delay": timedelta(seconds=int(os.environ.get("ALEXNET_RETRY_DELAY_SECONDS", "120"))),
         "retry_exponential_backoff": True,
+        # Mails and/or posts the failure after the last try (ALEXNET_ALERT_EMAIL, ALEXNET_ALERT_WEBHOOK);
+        # a logged no-op when neither is set.
+        "on_failure_callback": failure_notifier(),
     },
     params=PARAMS,
     tags=["ml", "cifar10", "alexnet", "tensorflow"],

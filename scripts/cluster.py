@@ -8,10 +8,16 @@ stops them cleanly. Settings come from ``deploy/airflow.env``, the file the
 compose services read, plus the host-specific addresses and the secrets (from
 ``.env`` when present, else generated once per cluster folder).
 
-    scripts/cluster.py start [--dir .cluster] [--port 8080] [--database alexnet_airflow] [--redis-db 0]
+    scripts/cluster.py start [--dir .cluster] [--port 8080] [--database alexnet_airflow] [--redis-db 7]
     scripts/cluster.py trigger --conf '{"image_size": 67, "epochs": 1}' [--wait]
     scripts/cluster.py status
     scripts/cluster.py stop
+
+The cluster folder (``.cluster/``, git-ignored) holds the secrets, the
+passwords file, the Airflow home, the logs and ``cluster.json``. The Celery
+broker uses a Redis database of its own (``--redis-db``, or ALEXNET_REDIS_DB;
+7 by default): the cluster flushes it at start only when it is empty or holds
+this project's leftovers, and never touches another database.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DIR = REPO / ".cluster"
+DEFAULT_REDIS_DB = 7
+REDIS_OWNER_KEY = "alexnet-cifar10:cluster"  # marks a Redis db as a cluster's broker: {"dir": cluster folder}
 SHARED_ENV = REPO / "deploy" / "airflow.env"
 BIN = Path(sys.executable).parent
 
@@ -126,20 +135,122 @@ def drop_database(name: str) -> None:
     connection.close()
 
 
-def flush_redis(db: int) -> None:
+def _redis(db: int):
     import redis
 
-    redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+    return redis.Redis(host="127.0.0.1", port=6379, db=db)
 
 
-def _spawn(name: str, arguments: str, env: dict[str, str], folder: Path) -> int:
-    log = open(folder / "logs" / f"{name}.log", "ab")
-    process = subprocess.Popen(
-        [str(BIN / "airflow"), *shlex.split(arguments)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, cwd=folder,
-    )
-    return process.pid
+def _redis_owner(client) -> str | None:
+    marker = client.get(REDIS_OWNER_KEY)
+    return json.loads(marker)["dir"] if marker else None
+
+
+def claim_redis(db: int, folder: Path) -> None:
+    """Make Redis ``db`` this cluster's broker database, emptied of earlier runs' messages.
+
+    Flushes it only when it is empty or marked as this project's cluster database
+    and no other running cluster uses it; otherwise refuses, naming what is there.
+    """
+    folder = str(Path(folder).resolve())
+    client = _redis(db)
+    owner = _redis_owner(client)
+    if owner is None and client.dbsize():
+        sample = sorted(key.decode(errors="replace") for key in client.scan_iter(count=100))[:5]
+        raise SystemExit(
+            f"Redis db {db} holds keys this cluster did not write ({', '.join(sample)}, ...): "
+            f"choose a free database with --redis-db or ALEXNET_REDIS_DB"
+        )
+    if owner is not None and owner != folder and _cluster_running(Path(owner)):
+        raise SystemExit(f"Redis db {db} is in use by the cluster in {owner}: "
+                         f"stop it or choose another database with --redis-db or ALEXNET_REDIS_DB")
+    client.flushdb()
+    client.set(REDIS_OWNER_KEY, json.dumps({"dir": folder}))
+
+
+def release_redis(db: int, folder: Path) -> None:
+    """Empty Redis ``db`` if this cluster claimed it; leave it alone otherwise."""
+    client = _redis(db)
+    if _redis_owner(client) == str(Path(folder).resolve()):
+        client.flushdb()
+
+
+def process_identity(pid: int) -> dict | None:
+    """What tells a running process apart from any other that gets the same pid later.
+
+    ``boot_id`` and ``start_time`` (field 22 of /proc/<pid>/stat, clock ticks
+    after boot) identify it; ``exe`` is the program it runs and ``cmdline`` its
+    command line at the time of the call. None when no such process runs (gone,
+    or exited and not yet reaped).
+    """
+    proc = Path(f"/proc/{pid}")
+    try:
+        stat = (proc / "stat").read_text()
+        exe = os.readlink(proc / "exe")
+        cmdline = (proc / "cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name in (...) may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return {"pid": pid, "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "start_time": int(fields[19]), "exe": exe,
+            "cmdline": [part.decode(errors="replace") for part in cmdline.split(b"\0")[:-1]]}
+
+
+def started_identity(pid: int, timeout: float = 10) -> dict | None:
+    """process_identity of a process that has just been started, once its exec has completed.
+
+    For a moment after exec starts, /proc/<pid>/cmdline reads empty (or as empty
+    strings) while the new program's memory is being set up.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        identity = process_identity(pid)
+        if identity is None or any(identity["cmdline"]) or time.monotonic() > deadline:
+            return identity
+        time.sleep(0.01)
+
+
+def _ours(name: str, state: dict) -> bool:
+    """Whether the process recorded as ``name`` still runs and is the one the cluster started.
+
+    Same boot, same start time, same program. The command line recorded at start
+    is kept for the record only: Airflow and Celery rewrite their process titles.
+    """
+    recorded = state.get("processes", {}).get(name)
+    pid = state.get("pids", {}).get(name)
+    if not recorded or recorded.get("pid") != pid:
+        return False  # no record of what was started: never signal on a bare pid
+    current = process_identity(pid)
+    return current is not None and all(current[key] == recorded.get(key) for key in ("boot_id", "start_time", "exe"))
+
+
+def _cluster_running(folder: Path) -> bool:
+    path = folder / "cluster.json"
+    if not path.is_file():
+        return False
+    state = json.loads(path.read_text())
+    return any(_ours(name, state) for name in state.get("pids", {}))
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], folder: Path) -> tuple[int, dict]:
+    """Start ``argv`` in a session of its own, logging to a fresh logs/<name>.log; (pid, identity).
+
+    The previous start's log is kept as <name>.log.1, so a line it wrote (such
+    as a worker's ``ready.``) never speaks for this start.
+    """
+    path = folder / "logs" / f"{name}.log"
+    if path.exists():
+        path.replace(path.with_name(path.name + ".1"))
+    with open(path, "xb") as log:
+        process = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=folder,
+        )
+    identity = started_identity(process.pid) or {"pid": process.pid, "start_time": None}
+    identity["cmdline"] = list(argv)  # the command line started (a script's reads as its interpreter's)
+    return process.pid, identity
 
 
 def _alive(pid: int) -> bool:
@@ -164,8 +275,8 @@ def health(state: dict) -> dict:
     for name in WORKERS:
         log = Path(state["dir"]) / "logs" / f"{name}.log"
         result[name] = "healthy" if log.is_file() and b" ready." in log.read_bytes() else None
-    for name, pid in state["pids"].items():
-        if not _alive(pid):
+    for name in state["pids"]:
+        if not _ours(name, state):
             result[name] = "dead"
     return result
 
@@ -174,7 +285,7 @@ def start(args) -> dict:
     folder = Path(args.dir).resolve()
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     (folder / "home").mkdir(exist_ok=True)
-    if (folder / "cluster.json").is_file() and any(_alive(p) for p in json.loads((folder / "cluster.json").read_text())["pids"].values()):
+    if _cluster_running(folder):
         raise SystemExit(f"a cluster is already running from {folder}; stop it first")
     state = {
         "dir": str(folder),
@@ -185,21 +296,24 @@ def start(args) -> dict:
         "log_ports": {"triggerer": free_port(), **{name: free_port() for name in WORKERS}},
         "secrets": _secrets(folder),
         "pids": {},
+        "processes": {},
     }
     passwords = folder / "passwords.json"
     passwords.write_text(json.dumps({"admin": state["secrets"]["AIRFLOW_ADMIN_PASSWORD"]}))
     passwords.chmod(0o600)
     _create_database(state["database"])
-    flush_redis(state["redis_db"])
+    claim_redis(state["redis_db"], folder)
     env = environment(state)
     migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True)
     if migrate.returncode:
         raise SystemExit(f"airflow db migrate failed:\n{migrate.stdout[-3000:]}{migrate.stderr[-3000:]}")
+    airflow = str(BIN / "airflow")
     for name in SERVICES:
-        state["pids"][name] = _spawn(name, name, env, folder)
+        state["pids"][name], state["processes"][name] = _spawn(name, [airflow, name], env, folder)
     for name, (arguments, extra) in WORKERS.items():
         worker_env = {**env, **extra, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(state["log_ports"][name])}
-        state["pids"][name] = _spawn(name, f"{arguments} --celery-hostname {name}@%h", worker_env, folder)
+        argv = [airflow, *shlex.split(arguments), "--celery-hostname", f"{name}@%h"]
+        state["pids"][name], state["processes"][name] = _spawn(name, argv, worker_env, folder)
     (folder / "cluster.json").write_text(json.dumps(state, indent=2))
     (folder / "cluster.json").chmod(0o600)
 
@@ -223,23 +337,40 @@ def stop(args) -> None:
         print(f"no cluster in {folder}")
         return
     state = json.loads(path.read_text())
-    order = [*WORKERS, *reversed(SERVICES)]
+    # Only processes that are still the ones started (same boot, start time and
+    # program) are signalled: after a crash or a reboot a recorded pid may name another program.
+    ours = [name for name in state["pids"] if _ours(name, state)]
+    for name in sorted(set(state["pids"]) - set(ours)):
+        print(f"{name}: pid {state['pids'][name]} is gone or is no longer the process the cluster started; left alone")
+    order = [name for name in [*WORKERS, *reversed(SERVICES)] if name in ours]
     for name in order:  # workers first, so no task is handed out while services stop
-        pid = state["pids"].get(name)
-        if pid and _alive(pid):
-            os.killpg(pid, signal.SIGTERM)
+        os.killpg(state["pids"][name], signal.SIGTERM)
+
+    def reap() -> None:
+        # A recorded pid that is still our child (when start ran in this process) is
+        # necessarily the process we started: reaping it is always safe.
+        for pid in state["pids"].values():
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(_alive(pid) for pid in state["pids"].values()):
+    while True:
+        reap()
+        running = [name for name in order if _ours(name, state)]
+        if not running or time.monotonic() > deadline:
+            break
         time.sleep(0.5)
-    for pid in state["pids"].values():
-        if _alive(pid):
-            os.killpg(pid, signal.SIGKILL)
-    for pid in state["pids"].values():
+    for name in running:
+        os.killpg(state["pids"][name], signal.SIGKILL)
+    for name in order:  # every signalled process has exited or been killed: reap those that are our children
         try:
-            os.waitpid(pid, 0)
+            os.waitpid(state["pids"][name], 0)
         except ChildProcessError:
             pass
     state["pids"] = {}
+    state["processes"] = {}
     path.write_text(json.dumps(state, indent=2))
     print(f"cluster in {folder} stopped")
 
@@ -301,21 +432,27 @@ def trigger(args) -> dict:
     return run
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", default=str(REPO / ".cluster"), help="state, logs and Airflow home")
+    parser.add_argument("--dir", default=str(DEFAULT_DIR), help="state, logs and Airflow home (git-ignored)")
     commands = parser.add_subparsers(dest="command", required=True)
     start_parser = commands.add_parser("start")
     start_parser.add_argument("--port", type=int, default=8080)
     start_parser.add_argument("--database", default="alexnet_airflow")
-    start_parser.add_argument("--redis-db", type=int, default=0)
+    start_parser.add_argument(
+        "--redis-db", type=int, default=int(os.environ.get("ALEXNET_REDIS_DB") or DEFAULT_REDIS_DB),
+        help="the Redis database of the Celery broker, the cluster's own (default: $ALEXNET_REDIS_DB or %(default)s)")
     start_parser.add_argument("--timeout", type=float, default=180)
     commands.add_parser("stop")
     commands.add_parser("status")
     trigger_parser = commands.add_parser("trigger")
     trigger_parser.add_argument("--conf", default="{}")
     trigger_parser.add_argument("--wait", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "start":
         start(args)
     elif args.command == "stop":

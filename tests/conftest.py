@@ -140,7 +140,7 @@ def native_cluster(folder: Path, name: str, redis_db: int):
     finally:
         cluster.stop(argparse.Namespace(dir=args.dir))
         cluster.drop_database(database)
-        cluster.flush_redis(redis_db)
+        cluster.release_redis(redis_db, folder)
 
 
 @pytest.fixture

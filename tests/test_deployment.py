@@ -8,10 +8,17 @@ ran from the workers' own records.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
 import shlex
+import shutil
+import signal
+import stat
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from datetime import datetime
@@ -175,3 +182,355 @@ def test_native_cluster_runs_the_dag_with_train_on_the_gpu_worker(served_archive
         assert (latest / "model.keras").is_file()
     for pid in state["pids"].values():
         assert not cluster._alive(pid)
+
+
+# --------------------------------------------------------------------------- cluster.py's own safety
+def test_cluster_folder_with_its_secrets_is_git_ignored():
+    assert cluster.DEFAULT_DIR == ROOT / ".cluster"
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("secrets.json", "passwords.json", "cluster.json", "logs/worker.log", "home/airflow.cfg"):
+        check = subprocess.run(["git", "check-ignore", "-q", str(cluster.DEFAULT_DIR / name)], cwd=ROOT)
+        assert check.returncode == 0, f".cluster/{name} is not git-ignored"
+
+
+def test_cluster_takes_a_redis_db_of_its_own_by_default(monkeypatch):
+    monkeypatch.delenv("ALEXNET_REDIS_DB", raising=False)
+    assert cluster.build_parser().parse_args(["start"]).redis_db == 7
+    monkeypatch.setenv("ALEXNET_REDIS_DB", "9")
+    assert cluster.build_parser().parse_args(["start"]).redis_db == 9
+    assert cluster.build_parser().parse_args(["start", "--redis-db", "5"]).redis_db == 5
+
+
+@pytest.fixture
+def redis_dbs():
+    """Two scratch Redis databases (13 and 14) on 127.0.0.1:6379, emptied of this test's keys after."""
+    redis = pytest.importorskip("redis")
+    clients = [redis.Redis(host="127.0.0.1", port=6379, db=db) for db in (13, 14)]
+    try:
+        clients[0].ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    for client in clients:
+        assert client.dbsize() == 0, f"Redis db {client.connection_pool.connection_kwargs['db']} is not empty"
+    yield clients
+    for client in clients:
+        client.flushdb()
+
+
+def test_cluster_flushes_only_the_redis_db_it_was_given(redis_dbs, tmp_path):
+    other, mine = redis_dbs
+    other.set("someone-else", "keep")
+    cluster.claim_redis(14, tmp_path)
+    mine.set("_kombu.binding.default", "left over by this cluster")
+    cluster.release_redis(14, tmp_path)
+    cluster.claim_redis(14, tmp_path)  # a restart cleans up after itself
+    assert mine.get("_kombu.binding.default") is None
+    cluster.release_redis(14, tmp_path)
+    assert mine.dbsize() == 0
+    assert other.get("someone-else") == b"keep"
+
+
+def test_cluster_refuses_a_redis_db_holding_someone_elses_keys(redis_dbs, tmp_path):
+    _, mine = redis_dbs
+    mine.set("someone-else", "keep")
+    with pytest.raises(SystemExit, match=r"Redis db 14 .*someone-else.*--redis-db"):
+        cluster.claim_redis(14, tmp_path)
+    cluster.release_redis(14, tmp_path)  # never claimed: nothing is flushed
+    assert mine.get("someone-else") == b"keep"
+
+
+def test_cluster_refuses_a_redis_db_claimed_by_another_running_cluster(redis_dbs, tmp_path):
+    _, mine = redis_dbs
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (first / "cluster.json").write_text(json.dumps({"pids": {"worker": sleeper.pid},
+                                                        "processes": {"worker": cluster.started_identity(sleeper.pid)}}))
+        cluster.claim_redis(14, first)
+        mine.set("_kombu.binding.default", "in use")
+        with pytest.raises(SystemExit, match=f"Redis db 14 is in use by the cluster in {first}"):
+            cluster.claim_redis(14, second)
+        assert mine.get("_kombu.binding.default") == b"in use"
+        cluster.release_redis(14, second)
+        assert mine.get("_kombu.binding.default") == b"in use"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    cluster.claim_redis(14, second)  # that cluster is gone: its leftovers may go
+    assert mine.get("_kombu.binding.default") is None
+
+
+def _stale_state(folder: Path, pid: int, processes: dict | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"dir": str(folder), "pids": {"worker": pid}}
+    if processes is not None:
+        state["processes"] = processes
+    (folder / "cluster.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("recorded", ["other start time", "other boot", "other program", "no record"])
+def test_stop_leaves_alone_an_unrelated_process_that_got_a_recorded_pid(tmp_path, recorded):
+    """After a crash the pid in cluster.json may belong to another program: stop must not kill it."""
+    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)  # its own process group, like a worker
+    try:
+        identity = cluster.started_identity(sleeper.pid)
+        assert identity["cmdline"] == ["sleep", "300"] and identity["start_time"] > 0
+        if recorded == "other start time":
+            processes = {"worker": {**identity, "start_time": identity["start_time"] - 1}}
+        elif recorded == "other boot":
+            processes = {"worker": {**identity, "boot_id": "00000000-0000-0000-0000-000000000000"}}
+        elif recorded == "other program":
+            processes = {"worker": {**identity, "exe": sys.executable, "cmdline": ["airflow", "celery", "worker"]}}
+        else:
+            processes = None
+        _stale_state(tmp_path / "cluster", sleeper.pid, processes)
+        cluster.stop(argparse.Namespace(dir=str(tmp_path / "cluster")))
+        time.sleep(0.5)
+        assert sleeper.poll() is None, "stop killed a process the cluster did not start"
+        assert json.loads((tmp_path / "cluster" / "cluster.json").read_text())["pids"] == {}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_stop_signals_the_processes_the_cluster_started_even_after_they_retitle_themselves(tmp_path):
+    folder = tmp_path / "cluster"
+    (folder / "logs").mkdir(parents=True)
+    retitle = "import setproctitle, time; setproctitle.setproctitle('[celeryd: worker@host:MainProcess]'); time.sleep(300)"
+    pid, identity = cluster._spawn("worker", [sys.executable, "-c", retitle], dict(os.environ), folder)
+    assert identity["cmdline"] == [sys.executable, "-c", retitle]
+    assert identity["exe"] == os.path.realpath(sys.executable)
+    deadline = time.monotonic() + 30
+    while cluster.process_identity(pid)["cmdline"][:1] != ["[celeryd: worker@host:MainProcess]"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    (folder / "cluster.json").write_text(json.dumps({"dir": str(folder), "pids": {"worker": pid},
+                                                     "processes": {"worker": identity}}))
+    cluster.stop(argparse.Namespace(dir=str(folder)))
+    assert cluster.process_identity(pid) is None
+
+
+def test_a_ready_line_from_an_earlier_start_does_not_make_a_restarted_worker_healthy(tmp_path):
+    folder = tmp_path / "cluster"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "logs" / "worker.log").write_bytes(b"[2026-01-01] celery@worker ready.\n")
+    pid, identity = cluster._spawn("worker", ["sleep", "300"], dict(os.environ), folder)
+    try:
+        state = {"dir": str(folder), "port": cluster.free_port(), "pids": {"worker": pid},
+                 "processes": {"worker": identity}}
+        assert cluster.health(state)["worker"] is None
+        (folder / "logs" / "worker.log").open("ab").write(b"[2026-01-02] celery@worker ready.\n")
+        assert cluster.health(state)["worker"] == "healthy"
+        assert b"2026-01-01" in (folder / "logs" / "worker.log.1").read_bytes()  # the earlier log is kept
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+# --------------------------------------------------------------------------- compose: users and volumes
+AIRFLOW_USER = "${AIRFLOW_UID:-50000}:0"
+VOLUME_MOUNTS = {"artifacts": "/opt/alexnet-artifacts", "airflow-logs": "/opt/airflow/logs",
+                 "airflow-auth": "/opt/airflow/auth"}
+IMAGE_AIRFLOW_HOME = "/opt/airflow"  # ENV AIRFLOW_HOME of the apache/airflow image
+INIT_SCRIPT = "/opt/alexnet/deploy/airflow-init.sh"
+
+
+def _mounts(service: dict) -> dict[str, tuple[str, bool]]:
+    """Named volume -> (path in the container, read-only)."""
+    mounts = {}
+    for entry in service.get("volumes", []):
+        volume, path, *mode = entry.split(":")
+        mounts[volume] = (path, mode == ["ro"])
+    return mounts
+
+
+def test_every_service_runs_as_airflow_uid_and_only_init_starts_as_root():
+    for name, service in SERVICES.items():
+        if name in ("postgres", "redis"):  # their images' own users
+            assert "user" not in service, name
+        elif name == "airflow-init":
+            assert service["user"] == "0:0"
+        else:
+            assert service["user"] == AIRFLOW_USER, name
+    # init hands the volumes to the same user the services run as
+    assert SERVICES["airflow-init"]["environment"]["AIRFLOW_UID"] == AIRFLOW_USER.removesuffix(":0")
+    assert cluster.read_env_file(ROOT / ".env.example")["AIRFLOW_UID"] == "50000"
+
+
+def test_named_volumes_are_mounted_where_the_settings_point():
+    assert set(COMPOSE["volumes"]) == {"postgres-db", *VOLUME_MOUNTS}
+    for name, service in SERVICES.items():
+        if name in ("postgres", "redis", "tensorboard"):
+            continue
+        assert _mounts(service) == {volume: (path, False) for volume, path in VOLUME_MOUNTS.items()}, name
+        environment = service["environment"]
+        assert environment["ALEXNET_ARTIFACTS"] == VOLUME_MOUNTS["artifacts"]
+        passwords = environment["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
+        assert str(Path(passwords).parent) == VOLUME_MOUNTS["airflow-auth"]
+        assert VOLUME_MOUNTS["airflow-logs"] == f"{IMAGE_AIRFLOW_HOME}/logs"
+        assert "AIRFLOW__LOGGING__BASE_LOG_FOLDER" not in environment and "AIRFLOW_HOME" not in environment
+    assert _mounts(SERVICES["tensorboard"]) == {"artifacts": (VOLUME_MOUNTS["artifacts"], True)}
+    assert _mounts(SERVICES["postgres"]) == {"postgres-db": ("/var/lib/postgresql/data", False)}
+
+
+def test_init_runs_the_script_the_image_ships():
+    init = SERVICES["airflow-init"]
+    assert init["entrypoint"] == "/bin/bash" and init["command"] == [INIT_SCRIPT]
+    assert (ROOT / "deploy" / Path(INIT_SCRIPT).name).is_file()
+    assert "COPY --chown=airflow:root deploy /opt/alexnet/deploy" in (ROOT / "Dockerfile").read_text()
+    for name, service in SERVICES.items():  # the services wait for it
+        if name not in ("postgres", "redis", "airflow-init", "worker", "worker-gpu"):
+            assert service["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully", name
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv, as in the image")
+def test_init_script_hands_the_named_volumes_and_the_files_it_writes_to_airflow_uid():
+    """deploy/airflow-init.sh run natively as root, with compose's paths moved under a scratch folder.
+
+    The volumes start as new named volumes do (root-owned, plus a root-owned file
+    and the 0600 password file an earlier init wrote as root); ``airflow`` is a
+    stand-in that records who ran it.
+    """
+    uid = "50123"
+    root = Path(tempfile.mkdtemp(prefix="alexnet-init-", dir="/tmp"))
+    try:
+        root.chmod(0o755)  # the scratch folder must be reachable by AIRFLOW_UID, as / is in the container
+        rebase = lambda path: str(root / path.lstrip("/"))  # noqa: E731
+        volumes = {volume: Path(rebase(path)) for volume, path in VOLUME_MOUNTS.items()}
+        for folder in volumes.values():
+            folder.mkdir(parents=True)
+            folder.chmod(0o755)
+        (volumes["artifacts"] / "runs").mkdir()
+        (volumes["artifacts"] / "runs" / "old.json").write_text("{}")
+        old_passwords = volumes["airflow-auth"] / "passwords.json"
+        old_passwords.write_text('{"admin": "old"}')
+        old_passwords.chmod(0o600)
+        fake_bin = root / "bin"
+        fake_bin.mkdir()
+        (fake_bin / "airflow").write_text(f'#!/bin/sh\necho "$(id -u):$(id -g) $*" >> {root}/airflow-calls\n')
+        (fake_bin / "airflow").chmod(0o755)
+        (fake_bin / "python").symlink_to("/usr/bin/python3")
+        (root / "airflow-calls").touch(mode=0o666)
+        (root / "airflow-calls").chmod(0o666)
+
+        compose_env = SERVICES["airflow-init"]["environment"]
+        env = {key: rebase(value) for key, value in compose_env.items()
+               if isinstance(value, str) and any(value.startswith(path) for path in VOLUME_MOUNTS.values())}
+        env.update(PATH=f"{fake_bin}:/usr/bin:/bin", AIRFLOW_HOME=rebase(IMAGE_AIRFLOW_HOME),
+                   AIRFLOW_UID=uid, AIRFLOW_ADMIN_PASSWORD="s3cret")
+        run = subprocess.run(["bash", str(ROOT / "deploy" / "airflow-init.sh")], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+
+        assert (root / "airflow-calls").read_text() == f"{uid}:0 db migrate\n"
+        for volume, folder in volumes.items():
+            for path in [folder, *folder.rglob("*")]:
+                assert (path.stat().st_uid, path.stat().st_gid) == (int(uid), 0), (volume, path)
+            assert folder.stat().st_mode & 0o070 == 0o070, volume  # group 0 may write, as in the image
+        passwords = Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
+        assert passwords == old_passwords
+        assert json.loads(passwords.read_text()) == {"admin": "s3cret"}
+        assert stat.S_IMODE(passwords.stat().st_mode) == 0o600
+        assert sorted(p.name for p in volumes["airflow-auth"].iterdir()) == ["passwords.json"]
+
+        # What the services then do, as AIRFLOW_UID:0: read the password file, write artifacts and logs.
+        as_airflow = ["setpriv", f"--reuid={uid}", "--regid=0", "--clear-groups", "--"]
+        assert subprocess.run([*as_airflow, "cat", str(passwords)], capture_output=True).returncode == 0
+        for folder in (volumes["artifacts"], volumes["airflow-logs"], volumes["artifacts"] / "runs"):
+            assert subprocess.run([*as_airflow, "touch", str(folder / "written")]).returncode == 0, folder
+
+        # A second start (compose up again) changes nothing and still succeeds.
+        again = subprocess.run(["bash", str(ROOT / "deploy" / "airflow-init.sh")], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stdout + again.stderr
+    finally:
+        shutil.rmtree(root)
+
+
+def test_init_script_refuses_root_as_the_service_user(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_UID": "0", "AIRFLOW_ADMIN_PASSWORD": "x",
+           "ALEXNET_ARTIFACTS": str(tmp_path / "a"),
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp_path / "auth" / "passwords.json")}
+    run = subprocess.run(["bash", str(ROOT / "deploy" / "airflow-init.sh")], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "AIRFLOW_UID=0" in run.stderr
+    assert not (tmp_path / "a").exists()
+
+
+# --------------------------------------------------------------------------- pinned GPU image
+def _pins(path: Path) -> dict[str, str]:
+    """Canonical name -> version of a constraints file in which every line is NAME==VERSION."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^=\s;]+)", line.strip())
+        assert match, f"{path.name}: {line!r} is not pinned with =="
+        name = canonicalize_name(match.group(1))
+        assert name not in pins, f"{path.name}: {name} pinned twice"
+        pins[name] = match.group(2)
+    return pins
+
+
+def _requirements(path: Path) -> list:
+    from packaging.requirements import Requirement
+
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return [Requirement(line) for line in lines if line and not line.startswith("-r")]
+
+
+def test_gpu_constraints_pin_tensorflow_every_cuda_library_and_the_rest_as_the_cpu_ones():
+    from importlib.metadata import distribution
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    gpu, cpu = _pins(ROOT / "constraints-gpu.txt"), _pins(ROOT / "constraints.txt")
+    [tensorflow] = _requirements(ROOT / "requirements-gpu.txt")
+    assert tensorflow.name == "tensorflow" and tensorflow.extras == {"and-cuda"}
+    assert gpu["tensorflow"] in tensorflow.specifier and gpu["tensorflow"] == cpu["tensorflow-cpu"]
+
+    # tensorflow-cpu of the same release declares the same dependencies and the same
+    # and-cuda extra as tensorflow: every one of them is pinned, within its bounds.
+    metadata = distribution("tensorflow-cpu")
+    assert metadata.version == gpu["tensorflow"]
+    environment = default_environment()
+    cuda = []
+    for requirement in map(Requirement, metadata.requires):
+        wanted_by_gpu = requirement.marker is None or requirement.marker.evaluate({**environment, "extra": "and-cuda"})
+        if not wanted_by_gpu:
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in gpu, f"constraints-gpu.txt does not pin {name}"
+        assert gpu[name] in requirement.specifier, (name, gpu[name], str(requirement.specifier))
+        if requirement.marker is not None and "extra" in str(requirement.marker):
+            cuda.append(name)
+    assert len(cuda) >= 10 and all(name.startswith("nvidia-") for name in cuda), cuda
+    assert {name for name in gpu if name.startswith("nvidia-")} >= set(cuda)
+
+    # What both images install has one version; the GPU image adds only TensorFlow's CUDA build.
+    for name in set(gpu) & set(cpu):
+        assert gpu[name] == cpu[name], (name, gpu[name], cpu[name])
+    extra = set(gpu) - set(cpu)
+    assert extra <= {"tensorflow", "setuptools", "wheel"} | {name for name in extra if name.startswith("nvidia-")}, extra
+    assert set(cpu) - set(gpu) == {"tensorflow-cpu"}
+    for requirement in _requirements(ROOT / "requirements-base.txt"):
+        assert gpu[canonicalize_name(requirement.name)] in requirement.specifier, requirement
+
+
+def test_gpu_image_installs_with_the_gpu_constraints():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ARG CONSTRAINTS=constraints.txt" in dockerfile
+    assert re.search(r"pip install .*-r /opt/alexnet/\$\{REQUIREMENTS\} -c /opt/alexnet/\$\{CONSTRAINTS\}", dockerfile)
+    copied = re.search(r"COPY --chown=airflow:root (requirements.*) /opt/alexnet/\n", dockerfile).group(1).split()
+    assert {"constraints.txt", "constraints-gpu.txt", "requirements-gpu.txt"} <= set(copied)
+    assert SERVICES["worker-gpu"]["build"]["args"] == {"REQUIREMENTS": "requirements-gpu.txt",
+                                                       "CONSTRAINTS": "constraints-gpu.txt"}
+    for name, service in SERVICES.items():  # every other image is the CPU build with the CPU pins
+        if name not in ("postgres", "redis", "worker-gpu") and "build" in service:
+            assert service["build"]["args"] == {"REQUIREMENTS": "requirements.txt"}, name
+    assert "scripts/pin_gpu_constraints.py" in (ROOT / "constraints-gpu.txt").read_text()

@@ -1,0 +1,210 @@
+"""Alerts through a real SMTP server on 127.0.0.1 and a real HTTP webhook, from real Airflow runs."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import airflow_bin, airflow_env
+from smtp_server import SMTPServer
+
+from alexnet_tasks import alerts
+from alexnet_tasks.alerts import AlertSettings, failure_alert, notify_not_blessed
+
+WRONG_MD5 = "0" * 32
+UNBLESSED = {  # as the gate writes decision.json
+    "blessed": False,
+    "reasons": ["test accuracy 0.1000 is below the floor 0.25", "worse than the champion by 0.4200"],
+    "reason": "test accuracy 0.1000 is below the floor 0.25; worse than the champion by 0.4200",
+    "test_accuracy": 0.1,
+    "champion": "scheduled__2026-11-27T02:00:00+00:00",
+    "champion_accuracy": 0.52,
+    "paired": {"images": 10000, "only_challenger_right": 310, "only_champion_right": 4510, "mcnemar_p": 1.2e-30},
+}
+
+
+@pytest.fixture
+def smtp():
+    server = SMTPServer().start()
+    yield server
+    server.stop()
+
+
+def smtp_connection(port: int) -> str:
+    """An Airflow SMTP connection (as an AIRFLOW_CONN_* value) for the plain-text test server."""
+    return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,
+                       "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}})
+
+
+@pytest.fixture
+def mail_env(smtp, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_ALEXNET_TEST_SMTP", smtp_connection(smtp.port))
+    monkeypatch.setenv("ALEXNET_ALERT_SMTP_CONN", "alexnet_test_smtp")
+    monkeypatch.setenv("ALEXNET_ALERT_EMAIL", "ml-team@example.com; oncall@example.com")
+    monkeypatch.setenv("ALEXNET_ALERT_FROM", "pipeline@example.com")
+    monkeypatch.delenv("ALEXNET_ALERT_WEBHOOK", raising=False)
+    return smtp
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.posts.append((self.headers["Content-Type"], json.loads(body)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    server.posts = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/alerts"
+    server.shutdown()
+    server.server_close()
+
+
+def test_settings_come_from_the_environment_and_are_off_when_unset():
+    assert not AlertSettings.from_env({}).enabled
+    settings = AlertSettings.from_env({"ALEXNET_ALERT_EMAIL": "a@x.org, b@x.org;c@x.org",
+                                       "ALEXNET_ALERT_WEBHOOK": "https://hooks.example.com/x"})
+    assert settings.recipients == ("a@x.org", "b@x.org", "c@x.org")
+    assert settings.smtp_conn_id == "smtp_default" and settings.webhook_url == "https://hooks.example.com/x"
+    with pytest.raises(ValueError, match="ALEXNET_ALERT_WEBHOOK='ftp://x': expected an http"):
+        AlertSettings.from_env({"ALEXNET_ALERT_WEBHOOK": "ftp://x"})
+
+
+def test_importing_the_module_does_not_import_airflow():
+    code = ("import sys; import alexnet_tasks.alerts\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_notifier_is_an_airflow_notifier():
+    from airflow.sdk import BaseNotifier
+
+    assert issubclass(alerts.AlertNotifier, BaseNotifier)
+    assert isinstance(alerts.failure_notifier(), BaseNotifier)
+
+
+def test_unblessed_model_is_mailed_with_the_gates_reason(mail_env):
+    outcome = notify_not_blessed(UNBLESSED, "manual__2026-11-28T10:00:00+00:00", task_id="gate", try_number=1)
+    assert outcome == {"email": "sent"}
+    [mail] = mail_env.messages
+    assert mail.sender == "pipeline@example.com"
+    assert mail.recipients == ["ml-team@example.com", "oncall@example.com"]
+    subject = mail.message["Subject"]
+    assert "alexnet_cifar10" in subject and "manual__2026-11-28T10:00:00+00:00" in subject
+    assert "not blessed" in subject and "below the floor 0.25" in subject
+    body = mail.body()
+    for fact in ("DAG: alexnet_cifar10", "run: manual__2026-11-28T10:00:00+00:00", "task: gate", "try: 1",
+                 "reason: test accuracy 0.1000 is below the floor 0.25; worse than the champion by 0.4200",
+                 "champion: scheduled__2026-11-27T02:00:00+00:00", "champion_accuracy: 0.52",
+                 "only this model right on 310 images, only the champion on 4510, McNemar p=1.2e-30"):
+        assert fact in body
+
+
+def test_text_is_sent_verbatim_never_templated_or_as_markup(mail_env):
+    notify_not_blessed({"blessed": False, "reasons": ["{{ 7 * 7 }} <b>x</b>\nsecond line"]}, "r1")
+    [mail] = mail_env.messages
+    assert "{{ 7 * 7 }}" in mail.message["Subject"] and "\n" not in mail.message["Subject"]
+    assert "{{ 7 * 7 }} &lt;b&gt;x&lt;/b&gt;" in mail.body()
+
+
+def test_webhook_gets_the_alert_as_json_and_a_dead_mail_server_does_not_stop_it(webhook, monkeypatch):
+    server, url = webhook
+    dead = SMTPServer()
+    port = dead.port
+    dead.server_close()  # nothing listens there any more
+    monkeypatch.setenv("AIRFLOW_CONN_ALEXNET_DEAD_SMTP", smtp_connection(port))
+    settings = AlertSettings(recipients=("ml@example.com",), smtp_conn_id="alexnet_dead_smtp", webhook_url=url)
+    outcome = notify_not_blessed(UNBLESSED, "manual__x", task_id="gate", try_number=2, settings=settings)
+    assert outcome["webhook"] == "sent" and outcome["email"] != "sent"  # logged, not raised
+    [(content_type, payload)] = server.posts
+    assert content_type == "application/json"
+    assert payload["event"] == "model_not_blessed" and payload["run_id"] == "manual__x"
+    assert payload["task_id"] == "gate" and payload["try_number"] == 2
+    assert payload["reason"].startswith("test accuracy 0.1000 is below the floor")
+    assert payload["decision"]["champion_accuracy"] == 0.52
+
+
+def test_alerts_off_send_nothing_and_raise_nothing(smtp, monkeypatch, caplog):
+    for name in ("ALEXNET_ALERT_EMAIL", "ALEXNET_ALERT_WEBHOOK"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level("INFO")
+    assert notify_not_blessed(UNBLESSED, "r") == {}
+    alerts.failure_notifier()({"run_id": "r", "exception": ValueError("boom")})
+    assert smtp.messages == []
+    assert "alerts are off" in caplog.text
+
+
+def test_failure_alert_names_dag_run_task_try_and_error():
+    class TI:
+        dag_id, task_id, run_id, try_number, max_tries = "alexnet_cifar10", "train", "manual__1", 3, 2
+
+    alert = failure_alert({"ti": TI(), "exception": RuntimeError("worker lost")})
+    assert alert.subject == "[alexnet_cifar10] task train failed in run manual__1 (try 3 of 3)"
+    assert "error: RuntimeError: worker lost" in alert.text
+    assert failure_alert({"ti": TI()}).payload["error"].startswith("no exception was recorded")
+
+
+def _failing_run(small_archive, tmp_path, **env) -> subprocess.CompletedProcess:
+    """``airflow dags test`` of the DAG with a wrong MD5: download fails on every try."""
+    path, _ = small_archive
+    environment = airflow_env(tmp_path / "home", tmp_path / "artifacts", ALEXNET_RETRY_DELAY_SECONDS="1", **env)
+    for name in ("ALEXNET_ALERT_EMAIL", "ALEXNET_ALERT_WEBHOOK"):
+        if name not in env:
+            environment.pop(name, None)
+    subprocess.run([airflow_bin(), "db", "migrate"], env=environment, check=True, capture_output=True)
+    conf = {"source_url": path.as_uri(), "source_md5": WRONG_MD5, "image_size": 67, "epochs": 1,
+            "validation_size": 50}
+    return subprocess.run([airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf)],
+                          env=environment, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_failing_run_mails_its_failed_task_once_after_the_last_try(small_archive, tmp_path, smtp, webhook):
+    server, url = webhook
+    run = _failing_run(small_archive, tmp_path, AIRFLOW_CONN_ALEXNET_TEST_SMTP=smtp_connection(smtp.port),
+                       ALEXNET_ALERT_SMTP_CONN="alexnet_test_smtp", ALEXNET_ALERT_EMAIL="ml-team@example.com",
+                       ALEXNET_ALERT_WEBHOOK=url)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0 and "MD5 mismatch" in output, output[-4000:]
+    assert "Failed to run task callback" not in output
+    [mail] = smtp.messages  # the retries before the last try send nothing
+    subject, body = mail.message["Subject"], mail.body()
+    assert mail.recipients == ["ml-team@example.com"]
+    assert subject.startswith("[alexnet_cifar10] task download failed in run manual__") and "(try 3 of 3)" in subject
+    assert "DAG: alexnet_cifar10" in body and "task: download" in body and "try: 3 of 3" in body
+    assert f"MD5 mismatch, expected {WRONG_MD5}" in body
+    [(_, payload)] = server.posts
+    assert payload["event"] == "task_failed" and payload["task_id"] == "download" and payload["try_number"] == 3
+    assert payload["run_id"] in subject and "MD5 mismatch" in payload["error"]
+    runs = subprocess.run([airflow_bin(), "dags", "list-runs", "alexnet_cifar10", "-o", "json"],
+                          env=airflow_env(tmp_path / "home", tmp_path / "artifacts"), capture_output=True,
+                          text=True, check=True).stdout
+    [dag_run] = json.loads(next(line for line in runs.splitlines() if line.startswith("[{")))
+    assert dag_run["run_id"] == payload["run_id"] and dag_run["state"] == "failed"
+
+
+@pytest.mark.slow
+def test_a_failing_run_without_alert_settings_sends_nothing_and_the_callback_does_not_error(
+        small_archive, tmp_path, smtp):
+    run = _failing_run(small_archive, tmp_path, AIRFLOW_CONN_SMTP_DEFAULT=smtp_connection(smtp.port))
+    output = run.stdout + run.stderr
+    assert run.returncode != 0 and "MD5 mismatch" in output, output[-4000:]
+    assert "alerts are off" in output
+    assert "Failed to run task callback" not in output
+    assert smtp.messages == []
