@@ -5,13 +5,19 @@
 refusing every unsafe member, and loads every batch with a restricted
 unpickler (numpy arrays and plain containers only) to check shapes and labels.
 The result lands atomically in ``data/<md5>/source/``; a verified copy already
-there is reused without fetching again.
+there is reused without fetching again. Concurrent downloads of one archive
+take turns on its lock: the second one reuses the first one's copy.
+
+A bad archive raises ``ArchiveError``, a permanent error; a source that cannot
+be reached, answers 5xx/408/429 or stops mid-transfer raises
+``SourceUnavailableError``, which a retry may cure.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
 import logging
 import pickle
@@ -28,8 +34,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from alexnet_tasks.atomic import atomic_directory, remove_stale_temps
+from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import CLASS_NAMES, IMAGE_SHAPE, Layout, save_json
+from alexnet_tasks.errors import PermanentError, SourceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +47,11 @@ TEST_BATCH = "test_batch"
 META = "batches.meta"
 ROW_VALUES = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]  # 3,072 uint8 values per image
 CHUNK = 1 << 20
+# HTTP answers that say "not now" rather than "never": the request may pass on a later try.
+RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class ArchiveError(ValueError):
+class ArchiveError(PermanentError, ValueError):
     """The archive is not a usable CIFAR-10 python archive; the message says why."""
 
 
@@ -64,10 +73,13 @@ def _open_source(source_url: str) -> tuple[BinaryIO, int | None]:
         try:
             response = urllib.request.urlopen(source_url, timeout=60)  # noqa: S310 (scheme checked)
         except urllib.error.HTTPError as error:
-            raise ArchiveError(f"{source_url}: HTTP {error.code} {error.reason}") from None
-        except (urllib.error.URLError, OSError) as error:
+            message = f"{source_url}: HTTP {error.code} {error.reason}"
+            if error.code in RETRYABLE_HTTP:
+                raise SourceUnavailableError(f"{message}; the server may answer on a later try") from None
+            raise ArchiveError(message) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", error)
-            raise ArchiveError(f"{source_url}: cannot connect ({reason})") from None
+            raise SourceUnavailableError(f"{source_url}: cannot connect ({reason})") from None
         length = response.headers.get("Content-Length")
         return response, int(length) if length and length.isdigit() else None
     if parsed.scheme == "file":
@@ -92,7 +104,12 @@ def fetch(source_url: str, destination: Path) -> str:
     started = time.monotonic()
     with source, open(destination, "wb") as out:
         while True:
-            block = source.read(CHUNK)
+            try:
+                block = source.read(CHUNK)
+            except (OSError, http.client.HTTPException) as error:
+                raise SourceUnavailableError(
+                    f"{source_url}: the transfer failed after {received} bytes ({error!r})"
+                ) from None
             if not block:
                 break
             out.write(block)
@@ -113,7 +130,7 @@ def fetch(source_url: str, destination: Path) -> str:
                 )
                 next_report = (fraction + 0.1) if fraction is not None else received + 16 * CHUNK
     if total is not None and received != total:
-        raise ArchiveError(
+        raise SourceUnavailableError(
             f"{source_url}: received {received} bytes, expected {total} (connection cut short)"
         )
     return digest.hexdigest()
@@ -256,12 +273,20 @@ def download(source_url: str, source_md5: str, artifacts_root: Path | None = Non
     """Fetch, verify and extract the archive into the content-addressed source folder.
 
     Returns ``{"source_dir", "batch_dir", "source_md5", "train_images",
-    "test_images", "reused"}``. Raises ``ArchiveError`` (a ValueError) naming
-    the file and what was expected when anything is wrong; nothing is left
-    where a later step would read it.
+    "test_images", "reused"}``. Raises ``ArchiveError`` (a ValueError and a
+    ``PermanentError``) naming the file and what was expected when anything is
+    wrong, ``SourceUnavailableError`` when the source cannot be read now;
+    nothing is left where a later step would read it. A cached copy that fails
+    its checksum is replaced, and kept aside as ``source.broken-*``.
     """
     layout = Layout(Path(artifacts_root)) if artifacts_root else Layout()
     final = layout.source(source_md5)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with artifact_lock(final):
+        return _download_locked(source_url, source_md5, layout, final)
+
+
+def _download_locked(source_url: str, source_md5: str, layout: Layout, final: Path) -> dict:
     summary_path = final / "source.json"
     if summary_path.is_file() and (final / ARCHIVE_NAME).is_file():
         if _file_md5(final / ARCHIVE_NAME) == source_md5:
@@ -269,10 +294,11 @@ def download(source_url: str, source_md5: str, artifacts_root: Path | None = Non
             log.info("reusing verified archive %s", final / ARCHIVE_NAME)
             return {**summary, "reused": True}
         log.warning("cached archive %s fails its checksum; fetching again", final / ARCHIVE_NAME)
-        shutil.rmtree(final)
+    elif final.exists():
+        log.warning("%s is incomplete; fetching again", final)
     remove_stale_temps(final)
     started = time.monotonic()
-    with atomic_directory(final) as work:
+    with atomic_directory(final, replace=True) as work:
         archive = work / ARCHIVE_NAME
         log.info("fetching %s", source_url)
         actual = fetch(source_url, archive)

@@ -9,23 +9,30 @@ flipped byte fails loudly on read instead of feeding garbage to training.
 
 All 60,000 images: about 740 MB on disk, a few seconds on two cores, and a
 few hundred MB of peak memory (images are standardized in blocks).
+
+Bad content (a flipped byte, another preprocessing version or source, a
+missing shard) raises ``ShardError``, a permanent error; a read that failed in
+the system (an I/O error, a lock, a permission) raises ``ShardReadError``,
+which a retry may cure and which never makes ``build_shards`` touch the set.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
-import shutil
+import re
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from alexnet_tasks.atomic import atomic_directory, remove_stale_temps
+from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import IMAGE_SHAPE, PREPROCESSING_VERSION, Layout, PipelineConfig
 from alexnet_tasks.download import load_cifar10
+from alexnet_tasks.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +41,26 @@ CHUNK_IMAGES = 128  # 1.5 MB of float32 images per HDF5 chunk: one read serves s
 BLOCK_IMAGES = 4096  # images standardized and written at a time (bounds peak memory)
 
 
-class ShardError(ValueError):
+class ShardError(PermanentError, ValueError):
     """A shard is missing, corrupt or of another preprocessing version; the message names it."""
+
+
+class ShardReadError(OSError):
+    """Reading a shard failed in the system, not in its content; the shard may be intact."""
+
+
+# Errors of the system that say nothing about the file's content (HDF5 puts the errno in its message).
+_CONTENT_ERRNOS = frozenset({errno.ENOENT, errno.EISDIR, errno.ENOTDIR})
+_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)")
+
+
+def _read_failure(path: Path, error: OSError, what: str, hint: str = "") -> Exception:
+    """``ShardReadError`` for a failure of the system, ``ShardError`` for bad content."""
+    found = _ERRNO_IN_MESSAGE.search(str(error))
+    code = error.errno or (int(found.group(1)) if found else 0)
+    if code and code not in _CONTENT_ERRNOS:
+        return ShardReadError(code, f"{path}: reading the shard failed ({error}); the shard was left as it is")
+    return ShardError(f"{path}: {what} ({error}){hint}")
 
 
 def standardize(images: np.ndarray) -> np.ndarray:
@@ -98,20 +123,29 @@ def build_shards(
 ) -> dict:
     """Write ``train.h5``, ``validation.h5`` and ``test.h5`` for the manifest's splits.
 
-    A complete, intact shard set already there is reused; a corrupt one is
-    removed and rebuilt. Returns ``{"shards_dir", "<split>": path, "bytes",
+    A complete, intact shard set already there is reused; one with bad
+    content is rebuilt and moved aside to ``shards-….broken-*`` (not deleted:
+    other runs may be reading it); one that could not be read
+    (``ShardReadError``) is left as it is and the error raised. Concurrent
+    calls for one shard set take turns on its lock: the second one reuses the
+    first one's shards. Returns ``{"shards_dir", "<split>": path, "bytes",
     "reused"}``.
     """
     layout = Layout(Path(artifacts_root)) if artifacts_root else Layout()
     final = layout.shards(config)
-    if final.is_dir():
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with artifact_lock(final):
+        return _build_locked(Path(batch_dir), Path(manifest_path), config, final)
+
+
+def _build_locked(batch_dir: Path, manifest_path: Path, config: PipelineConfig, final: Path) -> dict:
+    if final.exists():
         try:
             verify_shards(final, config.source_md5)
             log.info("reusing verified shards %s", final)
             return _summary(final, reused=True)
         except ShardError as error:
             log.warning("existing shards are unusable, rebuilding: %s", error)
-            shutil.rmtree(final)
     remove_stale_temps(final)
 
     started = time.monotonic()
@@ -121,13 +155,13 @@ def build_shards(
             f"{manifest_path}: manifest is for source {manifest.get('source_md5')}, "
             f"expected {config.source_md5}"
         )
-    data = load_cifar10(Path(batch_dir))
+    data = load_cifar10(batch_dir)
     sources = {
         "train": (data.train_images, data.train_labels),
         "validation": (data.train_images, data.train_labels),
         "test": (data.test_images, data.test_labels),
     }
-    with atomic_directory(final) as work:
+    with atomic_directory(final, replace=True) as work:
         digests = {}
         for split_name in SPLITS:
             indices = np.asarray(manifest["splits"][split_name]["indices"], dtype=np.int64)
@@ -164,7 +198,9 @@ def read_attrs(path: Path) -> dict:
         with h5py.File(path, "r") as handle:
             attrs = {key: handle.attrs[key] for key in handle.attrs}
             attrs["images_shape"] = handle["images"].shape
-    except (OSError, KeyError) as error:
+    except OSError as error:
+        raise _read_failure(path, error, "not a readable shard") from None
+    except KeyError as error:
         raise ShardError(f"{path}: not a readable shard ({error})") from None
     return attrs
 
@@ -173,7 +209,8 @@ def load_split(path: Path, expected_md5: str | None = None) -> tuple[np.ndarray,
     """Read a whole shard into memory, checking every chunk's fletcher32 checksum.
 
     Raises ShardError naming the file on corruption, a wrong preprocessing
-    version or a source other than ``expected_md5``.
+    version or a source other than ``expected_md5``; ShardReadError when the
+    system failed to read it.
     """
     path = Path(path)
     attrs = read_attrs(path)
@@ -194,9 +231,7 @@ def load_split(path: Path, expected_md5: str | None = None) -> tuple[np.ndarray,
                 digest.update(images[window])
             labels = handle["labels"][...]
     except OSError as error:
-        raise ShardError(
-            f"{path}: shard data is corrupt ({error}); delete it or rerun build_shards"
-        ) from None
+        raise _read_failure(path, error, "shard data is corrupt", "; rerun build_shards") from None
     if digest.hexdigest() != attrs.get("images_sha256"):
         raise ShardError(f"{path}: image content does not match its recorded SHA-256")
     return images, labels

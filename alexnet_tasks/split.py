@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet_tasks.atomic import atomic_directory, remove_stale_temps
+from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import Layout, PipelineConfig, save_json
 from alexnet_tasks.download import load_cifar10
 
@@ -75,17 +75,24 @@ def split(
     """Write ``data/<md5>/split-<key>/manifest.json``; reuse it when already there.
 
     Returns ``{"manifest", "train", "validation", "test", "reused"}`` with the
-    image count of each split.
+    image count of each split. Concurrent calls for one split take turns on
+    its lock: the second one reuses the first one's manifest.
     """
     layout = Layout(Path(artifacts_root)) if artifacts_root else Layout()
     final = layout.split(config)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with artifact_lock(final):
+        return _split_locked(Path(batch_dir), config, final)
+
+
+def _split_locked(batch_dir: Path, config: PipelineConfig, final: Path) -> dict:
     manifest_path = final / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         log.info("reusing split %s", final)
         return _summary(manifest_path, manifest, reused=True)
 
-    data = load_cifar10(Path(batch_dir))
+    data = load_cifar10(batch_dir)
     config.check_against_source(len(data.train_labels))
     rng = np.random.default_rng(config.split_seed)
     validation = stratified_take(data.train_labels, config.validation_size, rng)
@@ -136,7 +143,7 @@ def split(
         },
     }
     remove_stale_temps(final)
-    with atomic_directory(final) as work:
+    with atomic_directory(final, replace=True) as work:
         save_json(work / MANIFEST, manifest)
     log.info(
         "split: %d train, %d validation, %d test images; no image shared between splits",

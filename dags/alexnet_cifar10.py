@@ -34,6 +34,10 @@ test split and publishes the model, metrics and TensorBoard logs.
   rate for it, on any number of devices. Leave `epochs`, `batch_size` and
   `learning_rate` empty to take the recipe's values. Every param's default,
   bounds and description come from `alexnet_tasks.config.PipelineConfig`.
+* Errors that fail the same way on every try (a wrong MD5, an unsafe or
+  corrupt archive, a forbidden pickle, settings that cannot fit the data, bad
+  shard content) fail their task at once, without retries; network errors, a
+  failed read and a killed worker are retried (two retries, backoff).
 * A task that fails after its last try is reported by e-mail
   (`ALEXNET_ALERT_EMAIL`, through the SMTP connection `ALEXNET_ALERT_SMTP_CONN`)
   and/or a JSON POST to `ALEXNET_ALERT_WEBHOOK`; alerts are off when neither is set.
@@ -45,15 +49,18 @@ test split and publishes the model, metrics and TensorBoard logs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from alexnet_tasks.alerts import failure_notifier
 from alexnet_tasks.config import Layout, PipelineConfig, param_specs, settings_for_run
+from alexnet_tasks.errors import is_permanent
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,26 @@ TRAIN_TIMEOUT = timedelta(hours=int(os.environ.get("ALEXNET_TRAIN_TIMEOUT_HOURS"
 PARAMS = {name: Param(**spec) for name, spec in param_specs().items()}
 # Every blessed model is an event on this asset; a downstream DAG runs on it with schedule=[MODEL_ASSET].
 MODEL_ASSET = Asset("alexnet_cifar10_model")
+
+
+def _fail_at_once(step):
+    """Run ``step``; a permanent error (``alexnet_tasks.errors.is_permanent``) fails the task without retries.
+
+    It is raised again as ``AirflowFailException`` with the same message, the
+    original error chained as its cause; every other error is left to the
+    task's retries.
+    """
+
+    @functools.wraps(step)
+    def run(*args, **kwargs):
+        try:
+            return step(*args, **kwargs)
+        except Exception as error:
+            if is_permanent(error):
+                raise AirflowFailException(f"{type(error).__name__}: {error}") from error
+            raise
+
+    return run
 
 
 def _settings():
@@ -113,6 +140,7 @@ def _settings():
 )
 def alexnet_cifar10():
     @task
+    @_fail_at_once
     def download() -> dict:
         from alexnet_tasks.download import download
 
@@ -122,6 +150,7 @@ def alexnet_cifar10():
         return result
 
     @task
+    @_fail_at_once
     def split() -> dict:
         from alexnet_tasks.split import split
 
@@ -129,6 +158,7 @@ def alexnet_cifar10():
         return split(layout.batches(config.source_md5), config, layout.root)
 
     @task
+    @_fail_at_once
     def build_shards() -> dict:
         from alexnet_tasks.shards import build_shards
 
@@ -141,6 +171,7 @@ def alexnet_cifar10():
         )
 
     @task(queue=GPU_QUEUE, execution_timeout=TRAIN_TIMEOUT)
+    @_fail_at_once
     def train() -> dict:
         from alexnet_tasks.train import train
 
@@ -148,6 +179,7 @@ def alexnet_cifar10():
         return train(layout.shards(config), layout.run(run_id), config)
 
     @task
+    @_fail_at_once
     def evaluate() -> dict:
         from alexnet_tasks.evaluate import evaluate
 
@@ -156,6 +188,7 @@ def alexnet_cifar10():
         return evaluate(run_dir / "model.keras", layout.shards(config), run_dir, config.source_md5)
 
     @task
+    @_fail_at_once
     def gate() -> dict:
         from alexnet_tasks.gate import gate
 
@@ -163,6 +196,7 @@ def alexnet_cifar10():
         return gate(layout.run(run_id), layout.published, config, layout.shards(config), run_id)
 
     @task(outlets=[MODEL_ASSET])
+    @_fail_at_once
     def publish() -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 

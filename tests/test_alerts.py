@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -153,15 +154,24 @@ def test_failure_alert_names_dag_run_task_try_and_error():
     assert failure_alert({"ti": TI()}).payload["error"].startswith("no exception was recorded")
 
 
-def _failing_run(small_archive, tmp_path, **env) -> subprocess.CompletedProcess:
-    """``airflow dags test`` of the DAG with a wrong MD5: download fails on every try."""
-    path, _ = small_archive
+def _unreachable_url() -> str:
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}/cifar-10-python.tar.gz"
+
+
+def _failing_run(small_archive, tmp_path, source_url: str | None = None, **env) -> subprocess.CompletedProcess:
+    """``airflow dags test`` of the DAG whose download fails: with a wrong MD5 (at once, a permanent
+    error) or, given ``source_url``, a source that cannot be reached (on every try, retried)."""
+    path, md5 = small_archive
     environment = airflow_env(tmp_path / "home", tmp_path / "artifacts", ALEXNET_RETRY_DELAY_SECONDS="1", **env)
     for name in ("ALEXNET_ALERT_EMAIL", "ALEXNET_ALERT_WEBHOOK"):
         if name not in env:
             environment.pop(name, None)
     subprocess.run([airflow_bin(), "db", "migrate"], env=environment, check=True, capture_output=True)
-    conf = {"source_url": path.as_uri(), "source_md5": WRONG_MD5, "image_size": 67, "epochs": 1,
+    source = {"source_url": source_url, "source_md5": md5} if source_url else \
+        {"source_url": path.as_uri(), "source_md5": WRONG_MD5}
+    conf = {**source, "image_size": 67, "epochs": 1,
             "validation_size": 50}
     return subprocess.run([airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf)],
                           env=environment, capture_output=True, text=True, timeout=600)
@@ -170,21 +180,22 @@ def _failing_run(small_archive, tmp_path, **env) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_a_failing_run_mails_its_failed_task_once_after_the_last_try(small_archive, tmp_path, smtp, webhook):
     server, url = webhook
-    run = _failing_run(small_archive, tmp_path, AIRFLOW_CONN_ALEXNET_TEST_SMTP=smtp_connection(smtp.port),
+    url_down = _unreachable_url()
+    run = _failing_run(small_archive, tmp_path, url_down, AIRFLOW_CONN_ALEXNET_TEST_SMTP=smtp_connection(smtp.port),
                        ALEXNET_ALERT_SMTP_CONN="alexnet_test_smtp", ALEXNET_ALERT_EMAIL="ml-team@example.com",
                        ALEXNET_ALERT_WEBHOOK=url)
     output = run.stdout + run.stderr
-    assert run.returncode != 0 and "MD5 mismatch" in output, output[-4000:]
+    assert run.returncode != 0 and "cannot connect" in output, output[-4000:]
     assert "Failed to run task callback" not in output
     [mail] = smtp.messages  # the retries before the last try send nothing
     subject, body = mail.message["Subject"], mail.body()
     assert mail.recipients == ["ml-team@example.com"]
     assert subject.startswith("[alexnet_cifar10] task download failed in run manual__") and "(try 3 of 3)" in subject
     assert "DAG: alexnet_cifar10" in body and "task: download" in body and "try: 3 of 3" in body
-    assert f"MD5 mismatch, expected {WRONG_MD5}" in body
+    assert f"{url_down}: cannot connect" in body
     [(_, payload)] = server.posts
     assert payload["event"] == "task_failed" and payload["task_id"] == "download" and payload["try_number"] == 3
-    assert payload["run_id"] in subject and "MD5 mismatch" in payload["error"]
+    assert payload["run_id"] in subject and "cannot connect" in payload["error"]
     runs = subprocess.run([airflow_bin(), "dags", "list-runs", "alexnet_cifar10", "-o", "json"],
                           env=airflow_env(tmp_path / "home", tmp_path / "artifacts"), capture_output=True,
                           text=True, check=True).stdout

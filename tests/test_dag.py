@@ -257,7 +257,7 @@ def test_each_step_runs_alone_with_tasks_test_and_finds_its_inputs(small_archive
         )
         assert run.returncode == 0 and "Traceback" not in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
     latest = artifacts / "published" / "latest"
-    [run_dir] = (artifacts / "runs").iterdir()  # every step used the same run folder
+    [run_dir] = [path for path in (artifacts / "runs").iterdir() if not path.name.startswith(".")]  # one run folder for every step
     assert run_dir.name.startswith("tasks_test__2026-11-28T00_00_00")
     assert os.readlink(latest) == f"runs/{run_dir.name}"
     assert json.loads((latest / "metrics.json").read_text())["test_images"] == 60

@@ -7,13 +7,18 @@ globals) are covered in test_download.py; bad params through
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -26,8 +31,9 @@ from alexnet_tasks.download import download
 from alexnet_tasks.publish import publish, read_index
 from alexnet_tasks.shards import ShardError, build_shards, load_split, shard_path
 from alexnet_tasks.split import split
-from cifar_archive import write_archive
-from conftest import ROOT, native_cluster, prepare_shards, wait_for_runs
+from cifar_archive import archive_members, md5_of, write_archive, write_tar
+from conftest import ROOT, airflow_bin, airflow_env, native_cluster, prepare_shards, wait_for_runs
+from test_download import _member
 from test_publish import fake_run
 from test_shards import flip_one_image_byte
 
@@ -202,6 +208,30 @@ def test_reruns_reuse_identical_data_artifacts(small_archive, tmp_path):
 
 
 # --------------------------------------------------------------------------- 1, 6, 9 on a real cluster
+class _SlowHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder at about 200 kB/s, so that a download of the small archive lasts seconds."""
+
+    def copyfile(self, source, outputfile):
+        while block := source.read(64 * 1024):
+            outputfile.write(block)
+            outputfile.flush()
+            time.sleep(0.3)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _slow_server(folder: Path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_SlowHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(served_archive, monkeypatch):
@@ -239,11 +269,23 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(served_archive
         assert f"resuming from the checkpoint of epoch {done_at_kill}/3" in attempt_log
 
         # 9. Two runs at once (max_active_runs=2) keep their outputs apart.
-        # Same data settings (both race to build the same content-addressed data), other learning rates.
-        pair = [api.post(runs_url, {"logical_date": None, "conf": {**conf, "epochs": 1, "seed": 7, "learning_rate": rate}})["dag_run_id"]
-                for rate in (0.001, 0.002)]
-        finished = wait_for_runs(api, pair, 900)
+        # Same data settings on an archive no run has fetched yet, served slowly so that both
+        # downloads are under way together (both race to build the same content-addressed data),
+        # other learning rates.
+        (artifacts.parent / "slow").mkdir()
+        pair_md5 = write_archive(artifacts.parent / "slow" / "pair.tar.gz", seed=4)[1]
+        with _slow_server(artifacts.parent / "slow") as slow_url:
+            pair_conf = {**conf, "source_url": f"{slow_url}/pair.tar.gz", "source_md5": pair_md5,
+                         "epochs": 1, "seed": 7}
+            pair = [api.post(runs_url, {"logical_date": None, "conf": {**pair_conf, "learning_rate": rate}})["dag_run_id"]
+                    for rate in (0.001, 0.002)]
+            finished = wait_for_runs(api, pair, 900)
         assert [run["state"] for run in finished] == ["success", "success"], finished
+        # Neither builder broke the other's work: every data task succeeded on its first try.
+        for concurrent_id in pair:
+            for task_id in ("download", "split", "build_shards"):
+                ti = api.get(f"{runs_url}/{urllib.parse.quote(concurrent_id)}/taskInstances/{task_id}")
+                assert (ti["state"], ti["try_number"]) == ("success", 1), (concurrent_id, ti)
         starts = sorted(finished, key=lambda run: run["start_date"])
         assert starts[1]["start_date"] < starts[0]["end_date"], "the two runs did not overlap"
         models = [_file_digest(Layout(artifacts).run(run_id) / "model.keras") for run_id in pair]
@@ -255,3 +297,92 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(served_archive
         assert not _temps(artifacts)
 
 
+
+
+# --------------------------------------------------------------------------- permanent errors fail at once
+class _UnavailableOnce(http.server.SimpleHTTPRequestHandler):
+    """Answers the first request with 503, then serves the folder."""
+
+    answered = 0
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        type(self).answered += 1
+        if type(self).answered == 1:
+            self.send_error(503, "busy")
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory):
+    """One migrated SQLite Airflow home for the runs below."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    subprocess.run([airflow_bin(), "db", "migrate"], env=airflow_env(home, home / "unused"), check=True,
+                   capture_output=True)
+    return home
+
+
+def _dags_test(home: Path, artifacts: Path, conf: dict) -> tuple[dict[str, tuple[str, int]], list, str]:
+    """``airflow dags test`` with retries 1 s apart and every step after download marked done.
+
+    Returns {task_id: (state, try_number)}, the (task_id, try_number, state)
+    of every earlier try, and the output.
+    """
+    before = _run_ids(home)
+    run = subprocess.run(
+        [airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf),
+         "--mark-success-pattern", "split|build_shards|train|evaluate|publish"],
+        env=airflow_env(home, artifacts, ALEXNET_RETRY_DELAY_SECONDS="1"),
+        capture_output=True, text=True, timeout=300,
+    )
+    output = run.stdout + run.stderr
+    new = _run_ids(home) - before
+    assert len(new) == 1, output[-3000:]
+    with sqlite3.connect(home / "airflow.db") as connection:
+        tasks = {task: (state, tries) for task, state, tries in connection.execute(
+            "SELECT task_id, state, try_number FROM task_instance WHERE run_id = ?", tuple(new))}
+        earlier = sorted(connection.execute(
+            "SELECT task_id, try_number, state FROM task_instance_history WHERE run_id = ?", tuple(new)))
+    return tasks, earlier, output
+
+
+def _run_ids(home: Path) -> set[str]:
+    with sqlite3.connect(home / "airflow.db") as connection:
+        return {row[0] for row in connection.execute("SELECT run_id FROM dag_run")}
+
+
+@pytest.mark.slow
+def test_permanent_errors_fail_on_the_first_try_network_errors_are_retried(small_archive, tmp_path, airflow_home):
+    path, md5 = small_archive
+    conf = {"image_size": 67, "epochs": 1, "validation_size": 50, "batch_size": 16}
+
+    # An archive with a `../` member is refused on try 1, and the run fails without waiting for retries.
+    unsafe = write_tar(tmp_path / "unsafe.tar.gz", archive_members(), extra=[_member("cifar-10-batches-py/../../x")])
+    started = time.monotonic()
+    tasks, earlier, output = _dags_test(airflow_home, tmp_path / "a1", {**conf, "source_url": str(unsafe),
+                                                                        "source_md5": md5_of(unsafe)})
+    assert tasks["download"] == ("failed", 1), (tasks, output[-3000:])
+    assert earlier == [], f"the permanent error was retried: {earlier}"
+    assert "refusing member that escapes the folder" in output and "AirflowFailException" in output
+    assert time.monotonic() - started < 120
+
+    # A source answering 503 once is retried, and the retry succeeds.
+    folder = tmp_path / "www"
+    folder.mkdir()
+    shutil.copy(path, folder / "cifar.tar.gz")
+    handler = type("Handler", (_UnavailableOnce,), {"answered": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cifar.tar.gz"
+        tasks, earlier, output = _dags_test(airflow_home, tmp_path / "a2", {**conf, "source_url": url,
+                                                                            "source_md5": md5})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert tasks["download"] == ("success", 2), (tasks, output[-3000:])
+    assert earlier == [("download", 1, "failed")], earlier  # the first try, kept when the retry began
+    assert "HTTP 503" in output
