@@ -146,7 +146,7 @@ def remove_stale_temps(final: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _exchange(first: Path, second: Path) -> bool:
+def exchange(first: Path, second: Path) -> bool:
     """Swap two paths in one atomic step; False where the system cannot (then nothing moved)."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
@@ -174,7 +174,7 @@ def _displace(new: Path, final: Path) -> Path:
     missing, where the system can exchange two names atomically).
     """
     aside = broken_name(final)
-    if _exchange(new, final):
+    if exchange(new, final):
         os.rename(new, aside)
     else:
         os.rename(final, aside)

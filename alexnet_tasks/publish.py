@@ -32,8 +32,6 @@ two trainings:
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import logging
 import os
@@ -44,6 +42,7 @@ from pathlib import Path
 from alexnet_tasks import retention
 from alexnet_tasks.atomic import (
     atomic_write_bytes,
+    exchange,
     file_lock,
     fsync_dir,
     remove_stale_temps,
@@ -71,9 +70,6 @@ INDEX_FIELDS = ("run_id", "published_at", "test_accuracy", "test_loss", "path") 
     "config", "data_key", "code_version", "blessed", "blessed_reason", "train_settings",
 )
 LATER_INDEX_FIELDS = INDEX_FIELDS[5:]
-
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
 
 
 def _copy_run(run_dir: Path, destination: Path, with_model: bool = True) -> None:
@@ -107,24 +103,9 @@ def _build_copy(run_dir: Path, final: Path, with_model: bool = True) -> Path:
     return tmp
 
 
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths in one atomic step; False where the system cannot (then nothing moved)."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(first), None, str(second))
-
-
 def _replace_directory(new: Path, final: Path) -> None:
     """Put the complete folder ``new`` in place of ``final`` and remove the old copy."""
-    if _exchange(new, final):
+    if exchange(new, final):
         old = new  # the exchange left the old copy under the temporary name
     else:
         old = temp_sibling(final)

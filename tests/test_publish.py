@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from alexnet_tasks.config import Layout, PipelineConfig
-from alexnet_tasks.publish import INDEX_FIELDS, _exchange, load_runs, publish, read_index
+from alexnet_tasks.atomic import exchange
+from alexnet_tasks.publish import INDEX_FIELDS, load_runs, publish, read_index
 
 SUMMARY = "train_summary.json"
 
@@ -267,7 +268,7 @@ def test_metrics_from_another_training_are_refused(tmp_path):
 def test_readers_never_miss_a_run_while_it_is_replaced(tmp_path):
     (tmp_path / "probe-a").mkdir()
     (tmp_path / "probe-b").mkdir()
-    if not _exchange(tmp_path / "probe-a", tmp_path / "probe-b"):
+    if not exchange(tmp_path / "probe-a", tmp_path / "probe-b"):
         pytest.skip("this system cannot exchange two folders atomically; publish falls back to two renames")
     published = tmp_path / "published"
     runs = [fake_run(tmp_path, f"version{n}", 0.5, f"{n}" * 64) for n in range(1, 9)]
