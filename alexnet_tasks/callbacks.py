@@ -92,6 +92,11 @@ class EpochLog(keras.callbacks.Callback):
         )
 
 
+# The plan sizes the schedule for epochs this much longer than the first one, so that a few slower
+# epochs (a busy machine, a checkpoint on a slow disk) still end the schedule inside the budget.
+PLAN_HEADROOM = 1.05
+
+
 class TimeBudget(keras.callbacks.Callback):
     """Size the plan to the budget after the first epoch; stop when the plan ends or the budget would overrun."""
 
@@ -103,7 +108,7 @@ class TimeBudget(keras.callbacks.Callback):
         progress, done = self.progress, epoch + 1
         seconds = (logs or {}).get("epoch_seconds", 0.0)
         if progress.budget_seconds is not None and not progress.plan_fixed:
-            fits = int(progress.budget_seconds // max(seconds, 1e-9))
+            fits = int(progress.budget_seconds // (max(seconds, 1e-9) * PLAN_HEADROOM))
             progress.epochs_planned = max(done, min(progress.settings.epochs, fits))
             progress.plan_fixed = True
             log.info(
@@ -116,7 +121,9 @@ class TimeBudget(keras.callbacks.Callback):
         if progress.budget_seconds is None:
             return
         elapsed = progress.seconds_spent() + seconds  # this epoch is not in the history yet
-        if elapsed + seconds > progress.budget_seconds:  # the next epoch, as long as this one, would overrun
+        # The next epoch is expected to take the run's mean so far: one epoch slowed by a busy
+        # machine does not cut the schedule one epoch short of its end.
+        if elapsed + elapsed / done > progress.budget_seconds:
             log.info(
                 "time budget of %.2f min reached after %d of %d planned epochs; stopping (truncated)",
                 progress.budget_seconds / 60, done, progress.epochs_planned,
