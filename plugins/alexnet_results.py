@@ -267,7 +267,7 @@ class Run:
 
     @property
     def reason(self) -> str | None:
-        return _first(self.line.get("reason"), (self.decision or {}).get("reason"))
+        return _first(self.line.get("blessed_reason"), self.line.get("reason"), (self.decision or {}).get("reason"))
 
 
 def load_runs(root: Path, details: bool = True) -> list[Run]:

@@ -334,7 +334,7 @@ def _dags_test(home: Path, artifacts: Path, conf: dict) -> tuple[dict[str, tuple
     before = _run_ids(home)
     run = subprocess.run(
         [airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf),
-         "--mark-success-pattern", "split|build_shards|train|evaluate|publish"],
+         "--mark-success-pattern", "split|build_shards|train|evaluate|gate|publish"],
         env=airflow_env(home, artifacts, ALEXNET_RETRY_DELAY_SECONDS="1"),
         capture_output=True, text=True, timeout=300,
     )

@@ -168,11 +168,12 @@ def published(trained_run, tmp_path_factory) -> Path:
     new.update(
         path=f"runs/{NEW_FOLDER}", fingerprint="3f2a9c1e0b", truncated=False, epochs_run=3, epochs_planned=5,
         devices={"count": 2, "name": "NVIDIA H100"}, seconds=754.0, blessed=False,
-        reason="test accuracy below the champion's", config={"recipe": "fast", "image_size": 67, "epochs": 5},
+        blessed_reason="test accuracy 0.5100 below the champion's 0.5400",  # the field publish writes
+        config={"recipe": "fast", "image_size": 67, "epochs": 5},
     )
     (published_root / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in (old, new)))
     (published_root / "runs" / NEW_FOLDER / "decision.json").write_text(json.dumps(
-        {"blessed": False, "reason": "test accuracy below the champion's", "champion_run_id": OLD_RUN,
+        {"blessed": False, "reason": "below the champion", "champion_run_id": OLD_RUN,
          "p_value": 0.0312}))
     latest = published_root / "latest"
     latest.unlink()
@@ -281,6 +282,7 @@ def test_run_page_shows_metrics_curves_classes_pictures_config_and_tensorboard(c
 @pytest.mark.slow
 def test_run_page_shows_the_nightly_fields_and_gate_decision_when_present(client):
     page = client.get(f"/alexnet/runs/{quoted(NEW_RUN)}").text
+    assert "not blessed: test accuracy 0.5100 below the champion&#39;s 0.5400" in page, "the index line's reason"
     assert "3f2a9c1e0b" in page and "2 x NVIDIA H100" in page and "12 min 34 s" in page
     assert "not blessed" in page and "p_value" in page and "0.0312" in page and OLD_RUN in page
     assert f"<code>{NEW_FOLDER}</code>" in page, "the folder comes from the index's path"
