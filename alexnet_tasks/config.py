@@ -415,6 +415,17 @@ def json_safe(payload: Any, _where: str = "") -> tuple[Any, list[str]]:
     return payload, []
 
 
+def load_json_object(path: Path, advice: str = "") -> dict:
+    """The JSON object in ``path``; a ValueError naming the file (plus ``advice``) when it is not one."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}){advice}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(payload).__name__}")
+    return payload
+
+
 def save_json(path: Path, payload: Any) -> Path:
     """Write strict JSON atomically (temporary name, fsync, rename); NaN and infinity are written as null."""
     from alexnet_tasks.atomic import atomic_write_bytes

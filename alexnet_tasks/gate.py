@@ -34,7 +34,7 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alexnet_tasks.config import PipelineConfig, save_json
+from alexnet_tasks.config import PipelineConfig, load_json_object, save_json
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,7 @@ def paired_counts(challenger, champion, labels) -> dict:
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; {what}")
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(payload).__name__}")
-    return payload
+    return load_json_object(path)
 
 
 def _read_predictions(path: Path):

@@ -48,7 +48,7 @@ from alexnet_tasks.atomic import (
     remove_stale_temps,
     temp_sibling,
 )
-from alexnet_tasks.config import PipelineConfig, safe_run_id
+from alexnet_tasks.config import PipelineConfig, load_json_object, safe_run_id
 from alexnet_tasks.run_summary import TRAIN_SUMMARY, read_train_summary, same_run
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,7 @@ def read_decision(run_dir: Path) -> dict | None:
     path = run_dir / DECISION
     if not path.is_file():
         return None
-    try:
-        decision = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(decision, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(decision).__name__}")
+    decision = load_json_object(path)
     if not isinstance(decision.get("blessed"), bool):
         raise ValueError(f"{path}: blessed must be true or false, got {decision.get('blessed')!r}")
     reasons = decision.get("reasons", [])

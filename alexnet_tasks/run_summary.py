@@ -9,10 +9,11 @@ never taken to equal another one.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
+
+from alexnet_tasks.config import load_json_object
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,7 @@ def read_train_summary(run_dir: Path) -> dict | None:
     path = Path(run_dir) / TRAIN_SUMMARY
     if not path.is_file():
         return None
-    try:
-        summary = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); train again to rewrite it") from None
-    if not isinstance(summary, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    summary = load_json_object(path, "; train again to rewrite it")
     fingerprint = summary.get("fingerprint")
     if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
         raise ValueError(f"{path}: fingerprint must be 64 lowercase hex digits, got {fingerprint!r}")
