@@ -49,6 +49,27 @@ NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (32, 32, 3)
 MIN_IMAGE_SIZE = 67  # smallest input for which AlexNet's three max-pools keep a 1x1 map
 RECIPES = ("reference", "fast")
+# Test-time augmentation: "flip" averages the softmax of each image and its mirror image,
+# "flip_shift" adds both shifted by one pixel in each of the four directions (10 views).
+TEST_TIME_AUGMENTATIONS = ("none", "flip", "flip_shift")
+RECIPE_TEST_TIME_AUGMENTATION = {"reference": "none", "fast": "flip"}  # test_time_augmentation "recipe"
+# The recipe settings ``recipe_options`` may override: JSON-schema type and bounds (or enum).
+# alexnet_tasks.recipe.TrainSettings has a field of each name (a test checks).
+RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
+    "momentum": {"type": "number", "minimum": 0, "maximum": 0.999},
+    "nesterov": {"type": "boolean"},
+    "weight_decay": {"type": ["number", "null"], "minimum": 0, "maximum": 0.1},
+    "weight_decay_norm_and_bias": {"type": "boolean"},
+    "label_smoothing": {"type": "number", "minimum": 0, "maximum": 0.5},
+    "warmup_epochs": {"type": "number", "minimum": 0, "maximum": 100},
+    "decay": {"type": "string", "enum": ["constant", "cosine", "linear"]},
+    "augment": {"type": "boolean"},
+    "max_shift": {"type": "integer", "minimum": 0, "maximum": 8},
+    "dropout": {"type": "number", "minimum": 0, "maximum": 0.9},
+    "batchnorm_momentum": {"type": "number", "minimum": 0, "maximum": 0.999},
+    "kernel_initializer": {"type": "string", "enum": ["glorot_uniform", "he_normal"]},
+    "ema_momentum": {"type": ["number", "null"], "minimum": 0.5, "maximum": 0.9999},
+}
 PUBLISH_MODES = ("gated", "always")
 # Settings of the gate alone: they decide what is published, not what is trained.
 GATE_SETTINGS = ("accuracy_floor", "gate_tolerance", "publish_mode")
@@ -142,6 +163,18 @@ class PipelineConfig:
         description="Optional time budget for training; empty means none. A run that stops before its "
         "schedule ends is marked truncated in metrics.json and the published index.",
     )
+    test_time_augmentation: str = _setting(
+        "recipe", kind="string", enum=["recipe", *TEST_TIME_AUGMENTATIONS], title="Test-time augmentation",
+        description="How evaluate predicts: none, flip (mean softmax of each test image and its mirror image) "
+        "or flip_shift (also both shifted by 1 px in four directions: 10 views); recipe takes the recipe's "
+        "(fast flip, reference none). metrics.json keeps the plain accuracy too.",
+    )
+    recipe_options: dict | None = _setting(
+        None, kind="object", title="Recipe options", shown_default="none",
+        properties=RECIPE_OPTIONS, additionalProperties=False,
+        description="Optional JSON object overriding the recipe's training settings, e.g. "
+        '{"dropout": 0.3, "decay": "linear"}; allowed keys: ' + ", ".join(RECIPE_OPTIONS) + ".",
+    )
     accuracy_floor: float = _setting(
         0.25, kind="number", minimum=0, maximum=1, title="Gate: accuracy floor",
         description="Lowest test accuracy a run may have to be published (0.25 is two and a half times "
@@ -170,6 +203,8 @@ class PipelineConfig:
                 f"unknown setting(s) {', '.join(map(repr, unknown))}; "
                 f"expected some of: {', '.join(sorted(known))}"
             )
+        if values.get("recipe_options") == {}:
+            values = {**values, "recipe_options": None}  # no overrides, one way: the same fingerprint
         config = cls(**values)
         config.validate()
         return config
@@ -192,6 +227,12 @@ class PipelineConfig:
                 f"train_limit={self.train_limit} exceeds the {available} training images "
                 f"left after holding out validation_size={self.validation_size}"
             )
+
+    def resolved_test_time_augmentation(self) -> str:
+        """The test-time augmentation evaluate uses: the param's, or the recipe's for ``recipe``."""
+        if self.test_time_augmentation == "recipe":
+            return RECIPE_TEST_TIME_AUGMENTATION[self.recipe]
+        return self.test_time_augmentation
 
     # -- content addresses -------------------------------------------------
     def split_key(self) -> str:
@@ -306,6 +347,9 @@ def _check_setting(setting: dataclasses.Field, value: Any) -> None:
             return
         raise ValueError(f"{name} must be set, got None")
     kind = facts["type"]
+    if kind == "object":
+        check_recipe_options(value)
+        return
     if kind == "string":
         if not isinstance(value, str):
             raise ValueError(f"{name} must be a string, got {value!r}")
@@ -327,6 +371,38 @@ def _check_setting(setting: dataclasses.Field, value: Any) -> None:
             raise ValueError(f"{name} must be in ({schema['exclusiveMinimum']}, {high}], got {value!r}")
     elif not schema["minimum"] <= value <= high:
         raise ValueError(f"{name} must be between {schema['minimum']} and {high}, got {value}")
+
+
+def check_recipe_options(options: Any) -> None:
+    """Raise ValueError naming the first key of ``options`` that is unknown or outside its bounds."""
+    if not isinstance(options, dict):
+        raise ValueError(f"recipe_options must be a JSON object, got {options!r}")
+    unknown = sorted(set(options) - set(RECIPE_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"recipe_options: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"expected some of: {', '.join(RECIPE_OPTIONS)}"
+        )
+    for name, value in options.items():
+        schema = RECIPE_OPTIONS[name]
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        where = f"recipe_options.{name}"
+        if value is None:
+            if "null" in kinds:
+                continue
+            raise ValueError(f"{where} must be set, got null")
+        if "boolean" in kinds:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where} must be true or false, got {value!r}")
+        elif "string" in kinds:
+            if value not in schema["enum"]:
+                raise ValueError(f"{where} must be one of {tuple(schema['enum'])}, got {value!r}")
+        else:
+            integer = "integer" in kinds
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                raise ValueError(f"{where} must be {'an integer' if integer else 'a number'}, got {value!r}")
+            if not schema["minimum"] <= value <= schema["maximum"]:  # NaN fails too
+                raise ValueError(f"{where} must be between {schema['minimum']} and {schema['maximum']}, got {value}")
 
 
 def _search(pattern: str, value: str) -> bool:

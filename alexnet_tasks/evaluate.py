@@ -1,8 +1,14 @@
 """Evaluate the trained model on the test split.
 
-Writes ``predictions.npy`` (the predicted class of every test image, uint8,
-in the test shard's order, so two runs scored on the same images compare
-image by image), ``metrics.json`` (test loss, accuracy, per-class accuracy,
+With test-time augmentation (``flip``: each image and its mirror image;
+``flip_shift``: both also shifted by one pixel in each of four directions,
+zero-filled) the prediction is the mean softmax over the views; the plain
+prediction (the image alone) is kept beside it. Writes ``predictions.npy``
+(the predicted class of every test image, uint8, in the test shard's order,
+so two runs scored on the same images compare image by image; with test-time
+augmentation also ``predictions_plain.npy``), ``metrics.json`` (the kind of
+test-time augmentation, test loss, accuracy, ``test_accuracy_plain`` and
+``test_accuracy_augmented`` (null without augmentation), per-class accuracy,
 confusion matrix, the test shard's ``images_sha256``, ``finite`` and ``nonfinite`` (a diverged
 model's NaN or infinite figures are written as null and named there), the last epoch's
 validation accuracy from ``history.json`` (null without one), and what train recorded in ``train_summary.json``: the run's
@@ -32,6 +38,9 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.npy"
+PLAIN_PREDICTIONS = "predictions_plain.npy"  # with test-time augmentation: the image alone
+TEST_TIME_AUGMENTATIONS = ("none", "flip", "flip_shift")
+SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (rows, columns) of flip_shift's one-pixel shifts
 HISTORY = "history.json"
 CONFUSION_PNG = "confusion_matrix.png"
 SAMPLES_PNG = "test_samples.png"
@@ -63,6 +72,45 @@ def summarize(probabilities: np.ndarray, labels: np.ndarray, class_names: list[s
         "confusion_matrix": matrix.tolist(),
         "class_names": list(class_names),
     }
+
+
+def shifted(images: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """``images`` (N, H, W, C) moved down ``rows`` and right ``columns`` pixels (negative: up, left), zero-filled.
+
+    Zero is the mean of a standardized image, as in the training augmentation.
+    """
+    out = np.zeros_like(images)
+    height, width = images.shape[1:3]
+    out[:, max(rows, 0):height + min(rows, 0), max(columns, 0):width + min(columns, 0)] = \
+        images[:, max(-rows, 0):height + min(-rows, 0), max(-columns, 0):width + min(-columns, 0)]
+    return out
+
+
+def test_time_views(images: np.ndarray, kind: str):
+    """The views ``kind`` predicts from, one at a time, the images themselves first."""
+    if kind not in TEST_TIME_AUGMENTATIONS:
+        raise ValueError(f"test_time_augmentation must be one of {TEST_TIME_AUGMENTATIONS}, got {kind!r}")
+    yield images
+    if kind == "none":
+        return
+    mirrored = images[:, :, ::-1]
+    yield mirrored
+    if kind == "flip_shift":
+        for rows, columns in SHIFTS:
+            yield shifted(images, rows, columns)
+            yield shifted(mirrored, rows, columns)
+
+
+def predict_views(model, images: np.ndarray, kind: str, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(plain, augmented)`` softmax outputs: the images alone, and the mean over ``kind``'s views."""
+    plain, total, views = None, None, 0
+    for view in test_time_views(images, kind):
+        probabilities = np.asarray(model.predict(np.ascontiguousarray(view), batch_size=batch_size, verbose=0),
+                                   dtype=np.float64)
+        plain = probabilities if plain is None else plain
+        total = probabilities if total is None else total + probabilities
+        views += 1
+    return plain, total / views
 
 
 def finite_metrics(metrics: dict) -> dict:
@@ -173,6 +221,7 @@ def _write_tensorboard(log_dir: Path, metrics: dict, confusion_png: bytes, sampl
     with writer.as_default():
         tf.summary.scalar("test_loss", metrics["test_loss"], step=0)
         tf.summary.scalar("test_accuracy", metrics["test_accuracy"], step=0)
+        tf.summary.scalar("test_accuracy_plain", metrics["test_accuracy_plain"], step=0)
         for name, value in metrics["per_class_accuracy"].items():
             tf.summary.scalar(f"test_accuracy_per_class/{name}", value, step=0)
         for tag, png in (("confusion_matrix", confusion_png), ("test_samples", samples_png)):
@@ -187,8 +236,14 @@ def evaluate(
     run_dir: Path,
     source_md5: str | None = None,
     batch_size: int = 256,
+    test_time_augmentation: str = "none",
 ) -> dict:
-    """Evaluate ``model_path`` on ``test.h5``; returns the headline metrics and file paths."""
+    """Evaluate ``model_path`` on ``test.h5``; returns the headline metrics and file paths.
+
+    ``test_time_augmentation``: ``none``, ``flip`` or ``flip_shift``; the
+    headline figures (``test_accuracy``, ``test_loss``, the confusion
+    matrix, ``predictions.npy``) are the augmented prediction's.
+    """
     import keras
 
     model_path, run_dir = Path(model_path), Path(run_dir)
@@ -200,9 +255,17 @@ def evaluate(
     images, labels = load_split(test_path, source_md5)
     test_attrs = read_attrs(test_path)
     class_names = [str(name) for name in test_attrs["class_names"]]
+    if test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
+        raise ValueError(f"test_time_augmentation must be one of {TEST_TIME_AUGMENTATIONS}, "
+                         f"got {test_time_augmentation!r}")
     model = keras.models.load_model(model_path)
-    probabilities = np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
+    plain, probabilities = predict_views(model, images, test_time_augmentation, batch_size)
+    augmented = test_time_augmentation != "none"
     metrics = summarize(probabilities, labels, class_names)
+    plain_predicted = plain.argmax(axis=1)
+    metrics["test_time_augmentation"] = test_time_augmentation
+    metrics["test_accuracy_plain"] = float((plain_predicted == labels).mean())
+    metrics["test_accuracy_augmented"] = metrics["test_accuracy"] if augmented else None
     metrics["model"] = str(model_path)
     metrics["test_images_sha256"] = str(test_attrs["images_sha256"])
     metrics["validation_accuracy"] = validation_accuracy
@@ -212,12 +275,18 @@ def evaluate(
     confusion_png = confusion_figure(np.array(metrics["confusion_matrix"]), class_names, metrics["test_accuracy"])
     samples_png = samples_figure(images, labels, predicted, class_names)
     atomic_write_bytes(run_dir / PREDICTIONS, predictions_bytes(predicted, len(class_names)))
+    if augmented:
+        atomic_write_bytes(run_dir / PLAIN_PREDICTIONS, predictions_bytes(plain_predicted, len(class_names)))
+    else:
+        (run_dir / PLAIN_PREDICTIONS).unlink(missing_ok=True)  # a re-evaluation without augmentation
     atomic_write_bytes(run_dir / CONFUSION_PNG, confusion_png)
     atomic_write_bytes(run_dir / SAMPLES_PNG, samples_png)
     _write_tensorboard(run_dir / "tensorboard" / "test", metrics, confusion_png, samples_png)
     log.info(
-        "test accuracy %.4f  loss %.4f on %d images; worst class %s (%.3f); fingerprint %s%s",
-        metrics["test_accuracy"], metrics["test_loss"], len(labels),
+        "test accuracy %.4f%s  loss %.4f on %d images; worst class %s (%.3f); fingerprint %s%s",
+        metrics["test_accuracy"],
+        f" with test-time augmentation {test_time_augmentation} (plain {metrics['test_accuracy_plain']:.4f})"
+        if augmented else "", metrics["test_loss"], len(labels),
         *min(metrics["per_class_accuracy"].items(), key=lambda item: item[1]),
         metrics["fingerprint"] or "unknown", "; training was truncated" if metrics["truncated"] else "",
     )
@@ -231,6 +300,8 @@ def evaluate(
         "predictions": str(run_dir / PREDICTIONS),
         "confusion_matrix": str(run_dir / CONFUSION_PNG),
         "test_accuracy": metrics["test_accuracy"],
+        "test_accuracy_plain": metrics["test_accuracy_plain"],
+        "test_time_augmentation": test_time_augmentation,
         "test_loss": metrics["test_loss"],
         "fingerprint": metrics["fingerprint"],
         "truncated": metrics["truncated"],

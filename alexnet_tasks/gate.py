@@ -21,6 +21,10 @@ that split (a binomial test on the discordant images, so no SciPy). The run
 is blessed when the sanity checks hold and its accuracy is at least the
 champion's minus ``gate_tolerance``; with no champion, sanity alone decides.
 The p-value is recorded for whoever reads the decision; it does not decide.
+Accuracies of the same kind are compared: when both runs used the same
+test-time augmentation their headline figures, otherwise both runs' plain
+figures (``test_accuracy_plain`` and ``predictions_plain.npy``; a run without
+augmentation has only plain ones); ``compared_as`` in the decision says which.
 
 ``publish_mode="always"`` blesses the run whatever the checks say, and still
 records what they found.
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 DECISION = "decision.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.npy"
+PLAIN_PREDICTIONS = "predictions_plain.npy"
 INDEX = "index.jsonl"
 LATEST = "latest"
 # Accuracies are shares of the same images; a difference below this is rounding, not a worse model.
@@ -128,6 +133,20 @@ def _test_labels(shards_dir: Path, test_images_sha256: str | None):
         )
     with h5py.File(path, "r") as handle:
         return handle["labels"][...]
+
+
+def augmentation_kind(metrics: dict) -> str:
+    """The test-time augmentation a run's headline figures used (``none`` for runs that recorded none)."""
+    return metrics.get("test_time_augmentation") or "none"
+
+
+def figures_of_kind(metrics: dict, folder: Path, kind: str) -> tuple[float | None, Path]:
+    """A run's test accuracy and predictions file of ``kind``: its headline ones, or its plain ones for ``none``."""
+    if augmentation_kind(metrics) == kind:
+        return _number(metrics.get("test_accuracy")), Path(folder) / PREDICTIONS
+    if kind != "none":
+        raise ValueError(f"a run evaluated with {augmentation_kind(metrics)!r} has no {kind!r} figures")
+    return _number(metrics.get("test_accuracy_plain")), Path(folder) / PLAIN_PREDICTIONS
 
 
 def _number(value) -> float | None:
@@ -219,18 +238,22 @@ def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir
     """
     run_dir, published_root = Path(run_dir), Path(published_root)
     metrics = _read_json(run_dir / METRICS, "evaluate must finish before the gate")
-    predictions_path = run_dir / PREDICTIONS
-    if not predictions_path.is_file():
-        raise FileNotFoundError(f"{predictions_path}: missing; evaluate must finish before the gate")
-    predictions = _read_predictions(predictions_path)
+    if not (run_dir / PREDICTIONS).is_file():
+        raise FileNotFoundError(f"{run_dir / PREDICTIONS}: missing; evaluate must finish before the gate")
+    predictions = _read_predictions(run_dir / PREDICTIONS)
     champion = champion_of(published_root)
     champion_metrics = None if champion is None else champion["metrics"]
     checks = sanity_checks(metrics, config.accuracy_floor, champion_metrics)
     sanity = all(check["passed"] for check in checks.values())
     reasons = [check["detail"] for check in checks.values() if not check["passed"]]
 
-    accuracy = _number(metrics.get("test_accuracy"))
-    champion_accuracy = None if champion is None else _number(champion_metrics.get("test_accuracy"))
+    headline_accuracy = _number(metrics.get("test_accuracy"))
+    compared_as = augmentation_kind(metrics)
+    if champion is not None and augmentation_kind(champion_metrics) != compared_as:
+        compared_as = "none"  # different views: compare what both have, the plain prediction
+    accuracy, predictions_path = figures_of_kind(metrics, run_dir, compared_as)
+    champion_accuracy, champion_predictions = (None, None) if champion is None else \
+        figures_of_kind(champion_metrics, champion["folder"], compared_as)
     paired, comparison = None, None
     if champion is None:
         comparison = {"passed": True, "detail": "no champion yet: the sanity checks decide"}
@@ -243,19 +266,24 @@ def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir
             comparison = {"passed": False, "detail": (
                 f"scored on other test images (sha256 {ours[:12]}) than the champion {champion['run_id']} "
                 f"({theirs[:12]}); their accuracies are not comparable")}
-        elif champion["predictions"].is_file() and ours is not None and theirs is not None:
+        elif champion_predictions.is_file() and ours is not None and theirs is not None:
+            if predictions_path != run_dir / PREDICTIONS:
+                if not predictions_path.is_file():
+                    raise FileNotFoundError(f"{predictions_path}: missing; evaluate again to write it")
+                predictions = _read_predictions(predictions_path)
             labels = _test_labels(shards_dir, ours)
             if len(predictions) != len(labels):
                 raise ValueError(
                     f"{predictions_path}: {len(predictions)} predictions for the {len(labels)} test images"
                 )
-            paired = paired_counts(predictions, _read_predictions(champion["predictions"]), labels)
+            paired = paired_counts(predictions, _read_predictions(champion_predictions), labels)
         if comparison is None:
             tolerance = config.gate_tolerance
             not_worse = (accuracy is not None and champion_accuracy is not None
                          and accuracy + tolerance + _EPSILON >= champion_accuracy)
-            detail = (f"test accuracy {_fmt(accuracy)} {'is' if not_worse else 'is not'} at least the champion "
-                      f"{champion['run_id']}'s {_fmt(champion_accuracy)}"
+            kind = "" if compared_as == augmentation_kind(metrics) else "plain "
+            detail = (f"{kind}test accuracy {_fmt(accuracy)} {'is' if not_worse else 'is not'} at least the "
+                      f"champion {champion['run_id']}'s {_fmt(champion_accuracy)}"
                       + (f" minus the tolerance {tolerance:g}" if tolerance else ""))
             if paired is not None:
                 detail += (f" (on {paired['images']} images: {paired['only_challenger_right']} right only here, "
@@ -286,7 +314,10 @@ def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir
         "checks": checks,
         "accuracy_floor": config.accuracy_floor,
         "gate_tolerance": config.gate_tolerance,
-        "test_accuracy": accuracy,
+        "test_accuracy": headline_accuracy,
+        "test_time_augmentation": augmentation_kind(metrics),
+        "compared_as": compared_as,
+        "compared_accuracy": accuracy,
         "test_loss": _number(metrics.get("test_loss")),
         "champion": None if champion is None else champion["run_id"],
         "champion_path": None if champion is None else champion["path"],

@@ -97,43 +97,61 @@ def build_alexnet(
     num_classes: int = NUM_CLASSES,
     augment: bool = False,
     seed: int | None = None,
+    max_shift: int = 4,
+    dropout: float = 0.5,
+    batchnorm_momentum: float = 0.99,
+    kernel_initializer: str = "glorot_uniform",
 ) -> keras.Model:
     """The reference AlexNet: 5 convolutions with BatchNorm, 3 max-pools, 2 x dense 4096.
 
     ``seed`` (the training seed) gives each random layer its own seed,
     derived from ``seed`` and the layer's name; None leaves them unseeded.
+    The other arguments change no layer, only its settings: the
+    augmentation's largest shift (pixels), both dropout rates, BatchNorm's
+    momentum and the kernels' initializer (Keras' glorot_uniform, or
+    he_normal for the ReLU layers).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
 
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
     def seed_of(name: str) -> int | None:
         return None if seed is None else stream_seed(seed, name)
 
+    def conv(filters: int, size: int, name: str, **options) -> layers.Conv2D:
+        return layers.Conv2D(filters, size, activation="relu", kernel_initializer=kernel_initializer, name=name,
+                             **options)
+
+    def norm(name: str) -> layers.BatchNormalization:
+        return layers.BatchNormalization(momentum=batchnorm_momentum, name=name)
+
     stack = [keras.Input(shape=IMAGE_SHAPE, name="image")]
     if augment:
-        stack.append(RandomShiftFlip(4, seed=seed_of("augmentation"), name="augmentation"))
+        stack.append(RandomShiftFlip(max_shift, seed=seed_of("augmentation"), name="augmentation"))
     stack += [
         layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize"),
-        layers.Conv2D(96, 11, strides=4, activation="relu", name="conv1"),
-        layers.BatchNormalization(name="bn1"),
+        conv(96, 11, "conv1", strides=4),
+        norm("bn1"),
         layers.MaxPooling2D(3, strides=2, name="pool1"),
-        layers.Conv2D(256, 5, padding="same", activation="relu", name="conv2"),
-        layers.BatchNormalization(name="bn2"),
+        conv(256, 5, "conv2", padding="same"),
+        norm("bn2"),
         layers.MaxPooling2D(3, strides=2, name="pool2"),
-        layers.Conv2D(384, 3, padding="same", activation="relu", name="conv3"),
-        layers.BatchNormalization(name="bn3"),
-        layers.Conv2D(384, 1, activation="relu", name="conv4"),
-        layers.BatchNormalization(name="bn4"),
-        layers.Conv2D(256, 1, activation="relu", name="conv5"),
-        layers.BatchNormalization(name="bn5"),
+        conv(384, 3, "conv3", padding="same"),
+        norm("bn3"),
+        conv(384, 1, "conv4"),
+        norm("bn4"),
+        conv(256, 1, "conv5"),
+        norm("bn5"),
         layers.MaxPooling2D(3, strides=2, name="pool5"),
         layers.Flatten(name="flatten"),
-        layers.Dense(4096, activation="relu", name="fc6"),
-        layers.Dropout(0.5, seed=seed_of("drop6"), name="drop6"),
-        layers.Dense(4096, activation="relu", name="fc7"),
-        layers.Dropout(0.5, seed=seed_of("drop7"), name="drop7"),
+        layers.Dense(4096, activation="relu", kernel_initializer=kernel_initializer, name="fc6"),
+        layers.Dropout(dropout, seed=seed_of("drop6"), name="drop6"),
+        layers.Dense(4096, activation="relu", kernel_initializer=kernel_initializer, name="fc7"),
+        layers.Dropout(dropout, seed=seed_of("drop7"), name="drop7"),
         # float32 output keeps the softmax and the loss exact under mixed precision.
         layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions"),
     ]

@@ -59,11 +59,11 @@ DECISION = "decision.json"
 # What a published run holds; the first two are required.
 MODEL = "model.keras"
 REQUIRED = (MODEL, "metrics.json")
-OPTIONAL = ("config.json", "history.json", TRAIN_SUMMARY, "predictions.npy", DECISION,
+OPTIONAL = ("config.json", "history.json", TRAIN_SUMMARY, "predictions.npy", "predictions_plain.npy", DECISION,
             "confusion_matrix.png", "test_samples.png", "tensorboard")
 # Copied from metrics.json into the index line (null where metrics.json lacks them).
 TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_planned", "devices", "seconds",
-                         "validation_accuracy")
+                         "validation_accuracy", "test_time_augmentation", "test_accuracy_plain")
 # Every field of an index line. The first five are in every line ever written; lines written
 # before the others existed lack them, and read_index fills them with None.
 INDEX_FIELDS = ("run_id", "published_at", "test_accuracy", "test_loss", "path") + TRAINING_INDEX_FIELDS + (

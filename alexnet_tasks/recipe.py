@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import keras
 
-from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.config import RECIPE_TEST_TIME_AUGMENTATION, PipelineConfig
 
 FLOAT32 = "float32"
 MIXED_BFLOAT16 = "mixed_bfloat16"
@@ -33,9 +33,17 @@ class TrainSettings:
     nesterov: bool = False  # Nesterov momentum
     weight_decay: float | None = None  # decoupled weight decay per step, scaled by the lr
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    weight_decay_norm_and_bias: bool = True  # False: no weight decay on BatchNorm's scale and offset or on biases
     warmup_epochs: float = 0.0  # linear warm-up from 10% of the peak rate (at most 20% of the epochs)
-    cosine_decay: bool = False  # decay the rate to 0 along a half cosine, ending with the planned epochs
+    decay: str = "constant"  # after warm-up: constant, or to 0 at the plan's end along a half cosine or a line
     augment: bool = False  # random flip + translation, on the device
+    max_shift: int = 4  # largest translation of the augmentation, in pixels of the 32x32 image
+    dropout: float = 0.5  # rate of both dropout layers
+    batchnorm_momentum: float = 0.99  # BatchNorm's moving-statistics momentum (Keras' default 0.99)
+    kernel_initializer: str = "glorot_uniform"  # of every convolution and dense kernel (he_normal: He et al.)
+    ema_momentum: float | None = None  # exponential moving average of the weights per step; BatchNorm
+    # statistics are recomputed for the averaged weights after training (None: no averaging)
+    test_time_augmentation: str = "none"  # evaluate's views: none, flip or flip_shift (config.TEST_TIME_AUGMENTATIONS)
     precision: str = FLOAT32  # Keras dtype policy: float32, mixed_bfloat16 or mixed_float16 (GPU only)
     jit_compile: bool = False  # XLA-compile the train step (where it pays: see xla_pays)
     max_train_minutes: float | None = None  # time budget: the first epoch's time sizes the planned epochs
@@ -53,8 +61,9 @@ RECIPE_DEFAULTS = {
         weight_decay=5e-4,
         label_smoothing=0.1,
         warmup_epochs=1.0,
-        cosine_decay=True,
+        decay="cosine",
         augment=True,
+        test_time_augmentation=RECIPE_TEST_TIME_AUGMENTATION["fast"],
         jit_compile=True,  # where it pays: see xla_pays
     ),
 }
@@ -124,6 +133,8 @@ def resolve_settings(
     for name in ("epochs", "batch_size", "learning_rate"):
         if getattr(config, name) is not None:
             values[name] = getattr(config, name)
+    values.update(config.recipe_options or {})
+    values["test_time_augmentation"] = config.resolved_test_time_augmentation()
     if config.recipe == "fast":
         values["precision"] = precision_policy(compute_capability)
     values["jit_compile"] = xla_pays(values.get("jit_compile", False), replicas, compute_capability, onednn)
@@ -152,9 +163,9 @@ def warmup_steps(settings: TrainSettings, steps_per_epoch: int) -> int:
 def learning_rate_at(settings: TrainSettings, step: int, steps_per_epoch: int, epochs_planned: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based) in a run planned for ``epochs_planned``.
 
-    Linear warm-up from 10% of the peak, then (with ``cosine_decay``) a half
-    cosine that reaches 0 at the end of the last planned epoch; without it
-    the peak rate stays. The warm-up does not depend on the plan, so a plan
+    Linear warm-up from 10% of the peak, then (``decay``) a half cosine or a
+    line that reaches 0 at the end of the last planned epoch, or the peak
+    rate throughout (``constant``). The warm-up does not depend on the plan, so a plan
     made after the first epoch (a time budget) leaves the steps already run
     unchanged.
     """
@@ -162,10 +173,12 @@ def learning_rate_at(settings: TrainSettings, step: int, steps_per_epoch: int, e
     warmup = warmup_steps(settings, steps_per_epoch)
     if step < warmup:
         return peak * (0.1 + 0.9 * step / warmup)
-    if not settings.cosine_decay:
+    if settings.decay == "constant":
         return peak
     decay_steps = max(epochs_planned * steps_per_epoch - warmup, 1)
     progress = min((step - warmup) / decay_steps, 1.0)
+    if settings.decay == "linear":
+        return peak * (1.0 - progress)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -187,19 +200,29 @@ class SparseCrossentropyWithSmoothing(keras.losses.Loss):
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
+# Variables weight decay leaves alone when ``weight_decay_norm_and_bias`` is off (matched in their names).
+NORM_AND_BIAS = ("bias", "gamma", "beta")
+
+
 def compile_model(model, settings: TrainSettings, steps_per_epoch: int | None = None) -> None:
     """SGD at the schedule's first rate; the schedule callback sets the rate of every step.
 
     Under the ``mixed_float16`` policy Keras wraps the optimizer in a
-    LossScaleOptimizer. ``steps_per_epoch`` is accepted for callers that
-    passed it before the schedule moved into a callback.
+    LossScaleOptimizer. With ``ema_momentum`` the optimizer keeps a moving
+    average of the weights, which ``fit`` copies into the model when it ends.
+    ``steps_per_epoch`` is accepted for callers that passed it before the
+    schedule moved into a callback.
     """
     optimizer = keras.optimizers.SGD(
         learning_rate=learning_rate_at(settings, 0, max(steps_per_epoch or 1, 1), settings.epochs),
         momentum=settings.momentum,
         nesterov=settings.nesterov,
         weight_decay=settings.weight_decay,
+        use_ema=settings.ema_momentum is not None,
+        ema_momentum=settings.ema_momentum or 0.99,
     )
+    if settings.weight_decay and not settings.weight_decay_norm_and_bias:
+        optimizer.exclude_from_weight_decay(var_names=list(NORM_AND_BIAS))
     model.compile(
         optimizer=optimizer,
         loss=SparseCrossentropyWithSmoothing(settings.label_smoothing)

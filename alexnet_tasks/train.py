@@ -137,7 +137,10 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
         _fit(model, progress, run_dir, fingerprint, (train_images, train_labels), validation)
         seconds = time.monotonic() - started
 
-    _save_model_and_history(model, settings, progress, run_dir)
+    inference = _inference_copy(model, settings)
+    if settings.ema_momentum is not None:
+        recompute_batchnorm_statistics(inference, train_images, settings)
+    _save_model_and_history(inference, progress, run_dir)
     summary = _summary(settings, progress, fingerprint, replicas, device_names)
     save_json(run_dir / SUMMARY, summary)
     history = progress.history
@@ -200,7 +203,11 @@ def _new_model(settings: TrainSettings):
     from alexnet_tasks.model import build_alexnet
 
     keras.utils.set_random_seed(settings.seed)
-    model = build_alexnet(settings.image_size, augment=settings.augment, seed=settings.seed)
+    model = build_alexnet(
+        settings.image_size, augment=settings.augment, seed=settings.seed, max_shift=settings.max_shift,
+        dropout=settings.dropout, batchnorm_momentum=settings.batchnorm_momentum,
+        kernel_initializer=settings.kernel_initializer,
+    )
     compile_model(model, settings)
     return model
 
@@ -240,8 +247,8 @@ def _fit(model, progress: Progress, run_dir: Path, fingerprint: dict, train_spli
     )
 
 
-def _save_model_and_history(model, settings: TrainSettings, progress: Progress, run_dir: Path) -> None:
-    save_model(_inference_copy(model, settings), run_dir / MODEL)
+def _save_model_and_history(inference_model, progress: Progress, run_dir: Path) -> None:
+    save_model(inference_model, run_dir / MODEL)
     save_json(run_dir / HISTORY, progress.history)
 
 
@@ -268,9 +275,16 @@ def _summary(settings: TrainSettings, progress: Progress, fingerprint: dict, rep
 
 
 def _inference_copy(model, settings: TrainSettings):
-    """The trained weights in a plain float32 AlexNet (no augmentation, no optimizer state)."""
+    """The trained weights in a plain float32 AlexNet (no augmentation, no optimizer state).
+
+    With ``ema_momentum`` these are the averaged weights: ``fit`` copies
+    them into the model when it ends, and this copies them again for a run
+    that had no epoch left to fit (the copy is idempotent).
+    """
     from alexnet_tasks.model import build_alexnet
 
+    if settings.ema_momentum is not None:
+        model.optimizer.finalize_variable_values(model.trainable_weights)
     keras.mixed_precision.set_global_policy("float32")
     plain = build_alexnet(settings.image_size)
     trained = {layer.name: layer for layer in model.layers}
@@ -278,3 +292,35 @@ def _inference_copy(model, settings: TrainSettings):
         if layer.weights:
             layer.set_weights(trained[layer.name].get_weights())
     return plain  # saved uncompiled: no optimizer state in the published model
+
+
+BATCHNORM_RECOMPUTE_IMAGES = 10_240  # training images whose statistics replace BatchNorm's moving ones
+
+
+def recompute_batchnorm_statistics(model, images, settings: TrainSettings,
+                                   count: int = BATCHNORM_RECOMPUTE_IMAGES) -> int:
+    """Set every BatchNorm layer's moving mean and variance to the averages over ``count`` training images.
+
+    Averaged weights (EMA) do not match the moving statistics gathered
+    while the raw weights trained, so they are measured again: one forward
+    pass in training mode per batch, with the momentum of batch ``k`` set to
+    ``k / (k + 1)``, which makes the moving values the plain mean of the
+    batches' statistics. The images are the first ``count`` of a fixed
+    permutation (the seed's). Returns the number of images used.
+    """
+    import numpy as np
+
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    order = np.random.default_rng(settings.seed).permutation(len(images))[:count]
+    batch = min(settings.batch_size, len(order))
+    momenta = [layer.momentum for layer in norms]
+    used = 0
+    for index, start in enumerate(range(0, len(order) - batch + 1, batch)):
+        for layer in norms:
+            layer.momentum = index / (index + 1)
+        model(np.asarray(images[np.sort(order[start:start + batch])]), training=True)
+        used += batch
+    for layer, momentum in zip(norms, momenta):
+        layer.momentum = momentum
+    log.info("BatchNorm statistics recomputed for the averaged weights on %d training images", used)
+    return used

@@ -185,7 +185,8 @@ def alexnet_cifar10():
 
         config, layout, run_id = _settings()
         run_dir = layout.run(run_id)
-        return evaluate(run_dir / "model.keras", layout.shards(config), run_dir, config.source_md5)
+        return evaluate(run_dir / "model.keras", layout.shards(config), run_dir, config.source_md5,
+                        test_time_augmentation=config.resolved_test_time_augmentation())
 
     @task
     @_fail_at_once

@@ -176,7 +176,7 @@ def test_every_setting_carries_its_form_facts():
     for name, field in FIELDS.items():
         facts = field.metadata
         assert facts.get("title") and facts.get("description"), name
-        assert facts.get("type") in ("string", "integer", "number"), name
+        assert facts.get("type") in ("string", "integer", "number", "object"), name
     assert FIELDS["image_size"].metadata["schema"]["minimum"] == 67
     assert FIELDS["learning_rate"].metadata["schema"] == {"exclusiveMinimum": 0, "maximum": 10}
 
@@ -262,3 +262,56 @@ def test_local_conf_script_detects_no_gpu_and_says_so():
     assert json.loads(explicit.stdout) == {"epochs": 2} and "preset" not in explicit.stderr
     bad = subprocess.run([sys.executable, str(script), "[1]"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "CONF must be a JSON object" in bad.stderr
+
+
+def test_recipe_options_are_checked_key_by_key_with_the_form_bounds():
+    from alexnet_tasks.config import RECIPE_OPTIONS
+
+    for name, schema in RECIPE_OPTIONS.items():
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if "minimum" in schema:
+            PipelineConfig.from_dict({"recipe_options": {name: schema["minimum"]}})
+            PipelineConfig.from_dict({"recipe_options": {name: schema["maximum"]}})
+            for outside in (schema["minimum"] - 1, schema["maximum"] + 1, float("nan")):
+                with pytest.raises(ValueError, match=f"recipe_options.{name} must be"):
+                    PipelineConfig.from_dict({"recipe_options": {name: outside}})
+        for value in schema.get("enum", []):
+            PipelineConfig.from_dict({"recipe_options": {name: value}})
+        if "boolean" in kinds:
+            PipelineConfig.from_dict({"recipe_options": {name: False}})
+        with pytest.raises(ValueError, match=f"recipe_options.{name} must be"):
+            PipelineConfig.from_dict({"recipe_options": {name: "not a value"}})
+        if "null" in kinds:
+            PipelineConfig.from_dict({"recipe_options": {name: None}})
+        else:
+            with pytest.raises(ValueError, match=f"recipe_options.{name} must be set"):
+                PipelineConfig.from_dict({"recipe_options": {name: None}})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"dropuot": 0.3}, r"recipe_options: unknown key\(s\) 'dropuot'; expected some of: momentum"),
+     ({"epochs": 3}, "unknown key"),  # a top-level param, not an option
+     ({"nesterov": 1}, "recipe_options.nesterov must be true or false, got 1"),
+     ({"max_shift": 1.5}, "recipe_options.max_shift must be an integer, got 1.5"),
+     ({"decay": "step"}, r"recipe_options.decay must be one of \('constant', 'cosine', 'linear'\), got 'step'"),
+     ([["dropout", 0.3]], "recipe_options must be a JSON object")],
+)
+def test_bad_recipe_options_name_the_key(options, message):
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig.from_dict({"recipe_options": options})
+
+
+def test_no_recipe_options_is_one_setting_whichever_way_it_is_given():
+    assert PipelineConfig.from_dict({"recipe_options": {}}).settings_digest() == PipelineConfig().settings_digest()
+    assert PipelineConfig.from_dict({"recipe_options": {"dropout": 0.3}}).settings_digest() != \
+        PipelineConfig().settings_digest()
+
+
+def test_test_time_augmentation_follows_the_recipe_unless_set():
+    assert PipelineConfig().resolved_test_time_augmentation() == "flip"
+    assert PipelineConfig(recipe="reference").resolved_test_time_augmentation() == "none"
+    assert PipelineConfig(recipe="reference", test_time_augmentation="flip_shift") \
+        .resolved_test_time_augmentation() == "flip_shift"
+    with pytest.raises(ValueError, match="test_time_augmentation must be one of"):
+        PipelineConfig.from_dict({"test_time_augmentation": "mirror"})

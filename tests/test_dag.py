@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -46,7 +47,7 @@ def test_params_have_titles_descriptions_and_bounds(dag):
     expected = {
         "source_url", "source_md5", "recipe", "epochs", "batch_size", "learning_rate",
         "image_size", "validation_size", "split_seed", "seed", "train_limit", "max_train_minutes",
-        "accuracy_floor", "gate_tolerance", "publish_mode",
+        "test_time_augmentation", "recipe_options", "accuracy_floor", "gate_tolerance", "publish_mode",
     }
     assert set(dag.params.keys()) == expected
     for name in expected:
@@ -58,6 +59,16 @@ def test_params_have_titles_descriptions_and_bounds(dag):
     assert schema["learning_rate"]["exclusiveMinimum"] == 0
     assert schema["validation_size"]["maximum"] < 50000
     assert schema["source_md5"]["pattern"] == "^[0-9a-f]{32}$"
+    # The form's JSON editor refuses an unknown recipe option before any task runs.
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    assert schema["recipe_options"]["additionalProperties"] is False
+    assert schema["recipe_options"]["properties"]["decay"]["enum"] == ["constant", "cosine", "linear"]
+    options = copy.deepcopy(dag.params.get_param("recipe_options"))  # resolve() keeps the value it checks
+    options.resolve({"dropout": 0.3})
+    for bad in ({"dropuot": 0.3}, {"dropout": 2}):
+        with pytest.raises(ParamValidationError):
+            options.resolve(bad)
     assert dag.params["accuracy_floor"] == 0.25 and schema["accuracy_floor"]["maximum"] == 1
     assert dag.params["gate_tolerance"] == 0 and dag.params["publish_mode"] == "gated"
     assert schema["publish_mode"]["enum"] == ["gated", "always"]

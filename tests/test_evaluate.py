@@ -195,3 +195,56 @@ def test_a_diverged_model_is_evaluated_into_valid_json(small_archive, tmp_path):
     assert metrics["test_accuracy"] == pytest.approx(0.1)  # every image called class 0: chance on 60 balanced images
     json.dumps(result, allow_nan=False)  # what goes to XCom
     assert np.load(run_dir / "predictions.npy").tolist() == [0] * 60
+
+
+def test_test_time_views_are_the_image_its_mirror_and_their_one_pixel_shifts():
+    from alexnet_tasks.evaluate import shifted, test_time_views
+
+    images = np.arange(2 * 4 * 5 * 3, dtype=np.float32).reshape(2, 4, 5, 3) + 1
+    assert [view.shape for view in test_time_views(images, "none")] == [images.shape]
+    plain, mirrored = test_time_views(images, "flip")
+    np.testing.assert_array_equal(plain, images)
+    np.testing.assert_array_equal(mirrored[:, :, 0], images[:, :, 4])
+    views = list(test_time_views(images, "flip_shift"))
+    assert len(views) == 10 and len({view.tobytes() for view in views}) == 10
+    down = shifted(images, 1, 0)
+    np.testing.assert_array_equal(down[:, 1:], images[:, :-1])
+    assert not down[:, 0].any()  # zero-filled: a standardized image's mean
+    left = shifted(images, 0, -1)
+    np.testing.assert_array_equal(left[:, :, :-1], images[:, :, 1:])
+    assert not left[:, :, -1].any()
+    with pytest.raises(ValueError, match="test_time_augmentation must be one of"):
+        list(test_time_views(images, "rotate"))
+
+
+@pytest.mark.slow
+def test_flip_averaging_keeps_the_plain_figures_beside_the_augmented(trained_run, tmp_path):
+    import keras
+
+    from alexnet_tasks.shards import load_split, shard_path
+
+    config, shards_dir, trained_dir, _ = trained_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(trained_dir / "model.keras", run_dir / "model.keras")
+    result = evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5, test_time_augmentation="flip")
+    images, labels = load_split(shard_path(shards_dir, "test"))
+    model = keras.models.load_model(run_dir / "model.keras")
+    plain = model.predict(images, verbose=0).astype(np.float64)
+    both = (plain + model.predict(np.ascontiguousarray(images[:, :, ::-1]), verbose=0)) / 2
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_time_augmentation"] == result["test_time_augmentation"] == "flip"
+    assert metrics["test_accuracy"] == metrics["test_accuracy_augmented"] == \
+        pytest.approx(float((both.argmax(axis=1) == labels).mean()))
+    assert metrics["test_accuracy_plain"] == result["test_accuracy_plain"] == \
+        pytest.approx(float((plain.argmax(axis=1) == labels).mean()))
+    assert metrics["test_loss"] == pytest.approx(float(-np.log(both[np.arange(60), labels]).mean()), rel=1e-4)
+    np.testing.assert_array_equal(np.load(run_dir / "predictions.npy"), both.argmax(axis=1))
+    np.testing.assert_array_equal(np.load(run_dir / "predictions_plain.npy"), plain.argmax(axis=1))
+    assert "test/test_accuracy_plain" in scalar_tags(run_dir / "tensorboard" / "test")
+    # Evaluated again without augmentation: plain figures only, and no stale plain file beside them.
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_time_augmentation"] == "none" and metrics["test_accuracy_augmented"] is None
+    assert metrics["test_accuracy"] == metrics["test_accuracy_plain"]
+    assert not (run_dir / "predictions_plain.npy").exists()

@@ -77,8 +77,11 @@ def shards(tmp_path) -> Path:
 
 
 def evaluated_run(root: Path, name: str, predictions, *, loss=1.2, truncated=False, fingerprint=None,
-                  classes=CLASSES, images_sha=IMAGES_SHA, nonfinite=()) -> Path:
-    """A run folder as evaluate leaves it: metrics.json and predictions.npy (and a stand-in model)."""
+                  classes=CLASSES, images_sha=IMAGES_SHA, nonfinite=(), plain=None, views="flip") -> Path:
+    """A run folder as evaluate leaves it: metrics.json and predictions.npy (and a stand-in model).
+
+    ``plain``: the run used test-time augmentation ``views``; these are its plain predictions.
+    """
     run = root / "runs" / name
     run.mkdir(parents=True)
     predictions = np.asarray(predictions, dtype=np.uint8)
@@ -90,6 +93,11 @@ def evaluated_run(root: Path, name: str, predictions, *, loss=1.2, truncated=Fal
         "fingerprint": fingerprint or (name.encode().hex() * 64)[:64],
         "finite": not nonfinite, "nonfinite": list(nonfinite),
     }
+    if plain is not None:
+        plain = np.asarray(plain, dtype=np.uint8)
+        np.save(run / "predictions_plain.npy", plain, allow_pickle=False)
+        metrics.update(test_time_augmentation=views, test_accuracy_augmented=metrics["test_accuracy"],
+                       test_accuracy_plain=float((plain == LABELS).mean()))
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
 
@@ -294,3 +302,36 @@ def test_an_unblessed_retraining_of_the_champions_run_id_keeps_the_champion(tmp_
     assert read_index(published) == before
     assert (published / "latest" / "model.keras").read_bytes() == b"model-nightly"
     assert math.isclose(json.loads((published / "latest" / "metrics.json").read_text())["test_accuracy"], 0.6)
+
+
+def test_runs_with_the_same_test_time_augmentation_compare_their_augmented_figures(tmp_path, shards):
+    champion = evaluated_run(tmp_path, "champion", right(6), plain=right(5))
+    assert gate(champion, tmp_path / "published", settings(), shards, "champion")["blessed"]
+    publish(champion, "champion", tmp_path / "published")
+    run = evaluated_run(tmp_path, "new", right(7), plain=right(4))
+    decision = gate(run, tmp_path / "published", settings(), shards, "new")
+    assert decision["compared_as"] == "flip" and decision["blessed"] is True
+    assert (decision["compared_accuracy"], decision["champion_accuracy"]) == (0.7, 0.6)
+    assert decision["paired"]["only_challenger_right"] == 1
+
+
+def test_runs_with_other_test_time_augmentations_compare_their_plain_figures(tmp_path, shards):
+    # The champion predicted plainly; the new run's augmented 0.7 would beat its 0.6, its plain 0.5 does not.
+    crown(tmp_path, shards, 6)
+    run = evaluated_run(tmp_path, "flipped", right(7), plain=right(5))
+    decision = gate(run, tmp_path / "published", settings(), shards, "flipped")
+    assert decision["compared_as"] == "none" and decision["blessed"] is False
+    assert decision["test_accuracy"] == 0.7 and decision["compared_accuracy"] == 0.5
+    assert decision["champion_accuracy"] == 0.6 and decision["paired"]["only_champion_right"] == 1
+    assert "plain test accuracy 0.5000 is not at least" in decision["reason"]
+    # The other way round: an augmented champion (published with its plain predictions) and a plain run.
+    other = tmp_path / "other"
+    champion = evaluated_run(other, "champion", right(9), plain=right(5), views="flip_shift")
+    assert gate(champion, other / "published", settings(), shards, "champion")["blessed"]
+    publish(champion, "champion", other / "published")
+    assert (other / "published" / "latest" / "predictions_plain.npy").is_file()
+    run = evaluated_run(other, "plain", right(6))
+    decision = gate(run, other / "published", settings(), shards, "plain")
+    assert decision["compared_as"] == "none" and decision["blessed"] is True
+    assert (decision["compared_accuracy"], decision["champion_accuracy"]) == (0.6, 0.5)
+    assert decision["paired"] is not None

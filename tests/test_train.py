@@ -39,7 +39,7 @@ def test_recipes_resolve_with_explicit_overrides():
     assert (reference.epochs, reference.batch_size, reference.learning_rate) == (50, 32, 0.001)
     assert reference.momentum == 0 and not reference.augment and reference.label_smoothing == 0
     # The tutorial exactly: no XLA, float32 even on a GPU.
-    assert not reference.jit_compile and not reference.cosine_decay and reference.warmup_epochs == 0
+    assert not reference.jit_compile and reference.decay == "constant" and reference.warmup_epochs == 0
     assert resolve_settings(PipelineConfig(recipe="reference"), 1, (9, 0)).precision == "float32"
     fast = resolve_settings(PipelineConfig(recipe="fast", epochs=3))
     assert fast.epochs == 3 and fast.batch_size == RECIPE_DEFAULTS["fast"]["batch_size"] and fast.augment
@@ -121,6 +121,75 @@ def test_schedule_warms_up_then_decays_to_zero_at_the_planned_end():
         learning_rate_at(settings, s, steps, 10) for s in range(steps)]
     reference = resolve_settings(PipelineConfig(recipe="reference"))
     assert {learning_rate_at(reference, step, 5, 2) for step in range(10)} == {0.001}
+
+
+def test_every_recipe_option_is_a_training_setting_and_overrides_the_recipe():
+    import dataclasses
+
+    from alexnet_tasks.config import RECIPE_OPTIONS
+    from alexnet_tasks.recipe import TrainSettings
+
+    fields = {field.name for field in dataclasses.fields(TrainSettings)}
+    assert set(RECIPE_OPTIONS) <= fields
+    options = {"dropout": 0.3, "decay": "linear", "max_shift": 2, "batchnorm_momentum": 0.9,
+               "kernel_initializer": "he_normal", "weight_decay_norm_and_bias": False, "ema_momentum": 0.99,
+               "label_smoothing": 0.0, "warmup_epochs": 0.5}
+    settings = resolve_settings(PipelineConfig(recipe="fast", recipe_options=options))
+    assert {name: getattr(settings, name) for name in options} == options
+    assert settings.momentum == RECIPE_DEFAULTS["fast"]["momentum"]  # what no option names stays the recipe's
+    assert resolve_settings(PipelineConfig(recipe="fast")).test_time_augmentation == "flip"
+    assert resolve_settings(PipelineConfig(recipe="fast", test_time_augmentation="none")).test_time_augmentation \
+        == "none"
+
+
+def test_linear_decay_falls_on_a_line_to_zero_at_the_planned_end():
+    settings = resolve_settings(PipelineConfig(recipe="fast", epochs=4, learning_rate=0.1,
+                                               recipe_options={"decay": "linear", "warmup_epochs": 0}))
+    steps = 10
+    rates = [learning_rate_at(settings, step, steps, 4) for step in range(40)]
+    assert rates[0] == pytest.approx(0.1) and rates[20] == pytest.approx(0.05)
+    assert np.allclose(np.diff(rates), -0.1 / 40)
+    constant = resolve_settings(PipelineConfig(recipe="fast", recipe_options={"decay": "constant"}))
+    assert learning_rate_at(constant, 10_000, steps, 4) == pytest.approx(0.04)
+
+
+def test_weight_decay_can_spare_batchnorm_and_biases():
+    import keras
+
+    from alexnet_tasks.model import build_alexnet
+    from alexnet_tasks.recipe import compile_model
+
+    decayed = {}
+    for spare in (False, True):
+        settings = resolve_settings(PipelineConfig(recipe="fast", image_size=67,
+                                                   recipe_options={"weight_decay_norm_and_bias": not spare}))
+        model = build_alexnet(67, seed=1)
+        compile_model(model, settings)
+        model.optimizer.build(model.trainable_variables)
+        decayed[spare] = {v.path for v in model.trainable_variables if model.optimizer._use_weight_decay(v)}
+    kernels = {path for path in decayed[False] if path.endswith("kernel")}
+    assert len(kernels) == 8 and decayed[True] == kernels  # 5 convolutions, 3 dense layers
+    assert any(path.endswith(("gamma", "beta", "bias")) for path in decayed[False])
+    assert isinstance(model, keras.Model)
+
+
+def test_batchnorm_statistics_are_recomputed_as_the_mean_over_batches():
+    import keras
+
+    from alexnet_tasks.model import build_alexnet
+    from alexnet_tasks.train import recompute_batchnorm_statistics
+
+    model = build_alexnet(67, seed=1)
+    images = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype("float32")
+    settings = resolve_settings(PipelineConfig(recipe="fast", image_size=67, batch_size=16))
+    assert recompute_batchnorm_statistics(model, images, settings) == 64
+    norm = model.get_layer("bn1")
+    assert norm.momentum == 0.99  # restored
+    # The same mean, by hand: bn1 sees conv1's output; the batch means averaged over the 4 batches.
+    order = np.random.default_rng(settings.seed).permutation(64)
+    upto_conv1 = keras.Sequential(model.layers[:2])
+    means = [np.asarray(upto_conv1(images[np.sort(order[i:i + 16])])).mean(axis=(0, 1, 2)) for i in range(0, 64, 16)]
+    np.testing.assert_allclose(np.asarray(norm.moving_mean), np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
 
 
 def test_batches_cover_each_image_once_per_epoch_in_a_seeded_order():
@@ -360,3 +429,36 @@ def test_killed_fast_run_resumes_exactly_like_an_uninterrupted_one(small_archive
         np.testing.assert_array_equal(ours, theirs)
     fingerprints = [json.loads((run / "train_summary.json").read_text())["fingerprint"] for run in (straight, killed)]
     assert fingerprints[0] == fingerprints[1]
+
+
+@pytest.mark.slow
+def test_weight_averaging_trains_saves_the_averaged_weights_and_resumes(small_archive, tmp_path):
+    """EMA on real tiny training: the saved model holds the averaged weights, with recomputed statistics."""
+    import keras
+
+    from alexnet_tasks.train import train
+
+    config, shards_dir = prepare_shards(
+        small_archive, tmp_path, image_size=67, epochs=2, batch_size=16, learning_rate=0.01, recipe="fast",
+        recipe_options={"ema_momentum": 0.9, "batchnorm_momentum": 0.9, "kernel_initializer": "he_normal",
+                        "dropout": 0.3, "max_shift": 2},
+    )
+    run_dir = tmp_path / "runs" / "ema"
+    result = train(shards_dir, run_dir, config)
+    assert result["epochs"] == 2
+    saved = json.loads((run_dir / "config.json").read_text())["train"]
+    assert (saved["ema_momentum"], saved["dropout"], saved["kernel_initializer"]) == (0.9, 0.3, "he_normal")
+    model = keras.models.load_model(run_dir / "model.keras")
+    checkpoint = keras.models.load_model(next((run_dir / "checkpoints").glob("epoch-*.keras")), compile=True)
+    averages = checkpoint.optimizer._model_variables_moving_average
+    by_path = {variable.path: variable for variable in checkpoint.trainable_variables}
+    kernel = model.get_layer("fc7").kernel
+    average = next(a for a, v in zip(averages, checkpoint.trainable_variables) if v.path == by_path[kernel.path].path)
+    np.testing.assert_allclose(np.asarray(kernel), np.asarray(average), rtol=1e-6)
+    assert not np.allclose(np.asarray(kernel), np.asarray(by_path[kernel.path]))  # raw weights differ
+    # A retry that finds every epoch done writes the same averaged model.
+    before = {w.path: np.asarray(w) for w in model.weights}
+    train(shards_dir, run_dir, config)
+    after = keras.models.load_model(run_dir / "model.keras")
+    for weight in after.weights:
+        np.testing.assert_allclose(np.asarray(weight), before[weight.path], rtol=1e-5, atol=1e-6)
