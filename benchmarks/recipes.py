@@ -1,14 +1,28 @@
 #!/usr/bin/env python3
-"""Both recipes side by side through the pipeline itself, under one training-time budget.
+"""The recipes' accuracy through the pipeline itself (``airflow dags test``) on a real archive.
 
-Runs the DAG with ``airflow dags test`` (scripts/run_local.sh) on a real archive:
-first the ``fast`` recipe for ``--fast-epochs`` epochs, then the ``reference``
-recipe with ``max_train_minutes`` set to the training time the fast run took,
-so both get the same wall time. Prints and writes (JSON) the validation
-accuracy after each epoch, the test accuracy and the training time of each.
+Three studies, each a sequence of whole pipeline runs (scripts/run_local.sh)
+whose figures land in one JSON file that also records the code version
+(commit, and whether the tree had uncommitted changes) and the machine:
 
-    benchmarks/recipes.py --source file:///tmp/cifar/cifar-10-python.tar.gz \\
-        --md5 18c6e7d1617e846e1cbee435086bc6c8 --image-size 67 --fast-epochs 3
+* ``headline``: ``fast`` and ``reference``, each with the same training-time
+  budget (``--minutes``, default 15) at ``--image-size`` (default 67);
+* ``ablation``: ``fast`` for ``--epochs`` (default 3) epochs, same seed: the
+  baseline (also with a second seed, for the noise), each lever alone (a
+  ``recipe_options`` change or a batch size), then the levers that beat the
+  baseline by more than the seed noise, added one at a time in order of their
+  gain; test-time augmentation is measured on the baseline's model by
+  evaluating it again with each kind (no retraining);
+* ``epochs``: ``fast`` for ``--epochs`` epochs, one run.
+
+Every run is published with ``publish_mode`` ``always`` in the study's own
+artifacts root, and its figures are written to the JSON as soon as it ends;
+``--resume`` keeps the runs a file already holds for the same code version.
+
+    benchmarks/recipes.py ablation --source file:///tmp/cifar/cifar-10-python.tar.gz \\
+        --md5 18c6e7d1617e846e1cbee435086bc6c8
+    benchmarks/recipes.py headline --source ... --md5 ... --minutes 15
+    benchmarks/recipes.py epochs --source ... --md5 ... --epochs 10
 """
 
 from __future__ import annotations
@@ -16,11 +30,79 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+# Each lever alone, as a change to the fast recipe (docs/performance.md's ablation table).
+LEVERS: dict[str, dict] = {
+    "dropout 0.3": {"recipe_options": {"dropout": 0.3}},
+    "shift 2 px": {"recipe_options": {"max_shift": 2}},
+    "no label smoothing": {"recipe_options": {"label_smoothing": 0.0}},
+    "no decay on BN/bias": {"recipe_options": {"weight_decay_norm_and_bias": False}},
+    "BN momentum 0.9": {"recipe_options": {"batchnorm_momentum": 0.9}},
+    "He init": {"recipe_options": {"kernel_initializer": "he_normal"}},
+    "batch 128, lr 0.02": {"batch_size": 128, "learning_rate": 0.02},
+    "warm-up 0.2 epoch": {"recipe_options": {"warmup_epochs": 0.2}},
+    "linear decay": {"recipe_options": {"decay": "linear"}},
+    "EMA 0.99": {"recipe_options": {"ema_momentum": 0.99}},
+}
+NOISE_SEED = 1  # the baseline again with this training seed: the gap is the noise a lever must beat
+
+
+def code_version() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()}
+
+
+def merge(conf: dict, change: dict) -> dict:
+    """``conf`` with ``change`` applied; ``recipe_options`` are merged key by key."""
+    merged = {**conf, **{key: value for key, value in change.items() if key != "recipe_options"}}
+    options = {**conf.get("recipe_options", {}), **change.get("recipe_options", {})}
+    if options:
+        merged["recipe_options"] = options
+    return merged
+
+
+class Study:
+    """One JSON file of runs; each run is a whole pipeline run in ``work``'s artifacts root."""
+
+    def __init__(self, name: str, output: Path, work: Path, resume: bool):
+        self.output, self.work = output, work
+        self.version = code_version()
+        kept = json.loads(output.read_text()) if resume and output.is_file() else {}
+        same_code = kept.get("code_version") == self.version
+        self.payload = {"study": name, "code_version": self.version, "machine": machine(),
+                        "runs": kept.get("runs", {}) if same_code else {}}
+
+    def run(self, name: str, conf: dict) -> dict:
+        done = self.payload["runs"].get(name)
+        if done and done["conf"] == conf:
+            print(f"{name}: kept from {self.output}", flush=True)
+            return done
+        print(f"{name}: running {json.dumps(conf)}", flush=True)
+        result = run_pipeline({**conf, "publish_mode": "always"}, self.work / "artifacts", self.work / "airflow")
+        result["conf"] = conf
+        self.payload["runs"][name] = result
+        self.save()
+        print(f"{name}: test {result['test_accuracy']:.4f} (plain {result['test_accuracy_plain']:.4f}) "
+              f"after {len(result['epochs'])} epochs, {result['train_seconds'] / 60:.1f} min training", flush=True)
+        return result
+
+    def save(self) -> None:
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.output.write_text(json.dumps(self.payload, indent=2) + "\n")
 
 
 def run_pipeline(conf: dict, artifacts: Path, home: Path) -> dict:
@@ -30,26 +112,17 @@ def run_pipeline(conf: dict, artifacts: Path, home: Path) -> dict:
     wall = time.monotonic() - started
     if log.returncode:
         raise SystemExit(f"pipeline failed:\n{log.stdout[-3000:]}\n{log.stderr[-3000:]}")
-    return collect((artifacts / "published" / "latest").resolve(), conf, wall)
+    return collect((artifacts / "published" / "latest").resolve(), wall)
 
 
-def published_run(artifacts: Path, conf: dict) -> Path | None:
-    """An already published run of exactly these settings, if there is one."""
-    for run_dir in sorted((artifacts / "published" / "runs").glob("*")):
-        saved = json.loads((run_dir / "config.json").read_text())["pipeline"]
-        if all(saved.get(key) == value for key, value in conf.items()):
-            return run_dir
-    return None
-
-
-def collect(run_dir: Path, conf: dict, wall: float | None) -> dict:
+def collect(run_dir: Path, wall: float | None) -> dict:
     history = json.loads((run_dir / "history.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     settings = json.loads((run_dir / "config.json").read_text())["train"]
     return {
-        "conf": conf,
         "settings": settings,
         "run": run_dir.name,
+        "run_dir": str(run_dir),
         "pipeline_wall_seconds": None if wall is None else round(wall, 1),
         "train_seconds": round(sum(entry["epoch_seconds"] for entry in history), 1),
         "epochs": [
@@ -58,37 +131,108 @@ def collect(run_dir: Path, conf: dict, wall: float | None) -> dict:
              "elapsed_minutes": round(sum(e["epoch_seconds"] for e in history[: i + 1]) / 60, 2)}
             for i, entry in enumerate(history)
         ],
+        "truncated": metrics.get("truncated"),
+        "test_time_augmentation": metrics.get("test_time_augmentation", "none"),
         "test_accuracy": round(metrics["test_accuracy"], 4),
+        "test_accuracy_plain": round(metrics.get("test_accuracy_plain", metrics["test_accuracy"]), 4),
         "test_loss": round(metrics["test_loss"], 4),
     }
 
 
+def test_time_augmentation_study(run_dir: Path, work: Path) -> dict:
+    """The baseline's model evaluated with each kind of test-time augmentation (no retraining)."""
+    sys.path.insert(0, str(REPO))
+    from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, Layout, PipelineConfig
+    from alexnet_tasks.evaluate import evaluate
+
+    saved = json.loads((run_dir / "config.json").read_text())["pipeline"]
+    config = PipelineConfig.from_dict(saved)
+    shards = Layout(work / "artifacts").shards(config)
+    results = {}
+    for kind in TEST_TIME_AUGMENTATIONS:
+        scratch = work / "tta" / kind
+        scratch.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        result = evaluate(run_dir / "model.keras", shards, scratch, config.source_md5, test_time_augmentation=kind)
+        results[kind] = {"test_accuracy": round(result["test_accuracy"], 4),
+                         "evaluate_seconds": round(time.monotonic() - started, 1)}
+        print(f"test-time augmentation {kind}: {results[kind]['test_accuracy']:.4f}", flush=True)
+    return results
+
+
+def ablation(args, common: dict) -> None:
+    study = Study("ablation", args.output or RESULTS / "recipes-ablation.json", args.work, args.resume)
+    base_conf = {**common, "recipe": "fast", "epochs": args.epochs}
+    baseline = study.run("baseline", base_conf)
+    noise = abs(study.run(f"baseline, seed {NOISE_SEED}", {**base_conf, "seed": NOISE_SEED})["test_accuracy"]
+                - baseline["test_accuracy"])
+    study.payload["seed_noise"] = round(noise, 4)
+    study.payload["test_time_augmentation"] = test_time_augmentation_study(Path(baseline["run_dir"]), args.work)
+    study.save()
+    gains = {}
+    for name, change in LEVERS.items():
+        gains[name] = study.run(name, merge(base_conf, change))["test_accuracy"] - baseline["test_accuracy"]
+    helpful = sorted((name for name, gain in gains.items() if gain > noise), key=lambda name: -gains[name])
+    conf, steps = base_conf, []
+    for name in helpful:
+        conf = merge(conf, LEVERS[name])
+        steps.append(name)
+        study.run("cumulative: " + " + ".join(steps), conf)
+    study.payload["cumulative_order"] = steps
+    study.save()
+    print(ablation_table(study.payload))
+
+
+def ablation_table(payload: dict) -> str:
+    runs = payload["runs"]
+    base = runs["baseline"]
+    lines = ["| change (3 epochs, seed 42) | test accuracy (flip) | plain | vs baseline | training min |",
+             "|---|---|---|---|---|"]
+    for name, run in runs.items():
+        delta = run["test_accuracy"] - base["test_accuracy"]
+        lines.append(f"| {name} | {run['test_accuracy']:.2%} | {run['test_accuracy_plain']:.2%} | "
+                     f"{delta * 100:+.2f} | {run['train_seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def headline(args, common: dict) -> None:
+    study = Study("headline", args.output or RESULTS / "recipes-headline.json", args.work, args.resume)
+    for recipe in ("fast", "reference"):
+        study.run(recipe, {**common, "recipe": recipe, "max_train_minutes": args.minutes})
+    study.payload["budget_minutes"] = args.minutes
+    study.save()
+    print_epochs(study.payload)
+
+
+def epochs(args, common: dict) -> None:
+    study = Study("epochs", args.output or RESULTS / f"recipes-{args.epochs}-epochs.json", args.work, args.resume)
+    study.run(f"fast, {args.epochs} epochs", {**common, "recipe": "fast", "epochs": args.epochs})
+    print_epochs(study.payload)
+
+
+def print_epochs(payload: dict) -> None:
+    print(f"{'run':<16} {'epoch':>5} {'minutes':>8} {'val acc':>8}")
+    for name, run in payload["runs"].items():
+        for entry in run["epochs"]:
+            print(f"{name:<16} {entry['epoch']:>5} {entry['elapsed_minutes']:>8.2f} {entry['val_accuracy']:>8.4f}")
+        print(f"{name:<16} {'test':>5} {run['train_seconds'] / 60:>8.2f} {run['test_accuracy']:>8.4f}"
+              f"  (plain {run['test_accuracy_plain']:.4f}{', truncated' if run['truncated'] else ''})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", required=True)
+    parser.add_argument("study", choices=("headline", "ablation", "epochs"))
+    parser.add_argument("--source", required=True, help="the archive's URL (file:// or http://)")
     parser.add_argument("--md5", required=True)
     parser.add_argument("--image-size", type=int, default=67)
-    parser.add_argument("--fast-epochs", type=int, default=3)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/alexnet-recipes"))
-    parser.add_argument("--reuse", action="store_true", help="take a fast run already published in --work")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "recipes.json")
+    parser.add_argument("--epochs", type=int, default=3, help="ablation and epochs: epochs per run")
+    parser.add_argument("--minutes", type=float, default=15, help="headline: each recipe's training budget")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/alexnet-recipes"), help="artifacts and Airflow home")
+    parser.add_argument("--output", type=Path, help="the JSON file (default: benchmarks/results/recipes-<study>.json)")
+    parser.add_argument("--resume", action="store_true", help="keep the runs the JSON already holds")
     args = parser.parse_args()
     common = {"source_url": args.source, "source_md5": args.md5, "image_size": args.image_size}
-    artifacts, home = args.work / "artifacts", args.work / "airflow"
-    fast_conf = {**common, "recipe": "fast", "epochs": args.fast_epochs}
-    done = published_run(artifacts, fast_conf) if args.reuse else None
-    results = {"fast": collect(done, fast_conf, None) if done else run_pipeline(fast_conf, artifacts, home)}
-    budget = results["fast"]["train_seconds"] / 60
-    results["reference"] = run_pipeline({**common, "recipe": "reference", "max_train_minutes": round(budget, 2)}, artifacts, home)
-    results["budget_minutes"] = round(budget, 2)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"training budget: {budget:.1f} min at image_size {args.image_size}")
-    print(f"{'recipe':<10} {'epoch':>5} {'minutes':>8} {'val acc':>8}")
-    for name in ("fast", "reference"):
-        for entry in results[name]["epochs"]:
-            print(f"{name:<10} {entry['epoch']:>5} {entry['elapsed_minutes']:>8.2f} {entry['val_accuracy']:>8.4f}")
-        print(f"{name:<10} {'test':>5} {results[name]['train_seconds'] / 60:>8.2f} {results[name]['test_accuracy']:>8.4f}")
+    {"headline": headline, "ablation": ablation, "epochs": epochs}[args.study](args, common)
 
 
 if __name__ == "__main__":
