@@ -208,6 +208,19 @@ class Run:
         return _number(_first(self.line.get("test_accuracy"), self.metrics.get("test_accuracy")))
 
     @property
+    def test_time_augmentation(self) -> str:
+        """The views the headline accuracy averaged: none (runs from before it existed too), flip, flip_shift."""
+        return str(_first(self.line.get("test_time_augmentation"), self.metrics.get("test_time_augmentation"))
+                   or "none")
+
+    @property
+    def test_accuracy_plain(self) -> float | None:
+        """The accuracy of the image alone (the headline one when there was no test-time augmentation)."""
+        if self.test_time_augmentation == "none":
+            return self.test_accuracy
+        return _number(_first(self.line.get("test_accuracy_plain"), self.metrics.get("test_accuracy_plain")))
+
+    @property
     def test_loss(self) -> float | None:
         return _number(_first(self.line.get("test_loss"), self.metrics.get("test_loss")))
 

@@ -159,7 +159,8 @@ def published(trained_run, tmp_path_factory) -> Path:
     for run_id in (OLD_RUN, NEW_RUN):
         run_dir = root / "runs" / run_id.replace(":", "_").replace("+", "_")
         shutil.copytree(trained_dir, run_dir)
-        evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+        evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5,
+                 test_time_augmentation="flip" if run_id == NEW_RUN else "none")
         publish(run_dir, run_id, root / "published")
     published_root = root / "published"
     lines = [json.loads(line) for line in (published_root / "index.jsonl").read_text().splitlines()]
@@ -280,8 +281,11 @@ def test_run_page_shows_metrics_curves_classes_pictures_config_and_tensorboard(c
 
 
 @pytest.mark.slow
-def test_run_page_shows_the_nightly_fields_and_gate_decision_when_present(client):
+def test_run_page_shows_the_nightly_fields_and_gate_decision_when_present(client, published):
     page = client.get(f"/alexnet/runs/{quoted(NEW_RUN)}").text
+    metrics = json.loads((published / "published" / "runs" / NEW_FOLDER / "metrics.json").read_text())
+    assert f"flip views; plain {metrics['test_accuracy_plain']:.2%}" in page, "test-time augmentation"
+    assert 'id="test-accuracy-plain"' not in client.get(f"/alexnet/runs/{quoted(OLD_RUN)}").text
     assert "not blessed: test accuracy 0.5100 below the champion&#39;s 0.5400" in page, "the index line's reason"
     assert "3f2a9c1e0b" in page and "2 x NVIDIA H100" in page and "12 min 34 s" in page
     assert "not blessed" in page and "p_value" in page and "0.0312" in page and OLD_RUN in page
