@@ -69,6 +69,7 @@ RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
     "batchnorm_momentum": {"type": "number", "minimum": 0, "maximum": 0.999},
     "kernel_initializer": {"type": "string", "enum": ["glorot_uniform", "he_normal"]},
     "ema_momentum": {"type": ["number", "null"], "minimum": 0.5, "maximum": 0.9999},
+    "precision": {"type": "string", "enum": ["float32", "mixed_bfloat16", "mixed_float16"]},
 }
 PUBLISH_MODES = ("gated", "always")
 # Settings of the gate alone: they decide what is published, not what is trained.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 
@@ -44,7 +45,7 @@ class TrainSettings:
     ema_momentum: float | None = None  # exponential moving average of the weights per step; BatchNorm
     # statistics are recomputed for the averaged weights after training (None: no averaging)
     test_time_augmentation: str = "none"  # evaluate's views: none, flip or flip_shift (config.TEST_TIME_AUGMENTATIONS)
-    precision: str = FLOAT32  # Keras dtype policy: float32, mixed_bfloat16 or mixed_float16 (GPU only)
+    precision: str = FLOAT32  # Keras dtype policy: float32, mixed_bfloat16 (GPU, or CPU with AMX) or mixed_float16
     jit_compile: bool = False  # XLA-compile the train step (where it pays: see xla_pays)
     max_train_minutes: float | None = None  # time budget: the first epoch's time sizes the planned epochs
 
@@ -69,20 +70,45 @@ RECIPE_DEFAULTS = {
 }
 
 
-def precision_policy(compute_capability: tuple[int, int] | None) -> str:
-    """The Keras dtype policy for a GPU of this compute capability (None: no GPU, float32).
+def precision_policy(compute_capability: tuple[int, int] | None, cpu_bfloat16: bool = False) -> str:
+    """The Keras dtype policy for a GPU of this compute capability (None: the CPU).
 
     bfloat16 needs Ampere (8.0) or newer; Volta and Turing (7.x) have float16
     tensor cores, used with loss scaling (Keras wraps the optimizer in a
     LossScaleOptimizer under ``mixed_float16``); older GPUs stay in float32.
+    On the CPU, bfloat16 where it pays (``cpu_bfloat16``, see
+    ``cpu_bfloat16_pays``), else float32.
     """
     if compute_capability is None:
-        return FLOAT32
+        return MIXED_BFLOAT16 if cpu_bfloat16 else FLOAT32
     if tuple(compute_capability) >= (8, 0):
         return MIXED_BFLOAT16
     if tuple(compute_capability) >= (7, 0):
         return MIXED_FLOAT16
     return FLOAT32
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no such file)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_bfloat16_pays(onednn: bool, flags: set[str] | None = None) -> bool:
+    """Whether the CPU trains faster in bfloat16: oneDNN on a CPU with AMX's bfloat16 tiles.
+
+    On such a CPU (Intel Sapphire Rapids and later) oneDNN runs bfloat16
+    convolutions and matmuls on AMX; docs/performance.md measures the step
+    1.7x faster than in float32. Without AMX (AVX512-BF16 alone, as on AMD
+    EPYC) it is not measured to pay, so float32 stays.
+    """
+    return onednn and "amx_bf16" in (cpu_flags() if flags is None else flags)
 
 
 def onednn_enabled() -> bool:
@@ -121,22 +147,25 @@ def resolve_settings(
     replicas: int = 1,
     compute_capability: tuple[int, int] | None = None,
     onednn: bool = True,
+    cpu_bfloat16: bool = False,
 ) -> TrainSettings:
     """The recipe's defaults, overridden by whatever the config sets explicitly.
 
     ``compute_capability``: the (lowest) GPU's, or None on the CPU; the fast
-    recipe trains in the mixed precision that GPU supports, XLA-compiled
-    on a single GPU, and on the CPU only where TensorFlow runs without
-    oneDNN (``onednn``; see ``xla_pays``).
+    recipe trains in the mixed precision that GPU supports (on the CPU in
+    bfloat16 where ``cpu_bfloat16`` says it pays), XLA-compiled on a single
+    GPU, and on the CPU only where TensorFlow runs without oneDNN
+    (``onednn``; see ``xla_pays``). ``recipe_options`` (a ``precision``
+    among them) override all of these.
     """
     values = dict(RECIPE_DEFAULTS[config.recipe])
     for name in ("epochs", "batch_size", "learning_rate"):
         if getattr(config, name) is not None:
             values[name] = getattr(config, name)
+    if config.recipe == "fast":
+        values["precision"] = precision_policy(compute_capability, cpu_bfloat16)
     values.update(config.recipe_options or {})
     values["test_time_augmentation"] = config.resolved_test_time_augmentation()
-    if config.recipe == "fast":
-        values["precision"] = precision_policy(compute_capability)
     values["jit_compile"] = xla_pays(values.get("jit_compile", False), replicas, compute_capability, onednn)
     return TrainSettings(
         recipe=config.recipe, image_size=config.image_size, seed=config.seed,

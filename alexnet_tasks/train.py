@@ -9,7 +9,9 @@
    the last committed epoch if ``state.json`` carries this fingerprint
    (``checkpoints.py``), then ``fit`` there, so a resumed run keeps its
    replicas;
-5. save the inference model, the history and ``train_summary.json``.
+5. save the inference model (with ``ema_momentum``: the averaged weights,
+   with BatchNorm statistics measured again for them), the history and
+   ``train_summary.json``.
 
 Each completed epoch commits a checkpoint (weights + optimizer state) and then
 ``state.json``; a retried task restores the last committed epoch and goes on,
@@ -59,6 +61,7 @@ from alexnet_tasks.recipe import (
     SparseCrossentropyWithSmoothing,
     TrainSettings,
     compile_model,
+    cpu_bfloat16_pays,
     learning_rate_at,
     onednn_enabled,
     per_replica_batch,
@@ -105,7 +108,9 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
     strategy = distribution_strategy(devices)
     replicas = strategy.num_replicas_in_sync
     device_names, compute_capability = describe_devices(devices, replicas)
-    settings = resolve_settings(config, replicas, compute_capability, onednn_enabled())
+    onednn = onednn_enabled()
+    settings = resolve_settings(config, replicas, compute_capability, onednn,
+                                cpu_bfloat16=compute_capability is None and cpu_bfloat16_pays(onednn))
     per_replica_batch(settings, replicas)
     fingerprint = run_fingerprint(config, settings, shards_dir)
     save_json(run_dir / CONFIG, {

@@ -56,6 +56,8 @@ FAST_VARIANTS = {
         False, {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "1"}),
     "no xla, oneDNN on, intra 2 / inter 2": (
         False, {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "2"}),
+    # bfloat16 matmuls and convolutions: fast where oneDNN has AMX (recipe.cpu_bfloat16_pays).
+    "no xla, oneDNN on, mixed_bfloat16": (False, {"TF_ENABLE_ONEDNN_OPTS": "1"}, "mixed_bfloat16"),
 }
 BASELINE = "xla, oneDNN default, threads default"
 
@@ -123,7 +125,8 @@ def child_fast(job: dict) -> dict:
 
     images, labels = synthetic_split()
     settings = dataclasses.replace(resolve_settings(PipelineConfig(recipe="fast", image_size=job["image_size"])),
-                                   jit_compile=job["xla"])
+                                   jit_compile=job["xla"], precision=job.get("precision", "float32"))
+    keras.mixed_precision.set_global_policy(settings.precision)
     keras.utils.set_random_seed(0)
     model = build_alexnet(settings.image_size, augment=settings.augment, seed=0)
     compile_model(model, settings)
@@ -281,8 +284,9 @@ def main() -> None:
     runs = {name: [] for name in args.variants}
     for _ in range(args.repeats):
         for name in args.variants:
-            xla, env = FAST_VARIANTS[name]
-            runs[name].append(run_child({"what": "fast", "xla": xla, "image_size": args.image_size,
+            xla, env, *precision = FAST_VARIANTS[name]
+            runs[name].append(run_child({"what": "fast", "xla": xla, "precision": (precision or ["float32"])[0],
+                                         "image_size": args.image_size,
                                          "steps": args.steps, "warmup": args.warmup}, env))
     base = median([r["images_per_second"] for r in runs[BASELINE]]) if BASELINE in runs else None
     fast_rows, fast = [], {}

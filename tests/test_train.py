@@ -91,6 +91,24 @@ def test_mixed_precision_follows_the_compute_capability(capability, policy):
     assert precision_policy(capability) == policy
 
 
+def test_bfloat16_on_the_cpu_only_where_onednn_has_amx(tmp_path):
+    from alexnet_tasks.recipe import cpu_bfloat16_pays, cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\n")
+    flags = cpu_flags(str(cpuinfo))
+    assert {"amx_bf16", "avx512_bf16"} <= flags and cpu_flags(str(tmp_path / "missing")) == set()
+    assert cpu_bfloat16_pays(True, flags) and not cpu_bfloat16_pays(False, flags)
+    assert not cpu_bfloat16_pays(True, {"avx512f", "avx512_bf16"})  # AVX512-BF16 alone (AMD EPYC): float32
+    fast = PipelineConfig(recipe="fast")
+    assert resolve_settings(fast, cpu_bfloat16=True).precision == "mixed_bfloat16"
+    assert resolve_settings(fast, cpu_bfloat16=False).precision == "float32"
+    assert resolve_settings(PipelineConfig(recipe="reference"), cpu_bfloat16=True).precision == "float32"
+    pinned = PipelineConfig(recipe="fast", recipe_options={"precision": "float32"})
+    assert resolve_settings(pinned, cpu_bfloat16=True).precision == "float32"
+    assert resolve_settings(pinned, 1, (9, 0)).precision == "float32"
+
+
 def test_mixed_float16_training_scales_the_loss():
     import keras
 
