@@ -119,7 +119,8 @@ class PipelineConfig:
     )
     recipe: str = _setting(
         "fast", kind="string", enum=list(RECIPES), title="Recipe",
-        description="fast: augmentation, Nesterov momentum, weight decay, label smoothing, warm-up + cosine decay. "
+        description="fast: augmentation, Nesterov momentum, weight decay, label smoothing, dropout 0.3, warm-up + "
+        "cosine decay, flip-averaged test predictions. "
         "reference: the tutorial exactly (plain SGD, no augmentation, no XLA).",
     )
     epochs: int | None = _setting(
@@ -174,7 +175,7 @@ class PipelineConfig:
         None, kind="object", title="Recipe options", shown_default="none",
         properties=RECIPE_OPTIONS, additionalProperties=False,
         description="Optional JSON object overriding the recipe's training settings, e.g. "
-        '{"dropout": 0.3, "decay": "linear"}; allowed keys: ' + ", ".join(RECIPE_OPTIONS) + ".",
+        '{"dropout": 0.5, "decay": "linear"}; allowed keys: ' + ", ".join(RECIPE_OPTIONS) + ".",
     )
     accuracy_floor: float = _setting(
         0.25, kind="number", minimum=0, maximum=1, title="Gate: accuracy floor",

@@ -29,8 +29,10 @@ test split and publishes the model, metrics and TensorBoard logs.
   params share one run folder.
 * `recipe=reference` reproduces the tutorial exactly (SGD lr 0.001, batch 32,
   50 epochs, no augmentation, no XLA); `recipe=fast` (the scheduled default)
-  adds augmentation, momentum, weight decay, label smoothing, warm-up and
-  cosine decay. `batch_size` is the global batch and `learning_rate` the peak
+  adds augmentation, momentum, weight decay, label smoothing, dropout 0.3,
+  warm-up and cosine decay, and averages each test image's prediction with
+  its mirror image's (`test_time_augmentation`); `recipe_options` changes
+  its settings one by one. `batch_size` is the global batch and `learning_rate` the peak
   rate for it, on any number of devices. Leave `epochs`, `batch_size` and
   `learning_rate` empty to take the recipe's values. Every param's default,
   bounds and description come from `alexnet_tasks.config.PipelineConfig`.
