@@ -201,7 +201,7 @@ def ablation_table(payload: dict) -> str:
 
 def headline(args, common: dict) -> None:
     study = Study("headline", args.output or RESULTS / "recipes-headline.json", args.work, args.resume)
-    for recipe in ("fast", "reference"):
+    for recipe in args.recipes:
         study.run(recipe, {**common, "recipe": recipe, "max_train_minutes": args.minutes})
     study.payload["budget_minutes"] = args.minutes
     study.save()
@@ -237,6 +237,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/alexnet-recipes"), help="artifacts and Airflow home")
     parser.add_argument("--output", type=Path, help="the JSON file (default: benchmarks/results/recipes-<study>.json)")
     parser.add_argument("--resume", action="store_true", help="keep the runs the JSON already holds")
+    parser.add_argument("--recipes", nargs="+", choices=("fast", "reference"), default=["fast", "reference"],
+                        help="headline: which recipes to run")
     parser.add_argument("--options", help='epochs: recipe_options as JSON, e.g. \'{"dropout": 0.3}\'')
     args = parser.parse_args()
     common = {"source_url": args.source, "source_md5": args.md5, "image_size": args.image_size}
