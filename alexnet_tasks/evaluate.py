@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_tasks.atomic import atomic_write_bytes
-from alexnet_tasks.config import json_safe, save_json
+from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, json_safe, save_json
 from alexnet_tasks.run_summary import training_fields
 from alexnet_tasks.shards import load_split, read_attrs, shard_path
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.npy"
 PLAIN_PREDICTIONS = "predictions_plain.npy"  # with test-time augmentation: the image alone
-TEST_TIME_AUGMENTATIONS = ("none", "flip", "flip_shift")
 SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (rows, columns) of flip_shift's one-pixel shifts
 HISTORY = "history.json"
 CONFUSION_PNG = "confusion_matrix.png"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import keras
 
-from alexnet_tasks.config import RECIPE_TEST_TIME_AUGMENTATION, PipelineConfig
+from alexnet_tasks.config import PipelineConfig
 
 FLOAT32 = "float32"
 MIXED_BFLOAT16 = "mixed_bfloat16"
@@ -44,7 +44,7 @@ class TrainSettings:
     kernel_initializer: str = "glorot_uniform"  # of every convolution and dense kernel (he_normal: He et al.)
     ema_momentum: float | None = None  # exponential moving average of the weights per step; BatchNorm
     # statistics are recomputed for the averaged weights after training (None: no averaging)
-    test_time_augmentation: str = "none"  # evaluate's views: none, flip or flip_shift (config.TEST_TIME_AUGMENTATIONS)
+    test_time_augmentation: str = "none"  # evaluate's views (PipelineConfig.resolved_test_time_augmentation)
     precision: str = FLOAT32  # Keras dtype policy: float32, mixed_bfloat16 (GPU, or CPU with AMX) or mixed_float16
     jit_compile: bool = False  # XLA-compile the train step (where it pays: see xla_pays)
     max_train_minutes: float | None = None  # time budget: the first epoch's time sizes the planned epochs
@@ -65,7 +65,6 @@ RECIPE_DEFAULTS = {
         decay="cosine",
         augment=True,
         dropout=0.3,  # 0.5 regularizes too much for runs of 3 to 15 epochs (docs/performance.md, ablation)
-        test_time_augmentation=RECIPE_TEST_TIME_AUGMENTATION["fast"],
         jit_compile=True,  # where it pays: see xla_pays
     ),
 }
