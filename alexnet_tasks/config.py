@@ -54,7 +54,7 @@ RECIPES = ("reference", "fast")
 TEST_TIME_AUGMENTATIONS = ("none", "flip", "flip_shift")
 RECIPE_TEST_TIME_AUGMENTATION = {"reference": "none", "fast": "flip"}  # test_time_augmentation "recipe"
 # The recipe settings ``recipe_options`` may override: JSON-schema type and bounds (or enum).
-# alexnet_tasks.recipe.TrainSettings has a field of each name (a test checks).
+# alexnet_tasks.training.recipe.TrainSettings has a field of each name (a test checks).
 RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
     "momentum": {"type": "number", "minimum": 0, "maximum": 0.999},
     "nesterov": {"type": "boolean"},

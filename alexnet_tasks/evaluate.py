@@ -31,8 +31,8 @@ import numpy as np
 
 from alexnet_tasks.atomic import atomic_write_bytes
 from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, json_safe, save_json
-from alexnet_tasks.run_summary import training_fields
-from alexnet_tasks.shards import load_split, read_attrs, shard_path
+from alexnet_tasks.training.run_summary import training_fields
+from alexnet_tasks.data.shards import load_split, read_attrs, shard_path
 
 log = logging.getLogger(__name__)
 

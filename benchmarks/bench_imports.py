@@ -39,7 +39,8 @@ def import_time(module: str) -> float:
 
 def main() -> None:
     rows = [["DAG file parse (after airflow.sdk)", seconds(PARSE)], ["baseline: import airflow.sdk", import_time("airflow.sdk")]]
-    for module in ("config", "download", "split", "shards", "model", "train", "evaluate", "publish"):
+    for module in ("config", "data.download", "data.split", "data.shards", "training.model", "training.train", "evaluate",
+                   "release.publish"):
         rows.append([f"import alexnet_tasks.{module}", import_time(f"alexnet_tasks.{module}")])
     rows.append(["baseline: import tensorflow", import_time("tensorflow")])
     print(table(f"Parse and import times (median of {REPEATS}, fresh interpreter each)", ["what", "seconds"], rows))

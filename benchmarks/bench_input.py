@@ -46,8 +46,8 @@ def reference_rate(images: np.ndarray, labels: np.ndarray, batches: int = 150) -
 
 
 def project_rate(shard_path, expected_md5) -> dict:
-    from alexnet_tasks.shards import load_split
-    from alexnet_tasks.train import ShuffledBatches
+    from alexnet_tasks.data.shards import load_split
+    from alexnet_tasks.training.train import ShuffledBatches
 
     with timed() as load:
         images, labels = load_split(shard_path, expected_md5)
@@ -61,7 +61,7 @@ def project_rate(shard_path, expected_md5) -> dict:
 
 def main() -> None:
     config, layout, shards_dir, kind = prepared_shards()
-    from alexnet_tasks.download import load_cifar10
+    from alexnet_tasks.data.download import load_cifar10
 
     data = load_cifar10(layout.batches(config.source_md5))
     ours = project_rate(shards_dir / "train.h5", config.source_md5)

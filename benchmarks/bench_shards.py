@@ -22,7 +22,7 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from alexnet_tasks.config import PipelineConfig
-from alexnet_tasks.shards import build_shards
+from alexnet_tasks.data.shards import build_shards
 from common import peak_rss_mb
 config = PipelineConfig(**json.loads({config!r}))
 before = peak_rss_mb()
@@ -65,7 +65,7 @@ def main() -> None:
     ours = json.loads(out.strip().splitlines()[-1])
     shutil.rmtree(root)
 
-    from alexnet_tasks.download import load_cifar10
+    from alexnet_tasks.data.download import load_cifar10
 
     data = load_cifar10(layout.batches(config.source_md5))
     import numpy as np

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Training throughput on the CPU: the ``fast`` recipe's step under each setting, and the batch-32 comparison.
 
-Every measurement runs ``fit`` on the model of ``alexnet_tasks/model.py``,
-compiled by ``alexnet_tasks/recipe.py``, fed by the ``ShuffledBatches``
-PyDataset of ``alexnet_tasks/feeding.py`` through Keras' adapter: the path a
+Every measurement runs ``fit`` on the model of ``alexnet_tasks/training/model.py``,
+compiled by ``alexnet_tasks/training/recipe.py``, fed by the ``ShuffledBatches``
+PyDataset of ``alexnet_tasks/training/feeding.py`` through Keras' adapter: the path a
 training run takes. Each variant runs in a fresh interpreter, because
 ``TF_ENABLE_ONEDNN_OPTS`` and the thread-pool sizes (``TF_NUM_INTRAOP_THREADS``,
 ``TF_NUM_INTEROP_THREADS``) only act when set before TensorFlow is imported.
@@ -119,9 +119,9 @@ def child_fast(job: dict) -> dict:
     import keras
 
     from alexnet_tasks.config import PipelineConfig
-    from alexnet_tasks.feeding import ShuffledBatches
-    from alexnet_tasks.model import build_alexnet
-    from alexnet_tasks.recipe import compile_model, resolve_settings
+    from alexnet_tasks.training.feeding import ShuffledBatches
+    from alexnet_tasks.training.model import build_alexnet
+    from alexnet_tasks.training.recipe import compile_model, resolve_settings
 
     images, labels = synthetic_split()
     settings = dataclasses.replace(resolve_settings(PipelineConfig(recipe="fast", image_size=job["image_size"])),
@@ -140,7 +140,7 @@ def child_input(job: dict) -> dict:
     import tensorflow as tf
     from keras.src.backend.tensorflow.trainer import TFEpochIterator
 
-    from alexnet_tasks.feeding import ShuffledBatches
+    from alexnet_tasks.training.feeding import ShuffledBatches
 
     images, labels = synthetic_split()
     data = ShuffledBatches(images, labels, job["batch"], seed=0)
@@ -167,9 +167,9 @@ def child_batch32(job: dict) -> dict:
     import tensorflow as tf
 
     from alexnet_tasks.config import PipelineConfig
-    from alexnet_tasks.feeding import ShuffledBatches
-    from alexnet_tasks.model import build_alexnet
-    from alexnet_tasks.recipe import compile_model, resolve_settings
+    from alexnet_tasks.training.feeding import ShuffledBatches
+    from alexnet_tasks.training.model import build_alexnet
+    from alexnet_tasks.training.recipe import compile_model, resolve_settings
 
     size, steps, warmup = job["image_size"], job["steps"], job["warmup"]
     images, labels = synthetic_split()

@@ -40,9 +40,9 @@ def prepared_shards(image_size: int = 67):
     """Download, split and shard the benchmark archive once (cached under /tmp)."""
     sys.path.insert(0, str(REPO))
     from alexnet_tasks.config import Layout, PipelineConfig
-    from alexnet_tasks.download import download
-    from alexnet_tasks.shards import build_shards
-    from alexnet_tasks.split import split
+    from alexnet_tasks.data.download import download
+    from alexnet_tasks.data.shards import build_shards
+    from alexnet_tasks.data.split import split
 
     archive, md5, kind = real_or_synthetic_archive()
     root = CACHE / "artifacts"

@@ -60,7 +60,7 @@ import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from alexnet_tasks.alerts import failure_notifier
+from alexnet_tasks.ops.alerts import failure_notifier
 from alexnet_tasks.config import Layout, PipelineConfig, param_specs, settings_for_run
 from alexnet_tasks.errors import is_permanent
 
@@ -144,7 +144,7 @@ def alexnet_cifar10():
     @task
     @_fail_at_once
     def download() -> dict:
-        from alexnet_tasks.download import download
+        from alexnet_tasks.data.download import download
 
         config, layout, _ = _settings()
         result = download(config.source_url, config.source_md5, layout.root)
@@ -154,7 +154,7 @@ def alexnet_cifar10():
     @task
     @_fail_at_once
     def split() -> dict:
-        from alexnet_tasks.split import split
+        from alexnet_tasks.data.split import split
 
         config, layout, _ = _settings()
         return split(layout.batches(config.source_md5), config, layout.root)
@@ -162,7 +162,7 @@ def alexnet_cifar10():
     @task
     @_fail_at_once
     def build_shards() -> dict:
-        from alexnet_tasks.shards import build_shards
+        from alexnet_tasks.data.shards import build_shards
 
         config, layout, _ = _settings()
         return build_shards(
@@ -175,7 +175,7 @@ def alexnet_cifar10():
     @task(queue=GPU_QUEUE, execution_timeout=TRAIN_TIMEOUT)
     @_fail_at_once
     def train() -> dict:
-        from alexnet_tasks.train import train
+        from alexnet_tasks.training.train import train
 
         config, layout, run_id = _settings()
         return train(layout.shards(config), layout.run(run_id), config)
@@ -193,7 +193,7 @@ def alexnet_cifar10():
     @task
     @_fail_at_once
     def gate() -> dict:
-        from alexnet_tasks.gate import gate
+        from alexnet_tasks.release.gate import gate
 
         config, layout, run_id = _settings()
         return gate(layout.run(run_id), layout.published, config, layout.shards(config), run_id)
@@ -203,15 +203,15 @@ def alexnet_cifar10():
     def publish() -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from alexnet_tasks.publish import publish
+        from alexnet_tasks.release.publish import publish
 
         config, layout, run_id = _settings()
         result = publish(layout.run(run_id), run_id, layout.published, config)
         if result["blessed"] is False:
             # Recorded in the index, latest left on the champion: an expected outcome, not a failure,
             # that the alert channels (when configured) are told of.
-            from alexnet_tasks.alerts import notify_not_blessed
-            from alexnet_tasks.publish import read_decision
+            from alexnet_tasks.ops.alerts import notify_not_blessed
+            from alexnet_tasks.release.publish import read_decision
 
             notify_not_blessed(read_decision(layout.run(run_id)), run_id)
             raise AirflowSkipException(f"not blessed, so not published as latest: {result['reason']}")

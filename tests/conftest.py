@@ -87,9 +87,9 @@ def airflow_bin() -> str:
 def prepare_shards(archive: tuple[Path, str], root: Path, **settings):
     """Run download, split and build_shards for ``archive``; return (config, shards_dir)."""
     from alexnet_tasks.config import Layout, PipelineConfig
-    from alexnet_tasks.download import download
-    from alexnet_tasks.shards import build_shards
-    from alexnet_tasks.split import split
+    from alexnet_tasks.data.download import download
+    from alexnet_tasks.data.shards import build_shards
+    from alexnet_tasks.data.split import split
 
     path, md5 = archive
     config = PipelineConfig(**{"source_url": str(path), "source_md5": md5, "validation_size": 50, **settings})
@@ -102,7 +102,7 @@ def prepare_shards(archive: tuple[Path, str], root: Path, **settings):
 @pytest.fixture(scope="session")
 def trained_run(small_archive, tmp_path_factory):
     """One tiny real training (fast recipe, image_size 67, 3 epochs) shared by several tests."""
-    from alexnet_tasks.train import train
+    from alexnet_tasks.training.train import train
 
     root = tmp_path_factory.mktemp("trained")
     config, shards_dir = prepare_shards(small_archive, root, image_size=67, epochs=3, batch_size=16, learning_rate=0.01, recipe="fast")
@@ -181,7 +181,7 @@ def train_script(shards_dir: Path, run_dir: Path, config, prelude: str = "", cal
         f"{prelude}"
         "from pathlib import Path\n"
         "from alexnet_tasks.config import PipelineConfig\n"
-        "from alexnet_tasks.train import train\n"
+        "from alexnet_tasks.training.train import train\n"
         f"result = train(Path({str(shards_dir)!r}), Path({str(run_dir)!r}), "
         f"PipelineConfig(**{config.to_dict()!r}){call_arguments})\n"
         "print('RESULT', json.dumps(result))\n"

@@ -15,8 +15,8 @@ import pytest
 from conftest import airflow_bin, airflow_env
 from smtp_server import SMTPServer
 
-from alexnet_tasks import alerts
-from alexnet_tasks.alerts import AlertSettings, failure_alert, notify_not_blessed
+from alexnet_tasks.ops import alerts
+from alexnet_tasks.ops.alerts import AlertSettings, failure_alert, notify_not_blessed
 
 WRONG_MD5 = "0" * 32
 UNBLESSED = {  # as the gate writes decision.json
@@ -79,7 +79,7 @@ def test_settings_come_from_the_environment_and_are_off_when_unset():
 
 
 def test_importing_the_module_does_not_import_airflow():
-    code = ("import sys; import alexnet_tasks.alerts\n"
+    code = ("import sys; import alexnet_tasks.ops.alerts\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'airflow'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout

@@ -24,9 +24,9 @@ import pytest
 
 from alexnet_tasks.atomic import TEMP_MARK, remove_stale_temps
 from alexnet_tasks.config import Layout, PipelineConfig
-from alexnet_tasks.download import download
-from alexnet_tasks.shards import ShardError, build_shards, load_split, shard_path
-from alexnet_tasks.split import split
+from alexnet_tasks.data.download import download
+from alexnet_tasks.data.shards import ShardError, build_shards, load_split, shard_path
+from alexnet_tasks.data.split import split
 from cifar_archive import write_archive
 from conftest import ROOT, prepare_shards
 from test_shards import flip_one_image_byte
@@ -222,9 +222,9 @@ def test_an_unusable_shard_folder_is_moved_aside_not_deleted(small_archive, tmp_
 
 
 def test_a_failed_read_of_good_shards_keeps_them_and_can_be_retried(small_archive, tmp_path, monkeypatch):
-    from alexnet_tasks import shards as shards_module
+    from alexnet_tasks.data import shards as shards_module
     from alexnet_tasks.errors import PermanentError
-    from alexnet_tasks.shards import ShardReadError
+    from alexnet_tasks.data.shards import ShardReadError
 
     config, shards_dir = prepare_shards(small_archive, tmp_path)
     before = _digests(shards_dir)

@@ -145,7 +145,7 @@ def test_settings_digest_follows_the_resolved_settings():
 
 def test_gate_settings_change_neither_the_run_folder_key_nor_the_training():
     from alexnet_tasks.config import GATE_SETTINGS
-    from alexnet_tasks.recipe import resolve_settings
+    from alexnet_tasks.training.recipe import resolve_settings
 
     a = PipelineConfig(image_size=67, epochs=1)
     gated = PipelineConfig(image_size=67, epochs=1, accuracy_floor=0.6, gate_tolerance=0.02, publish_mode="always")
@@ -182,7 +182,7 @@ def test_every_setting_carries_its_form_facts():
 
 
 def test_descriptions_quoting_recipe_defaults_agree_with_the_recipes():
-    from alexnet_tasks.train import RECIPE_DEFAULTS
+    from alexnet_tasks.training.train import RECIPE_DEFAULTS
 
     quoted = 0
     for name, field in FIELDS.items():
@@ -193,7 +193,7 @@ def test_descriptions_quoting_recipe_defaults_agree_with_the_recipes():
 
 
 def test_config_source_states_the_recipe_learning_rates_it_uses():
-    from alexnet_tasks.train import RECIPE_DEFAULTS
+    from alexnet_tasks.training.train import RECIPE_DEFAULTS
 
     source = (ROOT / "alexnet_tasks" / "config.py").read_text()
     for recipe, value in re.findall(r"\b(reference|fast) (0\.[0-9]+)\b", source):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alexnet_tasks.publish import read_index
+from alexnet_tasks.release.publish import read_index
 from conftest import ROOT, airflow_bin, airflow_env
 from test_train import scalar_tags
 

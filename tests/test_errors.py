@@ -17,9 +17,9 @@ import pytest
 
 from alexnet_tasks.atomic import DiskFullError
 from alexnet_tasks.config import PipelineConfig
-from alexnet_tasks.download import ArchiveError, download
+from alexnet_tasks.data.download import ArchiveError, download
 from alexnet_tasks.errors import PermanentError, SourceUnavailableError, is_permanent
-from alexnet_tasks.shards import ShardError, ShardReadError, load_split
+from alexnet_tasks.data.shards import ShardError, ShardReadError, load_split
 from cifar_archive import archive_members, md5_of, write_tar
 from conftest import ROOT
 from test_download import _member

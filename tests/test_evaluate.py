@@ -96,8 +96,8 @@ def test_a_broken_train_summary_is_refused_by_name(tmp_path, content, message):
 def test_evaluate_stores_per_image_predictions_and_the_data_it_scored(trained_run, tmp_path):
     import keras
 
-    from alexnet_tasks.publish import publish
-    from alexnet_tasks.shards import load_split, read_attrs, shard_path
+    from alexnet_tasks.release.publish import publish
+    from alexnet_tasks.data.shards import load_split, read_attrs, shard_path
 
     config, shards_dir, trained_dir, _ = trained_run
     run_dir = tmp_path / "run"
@@ -221,7 +221,7 @@ def test_test_time_views_are_the_image_its_mirror_and_their_one_pixel_shifts():
 def test_flip_averaging_keeps_the_plain_figures_beside_the_augmented(trained_run, tmp_path):
     import keras
 
-    from alexnet_tasks.shards import load_split, shard_path
+    from alexnet_tasks.data.shards import load_split, shard_path
 
     config, shards_dir, trained_dir, _ = trained_run
     run_dir = tmp_path / "run"

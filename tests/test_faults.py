@@ -27,10 +27,10 @@ import pytest
 
 from alexnet_tasks.atomic import DiskFullError
 from alexnet_tasks.config import Layout, PipelineConfig
-from alexnet_tasks.download import download
-from alexnet_tasks.publish import publish, read_index
-from alexnet_tasks.shards import ShardError, build_shards, load_split, shard_path
-from alexnet_tasks.split import split
+from alexnet_tasks.data.download import download
+from alexnet_tasks.release.publish import publish, read_index
+from alexnet_tasks.data.shards import ShardError, build_shards, load_split, shard_path
+from alexnet_tasks.data.split import split
 from cifar_archive import archive_members, md5_of, write_archive, write_tar
 from conftest import ROOT, airflow_bin, airflow_env, native_cluster, prepare_shards, wait_for_runs
 from test_download import _member
@@ -76,7 +76,7 @@ def test_killed_build_shards_leaves_nothing_trusted_and_rebuilds_identically(big
     code = (
         "from pathlib import Path\n"
         "from alexnet_tasks.config import PipelineConfig\n"
-        "from alexnet_tasks.shards import build_shards\n"
+        "from alexnet_tasks.data.shards import build_shards\n"
         f"build_shards(Path({str(batch_dir)!r}), Path({manifest!r}), PipelineConfig(**{config.to_dict()!r}), Path({str(root)!r}))\n"
     )
     final = Layout(root).shards(config)
@@ -108,7 +108,7 @@ def test_killed_build_shards_leaves_nothing_trusted_and_rebuilds_identically(big
 
 # --------------------------------------------------------------------------- 3. corrupted shard
 def test_training_refuses_a_corrupted_shard_naming_it(small_archive, tmp_path):
-    from alexnet_tasks.train import train
+    from alexnet_tasks.training.train import train
 
     config, shards_dir = prepare_shards(small_archive, tmp_path, image_size=67, epochs=1, batch_size=16)
     train_shard = shard_path(shards_dir, "train")
@@ -131,7 +131,7 @@ def test_killed_publish_keeps_latest_on_the_previous_run(tmp_path):
             handle.write(os.urandom(1 << 20))
     code = (
         "from pathlib import Path\n"
-        "from alexnet_tasks.publish import publish\n"
+        "from alexnet_tasks.release.publish import publish\n"
         f"publish(Path({str(big)!r}), 'big', Path({str(published)!r}))\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE)

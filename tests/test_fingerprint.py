@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from alexnet_tasks.checkpoints import resumable_state
-from alexnet_tasks.fingerprint import code_version, run_fingerprint
-from alexnet_tasks.recipe import resolve_settings
+from alexnet_tasks.training.checkpoints import resumable_state
+from alexnet_tasks.training.fingerprint import code_version, run_fingerprint
+from alexnet_tasks.training.recipe import resolve_settings
 from conftest import ROOT, prepare_shards
 
 
@@ -34,7 +34,7 @@ def test_code_version_outside_a_git_checkout_has_no_commit(tmp_path):
     copy = tmp_path / "installed"
     shutil.copytree(ROOT / "alexnet_tasks", copy / "alexnet_tasks")
     shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
-    code = "import json; from alexnet_tasks.fingerprint import code_version; print(json.dumps(code_version()))"
+    code = "import json; from alexnet_tasks.training.fingerprint import code_version; print(json.dumps(code_version()))"
     env = {**os.environ, "PYTHONPATH": str(copy), "GIT_CEILING_DIRECTORIES": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path, check=True)
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"package": "0.1.0", "git_commit": None, "git_dirty": None}
@@ -78,7 +78,7 @@ def test_a_state_of_another_fingerprint_is_not_resumed_and_the_log_says_why(shar
 
 @pytest.mark.slow
 def test_training_again_with_other_settings_starts_over(small_archive, tmp_path, caplog):
-    from alexnet_tasks.train import train
+    from alexnet_tasks.training.train import train
 
     config, shards_dir = prepare_shards(small_archive, tmp_path, image_size=67, epochs=1, batch_size=16, recipe="reference")
     run_dir = tmp_path / "runs" / "same-run-id"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from alexnet_tasks.config import PipelineConfig
-from alexnet_tasks.gate import DECISION, gate, mcnemar_p, paired_counts
-from alexnet_tasks.publish import publish, read_index
+from alexnet_tasks.release.gate import DECISION, gate, mcnemar_p, paired_counts
+from alexnet_tasks.release.publish import publish, read_index
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Ten test images, their true classes, and the shard's recorded image digest.

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from alexnet_tasks.model import RandomShiftFlip, build_alexnet
+from alexnet_tasks.training.model import RandomShiftFlip, build_alexnet
 
 
 def _count(weights) -> int:

@@ -152,7 +152,7 @@ def published(trained_run, tmp_path_factory) -> Path:
     """Artifacts with two runs published by the pipeline: an older champion, and a newer run whose
     index line carries the nightly-retraining fields (not blessed, folder named readable-plus-hash)."""
     from alexnet_tasks.evaluate import evaluate
-    from alexnet_tasks.publish import publish
+    from alexnet_tasks.release.publish import publish
 
     config, shards_dir, trained_dir, _ = trained_run
     root = tmp_path_factory.mktemp("plugin") / "artifacts"

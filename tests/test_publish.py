@@ -9,7 +9,7 @@ import pytest
 
 from alexnet_tasks.config import Layout, PipelineConfig
 from alexnet_tasks.atomic import exchange
-from alexnet_tasks.publish import INDEX_FIELDS, load_runs, publish, read_index
+from alexnet_tasks.release.publish import INDEX_FIELDS, load_runs, publish, read_index
 
 SUMMARY = "train_summary.json"
 

@@ -14,8 +14,8 @@ import pytest
 from test_publish import fake_run, folder
 
 from alexnet_tasks.atomic import exclusive_pid_lock
-from alexnet_tasks.publish import publish
-from alexnet_tasks.retention import drop_checkpoints, folder_bytes, keep_runs, prune_runs
+from alexnet_tasks.release.publish import publish
+from alexnet_tasks.release.retention import drop_checkpoints, folder_bytes, keep_runs, prune_runs
 
 DAY = 24 * 3600
 
@@ -116,7 +116,7 @@ def test_old_runs_that_are_neither_champion_nor_blessed_are_pruned(tmp_path, cap
                             index_line("r04", False)], champion="r04")
     for number, run in runs.items():
         age(run, (20 - number) * DAY)
-    caplog.set_level(logging.INFO, logger="alexnet_tasks.retention")
+    caplog.set_level(logging.INFO, logger="alexnet_tasks.release.retention")
     pruned = prune_runs(artifacts / "runs", published, keep=5)
     assert sorted(pruned) == sorted(folder(f"r{n:02d}") for n in (0, 2, 5, 6))
     left = sorted(path.name for path in (artifacts / "runs").iterdir() if not path.name.startswith("."))
@@ -184,7 +184,7 @@ def test_publish_drops_the_runs_checkpoints_and_prunes_old_runs(tmp_path, monkey
     age(old[0], 30 * DAY)
     new = fake_run(tmp_path, folder("new"), 0.6)
     checkpoint = add_checkpoint(new, 5000)
-    caplog.set_level(logging.INFO, logger="alexnet_tasks.retention")
+    caplog.set_level(logging.INFO, logger="alexnet_tasks.release.retention")
     result = publish(new, "new", published)
     assert result["checkpoint_bytes_freed"] == 5000 and not checkpoint.exists()
     # newest two: new and old3; old0 is published (blessed), old1 and old2 were never published.

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from alexnet_tasks.config import PREPROCESSING_VERSION, Layout, PipelineConfig
-from alexnet_tasks.download import download, load_cifar10
-from alexnet_tasks.shards import ShardError, build_shards, load_split, standardize, verify_shards
-from alexnet_tasks.split import split
+from alexnet_tasks.data.download import download, load_cifar10
+from alexnet_tasks.data.shards import ShardError, build_shards, load_split, standardize, verify_shards
+from alexnet_tasks.data.split import split
 
 
 @pytest.fixture

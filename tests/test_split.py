@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from alexnet_tasks.config import Layout, PipelineConfig
-from alexnet_tasks.download import download, load_cifar10
-from alexnet_tasks.split import split, stratified_take
+from alexnet_tasks.data.download import download, load_cifar10
+from alexnet_tasks.data.split import split, stratified_take
 from cifar_archive import archive_members, batch_payload, md5_of, py2_dumps, write_tar
 
 
@@ -61,7 +61,7 @@ def test_validation_larger_than_the_training_set_fails_clearly(source, artifacts
 def test_identical_image_in_two_splits_fails_with_the_count(tmp_path, artifacts):
     members = archive_members()
     # Copy two training images of batch 1 into the test batch.
-    from alexnet_tasks.download import load_pickle
+    from alexnet_tasks.data.download import load_pickle
 
     write_tar(tmp_path / "base.tar.gz", members)
     base = download(str(tmp_path / "base.tar.gz"), md5_of(tmp_path / "base.tar.gz"), artifacts / "base")

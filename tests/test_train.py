@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from alexnet_tasks.config import PipelineConfig
-from alexnet_tasks.recipe import learning_rate_at, onednn_enabled, per_replica_batch, precision_policy, xla_pays
-from alexnet_tasks.train import RECIPE_DEFAULTS, ShuffledBatches, resolve_settings
+from alexnet_tasks.training.recipe import learning_rate_at, onednn_enabled, per_replica_batch, precision_policy, xla_pays
+from alexnet_tasks.training.train import RECIPE_DEFAULTS, ShuffledBatches, resolve_settings
 from conftest import ROOT, prepare_shards, train_script
 
 TWO_LOGICAL_CPUS = (
@@ -66,7 +66,7 @@ def test_onednn_is_read_from_tensorflow_and_decides_the_cpu_step():
     from tensorflow.python.util import _pywrap_util_port
 
     assert onednn_enabled() is bool(_pywrap_util_port.IsMklEnabled())
-    code = "from alexnet_tasks.recipe import onednn_enabled; print(onednn_enabled())"
+    code = "from alexnet_tasks.training.recipe import onednn_enabled; print(onednn_enabled())"
     for value, expected in (("0", "False"), ("1", "True")):
         env = {**ENV, "TF_ENABLE_ONEDNN_OPTS": value}
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -92,7 +92,7 @@ def test_mixed_precision_follows_the_compute_capability(capability, policy):
 
 
 def test_bfloat16_on_the_cpu_only_where_onednn_has_amx(tmp_path):
-    from alexnet_tasks.recipe import cpu_bfloat16_pays, cpu_flags
+    from alexnet_tasks.training.recipe import cpu_bfloat16_pays, cpu_flags
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\n")
@@ -112,8 +112,8 @@ def test_bfloat16_on_the_cpu_only_where_onednn_has_amx(tmp_path):
 def test_mixed_float16_training_scales_the_loss():
     import keras
 
-    from alexnet_tasks.model import build_alexnet
-    from alexnet_tasks.recipe import compile_model
+    from alexnet_tasks.training.model import build_alexnet
+    from alexnet_tasks.training.recipe import compile_model
 
     settings = resolve_settings(PipelineConfig(recipe="fast", image_size=67), 1, (7, 5))
     keras.mixed_precision.set_global_policy(settings.precision)
@@ -145,7 +145,7 @@ def test_every_recipe_option_is_a_training_setting_and_overrides_the_recipe():
     import dataclasses
 
     from alexnet_tasks.config import RECIPE_OPTIONS
-    from alexnet_tasks.recipe import TrainSettings
+    from alexnet_tasks.training.recipe import TrainSettings
 
     fields = {field.name for field in dataclasses.fields(TrainSettings)}
     assert set(RECIPE_OPTIONS) <= fields
@@ -174,8 +174,8 @@ def test_linear_decay_falls_on_a_line_to_zero_at_the_planned_end():
 def test_weight_decay_can_spare_batchnorm_and_biases():
     import keras
 
-    from alexnet_tasks.model import build_alexnet
-    from alexnet_tasks.recipe import compile_model
+    from alexnet_tasks.training.model import build_alexnet
+    from alexnet_tasks.training.recipe import compile_model
 
     decayed = {}
     for spare in (False, True):
@@ -194,8 +194,8 @@ def test_weight_decay_can_spare_batchnorm_and_biases():
 def test_batchnorm_statistics_are_recomputed_as_the_mean_over_batches():
     import keras
 
-    from alexnet_tasks.model import build_alexnet
-    from alexnet_tasks.train import recompute_batchnorm_statistics
+    from alexnet_tasks.training.model import build_alexnet
+    from alexnet_tasks.training.train import recompute_batchnorm_statistics
 
     model = build_alexnet(67, seed=1)
     images = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype("float32")
@@ -275,7 +275,7 @@ def test_killed_training_resumes_from_its_last_completed_epoch(small_archive, tm
         time.sleep(0.05)
     assert process.poll() is None, process.stderr.read().decode()[-2000:]
     time.sleep(0.5)  # into the next epoch
-    from alexnet_tasks.train import train
+    from alexnet_tasks.training.train import train
 
     # A duplicate delivery of the same task is refused while the first one lives.
     with pytest.raises(RuntimeError, match=rf"train.lock: process {process.pid} is already training this run"):
@@ -323,7 +323,7 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_and_saves_a_plain_model(sm
 
 @pytest.mark.slow
 def test_time_budget_below_one_epoch_plans_one_epoch_and_is_not_truncated(small_archive, tmp_path):
-    from alexnet_tasks.train import train
+    from alexnet_tasks.training.train import train
 
     config, shards_dir = prepare_shards(
         small_archive, tmp_path, image_size=67, epochs=5, batch_size=16, recipe="reference",
@@ -339,7 +339,7 @@ def test_time_budget_below_one_epoch_plans_one_epoch_and_is_not_truncated(small_
 
 @pytest.mark.slow
 def test_time_budget_sizes_the_schedule_to_end_inside_it(small_archive, tmp_path):
-    from alexnet_tasks.train import train
+    from alexnet_tasks.training.train import train
 
     # Epoch 1 (with the tracing, and on a GPU the XLA compile) takes 0.2-15 s here, so half a minute
     # plans 2 to 150 of the 200 epochs.
@@ -362,7 +362,7 @@ def test_time_budget_sizes_the_schedule_to_end_inside_it(small_archive, tmp_path
 def test_time_budget_callback_plans_from_the_first_epoch_and_marks_an_overrun_truncated():
     import keras
 
-    from alexnet_tasks.callbacks import Progress, TimeBudget
+    from alexnet_tasks.training.callbacks import Progress, TimeBudget
 
     settings = resolve_settings(PipelineConfig(recipe="fast", epochs=30))
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
@@ -454,7 +454,7 @@ def test_weight_averaging_trains_saves_the_averaged_weights_and_resumes(small_ar
     """EMA on real tiny training: the saved model holds the averaged weights, with recomputed statistics."""
     import keras
 
-    from alexnet_tasks.train import train
+    from alexnet_tasks.training.train import train
 
     config, shards_dir = prepare_shards(
         small_archive, tmp_path, image_size=67, epochs=2, batch_size=16, learning_rate=0.01, recipe="fast",

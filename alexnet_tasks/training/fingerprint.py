@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 PACKAGE = "alexnet-cifar10"
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the checkout: alexnet_tasks/training/ is two below it
 GIT_TIMEOUT_SECONDS = 5
 
 
@@ -70,7 +70,7 @@ def shards_sha256(shards_dir: Path) -> str:
     """SHA-256 over every split's recorded image digest and its labels."""
     import h5py
 
-    from alexnet_tasks.shards import SPLITS, read_attrs, shard_path
+    from alexnet_tasks.data.shards import SPLITS, read_attrs, shard_path
 
     digest = hashlib.sha256()
     for name in SPLITS:

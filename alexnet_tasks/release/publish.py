@@ -39,7 +39,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alexnet_tasks import retention
+from alexnet_tasks.release import retention
 from alexnet_tasks.atomic import (
     atomic_write_bytes,
     exchange,
@@ -49,7 +49,7 @@ from alexnet_tasks.atomic import (
     temp_sibling,
 )
 from alexnet_tasks.config import PipelineConfig, load_json_object, safe_run_id
-from alexnet_tasks.run_summary import TRAIN_SUMMARY, read_train_summary, same_run
+from alexnet_tasks.training.run_summary import TRAIN_SUMMARY, read_train_summary, same_run
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
     its index line says ``blessed: false`` and why, and ``latest`` stays on the
     champion. The result's ``blessed`` is the decision's (None without one).
 
-    Then retention (``alexnet_tasks.retention.retain``) drops the run's
+    Then retention (``alexnet_tasks.release.retention.retain``) drops the run's
     checkpoints and prunes ``runs/`` beyond the newest ``keep_runs``
     (default ``$ALEXNET_KEEP_RUNS`` or 10).
     """

@@ -31,7 +31,7 @@ import numpy as np
 
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import IMAGE_SHAPE, PREPROCESSING_VERSION, Layout, PipelineConfig
-from alexnet_tasks.download import load_cifar10
+from alexnet_tasks.data.download import load_cifar10
 from alexnet_tasks.errors import PermanentError
 
 log = logging.getLogger(__name__)

@@ -122,7 +122,7 @@ def _test_labels(shards_dir: Path, test_images_sha256: str | None):
     """The test shard's labels, checked to belong to the images the run was scored on."""
     import h5py
 
-    from alexnet_tasks.shards import read_attrs, shard_path
+    from alexnet_tasks.data.shards import read_attrs, shard_path
 
     path = shard_path(Path(shards_dir), "test")
     recorded = read_attrs(path).get("images_sha256")  # ShardError names a missing or unreadable shard

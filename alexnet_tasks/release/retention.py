@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 KEEP_ENV = "ALEXNET_KEEP_RUNS"
 DEFAULT_KEEP = 10
 DEFAULT_MIN_IDLE_SECONDS = 24 * 3600
-CHECKPOINTS = "checkpoints"  # as alexnet_tasks.checkpoints.CHECKPOINTS (imported lazily there: keras)
-TRAIN_LOCK = "train.lock"  # as alexnet_tasks.train.LOCK
+CHECKPOINTS = "checkpoints"  # as alexnet_tasks.training.checkpoints.CHECKPOINTS (imported lazily there: keras)
+TRAIN_LOCK = "train.lock"  # as alexnet_tasks.training.train.LOCK
 MODEL = "model.keras"
 PRUNED_MARK = ".pruned-"
 LOCK = ".retention.lock"
@@ -141,7 +141,7 @@ def _last_change(run_dir: Path) -> float:
 
 def _kept_by_the_index(published_root: Path) -> tuple[str | None, set[str], set[str]]:
     """(the champion's folder name, the blessed runs' folder names, every published run's folder name)."""
-    from alexnet_tasks.publish import LATEST, read_index
+    from alexnet_tasks.release.publish import LATEST, read_index
 
     try:
         champion = Path(os.readlink(published_root / LATEST)).name

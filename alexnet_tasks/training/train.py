@@ -52,12 +52,12 @@ from pathlib import Path
 import keras
 
 from alexnet_tasks.atomic import exclusive_pid_lock
-from alexnet_tasks.callbacks import TIME_BUDGET, Progress, training_callbacks
-from alexnet_tasks.checkpoints import CHECKPOINTS, STATE, restore, resumable_state, save_model
+from alexnet_tasks.training.callbacks import TIME_BUDGET, Progress, training_callbacks
+from alexnet_tasks.training.checkpoints import CHECKPOINTS, STATE, restore, resumable_state, save_model
 from alexnet_tasks.config import PipelineConfig, save_json
-from alexnet_tasks.feeding import ShuffledBatches
-from alexnet_tasks.fingerprint import run_fingerprint
-from alexnet_tasks.recipe import (
+from alexnet_tasks.training.feeding import ShuffledBatches
+from alexnet_tasks.training.fingerprint import run_fingerprint
+from alexnet_tasks.training.recipe import (
     RECIPE_DEFAULTS,
     SparseCrossentropyWithSmoothing,
     TrainSettings,
@@ -69,7 +69,7 @@ from alexnet_tasks.recipe import (
     precision_policy,
     resolve_settings,
 )
-from alexnet_tasks.shards import load_split, shard_path
+from alexnet_tasks.data.shards import load_split, shard_path
 
 __all__ = [
     "CHECKPOINTS", "RECIPE_DEFAULTS", "STATE", "ShuffledBatches", "SparseCrossentropyWithSmoothing",
@@ -206,7 +206,7 @@ def _load_data(shards_dir: Path, config: PipelineConfig, settings: TrainSettings
 
 def _new_model(settings: TrainSettings):
     """AlexNet built and compiled in the current (strategy) scope, initialised from the seed."""
-    from alexnet_tasks.model import build_alexnet
+    from alexnet_tasks.training.model import build_alexnet
 
     keras.utils.set_random_seed(settings.seed)
     model = build_alexnet(
@@ -287,7 +287,7 @@ def _inference_copy(model, settings: TrainSettings):
     them into the model when it ends, and this copies them again for a run
     that had no epoch left to fit (the copy is idempotent).
     """
-    from alexnet_tasks.model import build_alexnet
+    from alexnet_tasks.training.model import build_alexnet
 
     if settings.ema_momentum is not None:
         model.optimizer.finalize_variable_values(model.trainable_weights)

@@ -16,9 +16,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from alexnet_tasks.checkpoints import commit_epoch
-from alexnet_tasks.model import reseed_random_layers
-from alexnet_tasks.recipe import TrainSettings, learning_rate_at
+from alexnet_tasks.training.checkpoints import commit_epoch
+from alexnet_tasks.training.model import reseed_random_layers
+from alexnet_tasks.training.recipe import TrainSettings, learning_rate_at
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Data preparation: download and verify the archive, split it, build the preprocessed HDF5 shards."""

@@ -1,0 +1,1 @@
+"""Operations: failure alerts and the worker identity Airflow records."""

@@ -1,0 +1,1 @@
+"""Training: the model, the recipe, feeding the shards, callbacks, checkpoints and the run fingerprint."""
