@@ -3,13 +3,14 @@
 The package is layered; a module imports only from its own layer or the ones
 below it (``tests/test_layers.py`` checks)::
 
+    ui/         the results pages' view model and charts (for plugins/alexnet_results.py)
     ops/        alerts, worker identity
-    release/    gate, publish, retention
+    release/    registry of published/, gate, publish, retention
     evaluate    test-split scores, predictions, pictures
     training/   train (the orchestrator), recipe, model, feeding, callbacks, checkpoints, fingerprint
     data/       download, split, shards
-    config, atomic, errors    settings and layout, atomic files and locks, the error kinds
+    config, layout, atomic, errors    settings, every artifact's name, atomic files and locks, the error kinds
 
 download -> split -> build_shards -> train -> evaluate -> gate -> publish;
-settings and the artifact layout live in ``alexnet_tasks.config``.
+settings live in ``alexnet_tasks.config``, the artifact layout in ``alexnet_tasks.layout``.
 """

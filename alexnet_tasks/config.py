@@ -1,25 +1,9 @@
-"""Pipeline settings and the artifact layout.
+"""Pipeline settings.
 
 One typed, frozen dataclass holds every setting a run can change; it is built
 from the DAG's params (or any dict), rejects unknown keys and impossible values
-with a ValueError that names the key, and is saved next to the results.
-
-Every artifact lives under one root (``$ALEXNET_ARTIFACTS``, default
-``~/alexnet-artifacts``)::
-
-    data/<source_md5>/source/              verified archive + extracted batches
-    data/<source_md5>/split-<key>/         manifest.json (exact source indices)
-    data/<source_md5>/shards-<key>/        train.h5, validation.h5, test.h5
-    runs/<run>/                            config, checkpoint, model, logs, metrics
-    published/runs/<run>/                  the published copy of a finished run
-    published/latest -> runs/<run>         moved atomically once a run is complete
-    published/index.jsonl                  one line of metrics per published run
-
-A run's folder ``<run>`` is its id made safe for a folder name plus a short
-hash of the raw id (``safe_run_id``), so two run ids never share a folder.
-Data folders are content-addressed: their names hold the source checksum and
-the settings that shape them, so a rerun reuses them and a single step (for
-example ``airflow tasks test``) finds its inputs from the params alone.
+with a ValueError that names the key, and is saved next to the results. Where
+the artifacts live is ``alexnet_tasks.layout``'s.
 """
 
 from __future__ import annotations
@@ -28,15 +12,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-ARTIFACTS_ENV = "ALEXNET_ARTIFACTS"
-DEFAULT_ARTIFACTS = Path("~/alexnet-artifacts")
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -412,60 +392,6 @@ def _search(pattern: str, value: str) -> bool:
     if pattern.endswith("$"):
         pattern = pattern[:-1] + r"\Z"
     return re.search(pattern, value) is not None
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where every artifact lives under one root; pure path arithmetic, no I/O."""
-
-    root: Path = field(default_factory=lambda: artifacts_root())
-
-    def data(self, source_md5: str) -> Path:
-        return self.root / "data" / source_md5
-
-    def source(self, source_md5: str) -> Path:
-        return self.data(source_md5) / "source"
-
-    def batches(self, source_md5: str) -> Path:
-        """The extracted ``cifar-10-batches-py`` folder of a verified archive."""
-        return self.source(source_md5) / "extracted" / "cifar-10-batches-py"
-
-    def split(self, config: PipelineConfig) -> Path:
-        return self.data(config.source_md5) / f"split-{config.split_key()}"
-
-    def shards(self, config: PipelineConfig) -> Path:
-        return self.data(config.source_md5) / f"shards-{config.shards_key()}"
-
-    def run(self, run_id: str) -> Path:
-        return self.root / "runs" / safe_run_id(run_id)
-
-    @property
-    def published(self) -> Path:
-        return self.root / "published"
-
-
-def artifacts_root() -> Path:
-    """The artifacts root: ``$ALEXNET_ARTIFACTS`` or ``~/alexnet-artifacts``."""
-    return Path(os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS).expanduser().resolve()
-
-
-RUN_NAME_LENGTH = 100  # readable part of a run folder's name, before its hash
-
-
-def safe_run_id(run_id: str) -> str:
-    """The folder name of a run: a readable form of the id plus a short hash of the raw id.
-
-    Airflow's run ids contain ':' and '+', which become '_' in the readable
-    part; the hash keeps ids that read the same (``a:b`` and ``a_b``) apart.
-    The same id always gives the same name, which is how the steps of one run
-    find each other's outputs.
-    """
-    if not run_id or not isinstance(run_id, str):
-        raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
-    if run_id in {".", ".."}:
-        raise ValueError(f"run_id {run_id!r} is not usable as a folder name")
-    readable = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:RUN_NAME_LENGTH]
-    return f"{readable}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
 def json_safe(payload: Any, _where: str = "") -> tuple[Any, list[str]]:

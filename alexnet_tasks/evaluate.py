@@ -31,18 +31,16 @@ import numpy as np
 
 from alexnet_tasks.atomic import atomic_write_bytes
 from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, json_safe, save_json
+from alexnet_tasks.layout import HISTORY, METRICS, PLAIN_PREDICTIONS, PREDICTIONS
+from alexnet_tasks.layout import CONFUSION_MATRIX as CONFUSION_PNG
+from alexnet_tasks.layout import TEST_SAMPLES as SAMPLES_PNG
+from alexnet_tasks.layout import TENSORBOARD
 from alexnet_tasks.training.run_summary import training_fields
 from alexnet_tasks.data.shards import load_split, read_attrs, shard_path
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.json"
-PREDICTIONS = "predictions.npy"
-PLAIN_PREDICTIONS = "predictions_plain.npy"  # with test-time augmentation: the image alone
 SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (rows, columns) of flip_shift's one-pixel shifts
-HISTORY = "history.json"
-CONFUSION_PNG = "confusion_matrix.png"
-SAMPLES_PNG = "test_samples.png"
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -280,7 +278,7 @@ def evaluate(
         (run_dir / PLAIN_PREDICTIONS).unlink(missing_ok=True)  # a re-evaluation without augmentation
     atomic_write_bytes(run_dir / CONFUSION_PNG, confusion_png)
     atomic_write_bytes(run_dir / SAMPLES_PNG, samples_png)
-    _write_tensorboard(run_dir / "tensorboard" / "test", metrics, confusion_png, samples_png)
+    _write_tensorboard(run_dir / TENSORBOARD / "test", metrics, confusion_png, samples_png)
     log.info(
         "test accuracy %.4f%s  loss %.4f on %d images; worst class %s (%.3f); fingerprint %s%s",
         metrics["test_accuracy"],

@@ -55,7 +55,7 @@ def main() -> None:
     # A fresh root with only the verified source and the split: build_shards starts from scratch.
     shutil.copytree(layout.data(config.source_md5) / "source", root / "data" / config.source_md5 / "source")
     shutil.copytree(layout.split(config), root / "data" / config.source_md5 / layout.split(config).name)
-    from alexnet_tasks.config import Layout
+    from alexnet_tasks.layout import Layout
 
     child = CHILD.format(repo=str(REPO), config=json.dumps(config.to_dict()), root=str(root),
                          batch_dir=str(Layout(root).batches(config.source_md5)),

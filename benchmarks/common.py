@@ -39,7 +39,8 @@ def real_or_synthetic_archive() -> tuple[Path, str, str]:
 def prepared_shards(image_size: int = 67):
     """Download, split and shard the benchmark archive once (cached under /tmp)."""
     sys.path.insert(0, str(REPO))
-    from alexnet_tasks.config import Layout, PipelineConfig
+    from alexnet_tasks.config import PipelineConfig
+    from alexnet_tasks.layout import Layout
     from alexnet_tasks.data.download import download
     from alexnet_tasks.data.shards import build_shards
     from alexnet_tasks.data.split import split

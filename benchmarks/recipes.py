@@ -145,7 +145,8 @@ def collect(run_dir: Path, wall: float | None) -> dict:
 def test_time_augmentation_study(run_dir: Path, work: Path) -> dict:
     """The baseline's model evaluated with each kind of test-time augmentation (no retraining)."""
     sys.path.insert(0, str(REPO))
-    from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, Layout, PipelineConfig
+    from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, PipelineConfig
+    from alexnet_tasks.layout import Layout
     from alexnet_tasks.evaluate import evaluate
 
     saved = json.loads((run_dir / "config.json").read_text())["pipeline"]

@@ -61,7 +61,8 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from alexnet_tasks.ops.alerts import failure_notifier
-from alexnet_tasks.config import Layout, PipelineConfig, param_specs, settings_for_run
+from alexnet_tasks.config import PipelineConfig, param_specs, settings_for_run
+from alexnet_tasks.layout import MODEL, Layout
 from alexnet_tasks.errors import is_permanent
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def alexnet_cifar10():
 
         config, layout, run_id = _settings()
         run_dir = layout.run(run_id)
-        return evaluate(run_dir / "model.keras", layout.shards(config), run_dir, config.source_md5,
+        return evaluate(run_dir / MODEL, layout.shards(config), run_dir, config.source_md5,
                         test_time_augmentation=config.resolved_test_time_augmentation())
 
     @task

@@ -86,7 +86,8 @@ def airflow_bin() -> str:
 
 def prepare_shards(archive: tuple[Path, str], root: Path, **settings):
     """Run download, split and build_shards for ``archive``; return (config, shards_dir)."""
-    from alexnet_tasks.config import Layout, PipelineConfig
+    from alexnet_tasks.config import PipelineConfig
+    from alexnet_tasks.layout import Layout
     from alexnet_tasks.data.download import download
     from alexnet_tasks.data.shards import build_shards
     from alexnet_tasks.data.split import split

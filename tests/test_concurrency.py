@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from alexnet_tasks.atomic import TEMP_MARK, remove_stale_temps
-from alexnet_tasks.config import Layout, PipelineConfig
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.layout import Layout
 from alexnet_tasks.data.download import download
 from alexnet_tasks.data.shards import ShardError, build_shards, load_split, shard_path
 from alexnet_tasks.data.split import split

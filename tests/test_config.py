@@ -9,14 +9,8 @@ import sys
 
 import pytest
 
-from alexnet_tasks.config import (
-    Layout,
-    PipelineConfig,
-    artifacts_root,
-    safe_run_id,
-    seed_for_date,
-    settings_for_run,
-)
+from alexnet_tasks.config import PipelineConfig, seed_for_date, settings_for_run
+from alexnet_tasks.layout import Layout, artifacts_root, safe_run_id
 
 ROOT = Path(__file__).resolve().parent.parent
 

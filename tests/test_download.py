@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alexnet_tasks.config import Layout
+from alexnet_tasks.layout import Layout
 from alexnet_tasks.data.download import ArchiveError, RestrictedUnpickler, download, load_cifar10
 from cifar_archive import archive_members, batch_payload, md5_of, py2_dumps, write_tar
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from alexnet_tasks.atomic import DiskFullError
-from alexnet_tasks.config import Layout, PipelineConfig
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.layout import Layout
 from alexnet_tasks.data.download import download
 from alexnet_tasks.release.publish import publish, read_index
 from alexnet_tasks.data.shards import ShardError, build_shards, load_split, shard_path

@@ -140,7 +140,7 @@ def test_every_deployment_loads_the_plugins_folder():
 
 
 def test_artifacts_root_agrees_with_the_pipeline(monkeypatch, tmp_path):
-    from alexnet_tasks.config import Layout
+    from alexnet_tasks.layout import Layout
 
     monkeypatch.setenv("ALEXNET_ARTIFACTS", str(tmp_path / "somewhere"))
     assert load_plugin_module().published_root() == Layout().published
@@ -212,7 +212,7 @@ def client(published, tokens, monkeypatch):
 
 def old_folder() -> str:
     """The published folder of the champion run: its run id's readable name plus hash."""
-    from alexnet_tasks.config import safe_run_id
+    from alexnet_tasks.layout import safe_run_id
 
     return safe_run_id(OLD_RUN)
 

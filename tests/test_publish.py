@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from alexnet_tasks.config import Layout, PipelineConfig
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.layout import Layout
 from alexnet_tasks.atomic import exchange
 from alexnet_tasks.release.publish import INDEX_FIELDS, load_runs, publish, read_index
 

@@ -4,7 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from alexnet_tasks.config import PREPROCESSING_VERSION, Layout, PipelineConfig
+from alexnet_tasks.config import PREPROCESSING_VERSION, PipelineConfig
+from alexnet_tasks.layout import Layout
 from alexnet_tasks.data.download import download, load_cifar10
 from alexnet_tasks.data.shards import ShardError, build_shards, load_split, standardize, verify_shards
 from alexnet_tasks.data.split import split

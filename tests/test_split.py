@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alexnet_tasks.config import Layout, PipelineConfig
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.layout import Layout
 from alexnet_tasks.data.download import download, load_cifar10
 from alexnet_tasks.data.split import split, stratified_take
 from cifar_archive import archive_members, batch_payload, md5_of, py2_dumps, write_tar

@@ -30,7 +30,8 @@ import h5py
 import numpy as np
 
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
-from alexnet_tasks.config import IMAGE_SHAPE, PREPROCESSING_VERSION, Layout, PipelineConfig
+from alexnet_tasks.config import IMAGE_SHAPE, PREPROCESSING_VERSION, PipelineConfig
+from alexnet_tasks.layout import Layout
 from alexnet_tasks.data.download import load_cifar10
 from alexnet_tasks.errors import PermanentError
 

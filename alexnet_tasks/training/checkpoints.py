@@ -16,10 +16,10 @@ import os
 import uuid
 from pathlib import Path
 
+from alexnet_tasks.layout import CHECKPOINTS, STATE
+
 log = logging.getLogger(__name__)
 
-STATE = "state.json"
-CHECKPOINTS = "checkpoints"
 
 
 def save_model(model, path: Path) -> Path:

@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 
 from alexnet_tasks.config import load_json_object
+from alexnet_tasks.layout import TRAIN_SUMMARY
 
 log = logging.getLogger(__name__)
 
-TRAIN_SUMMARY = "train_summary.json"
 # Copied from train_summary.json into metrics.json and the published index; null when unknown.
 TRAINING_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_planned", "seconds", "devices", "stopped_reason")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")

@@ -55,6 +55,9 @@ from alexnet_tasks.atomic import exclusive_pid_lock
 from alexnet_tasks.training.callbacks import TIME_BUDGET, Progress, training_callbacks
 from alexnet_tasks.training.checkpoints import CHECKPOINTS, STATE, restore, resumable_state, save_model
 from alexnet_tasks.config import PipelineConfig, save_json
+from alexnet_tasks.layout import CONFIG, HISTORY, MODEL, TENSORBOARD
+from alexnet_tasks.layout import TRAIN_LOCK as LOCK
+from alexnet_tasks.layout import TRAIN_SUMMARY as SUMMARY
 from alexnet_tasks.training.feeding import ShuffledBatches
 from alexnet_tasks.training.fingerprint import run_fingerprint
 from alexnet_tasks.training.recipe import (
@@ -79,12 +82,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LOCK = "train.lock"
-MODEL = "model.keras"
-HISTORY = "history.json"
-CONFIG = "config.json"
-SUMMARY = "train_summary.json"
-TENSORBOARD = "tensorboard"
 VALIDATION_BATCH = 512
 
 

@@ -1,0 +1,131 @@
+"""The artifact layout: every file and folder name the pipeline writes, defined once.
+
+Every artifact lives under one root (``$ALEXNET_ARTIFACTS``, default
+``~/alexnet-artifacts``)::
+
+    data/<source_md5>/source/              verified archive + extracted batches
+    data/<source_md5>/split-<key>/         manifest.json (exact source indices)
+    data/<source_md5>/shards-<key>/        train.h5, validation.h5, test.h5
+    runs/<run>/                            a run: the files named below
+    published/runs/<run>/                  the published copy of a finished run
+    published/latest -> runs/<run>         the champion, moved atomically once a run is complete
+    published/index.jsonl                  one line per publish (alexnet_tasks.release.registry)
+    published/index.sqlite                 a lookup table rebuilt from index.jsonl (may be deleted)
+
+A run's folder ``<run>`` is its id made safe for a folder name plus a short
+hash of the raw id (``safe_run_id``), so two run ids never share a folder.
+Data folders are content-addressed: their names hold the source checksum and
+the settings that shape them, so a rerun reuses them and a single step (for
+example ``airflow tasks test``) finds its inputs from the params alone.
+
+Pure names and path arithmetic: no I/O, nothing heavy imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from alexnet_tasks.config import PipelineConfig
+
+ARTIFACTS_ENV = "ALEXNET_ARTIFACTS"
+DEFAULT_ARTIFACTS = Path("~/alexnet-artifacts")
+
+# Top-level folders of the artifacts root.
+DATA = "data"
+RUNS = "runs"  # also the folder of the published copies under published/
+PUBLISHED = "published"
+
+# The files and folders of a run (runs/<run>/ and published/runs/<run>/).
+MODEL = "model.keras"
+METRICS = "metrics.json"
+HISTORY = "history.json"
+CONFIG = "config.json"
+TRAIN_SUMMARY = "train_summary.json"
+DECISION = "decision.json"
+PREDICTIONS = "predictions.npy"
+PLAIN_PREDICTIONS = "predictions_plain.npy"  # with test-time augmentation: the image alone
+CONFUSION_MATRIX = "confusion_matrix.png"
+TEST_SAMPLES = "test_samples.png"
+TENSORBOARD = "tensorboard"
+CHECKPOINTS = "checkpoints"  # per-epoch weights and optimizer state, only needed to resume
+STATE = "state.json"  # the last committed epoch of a training
+TRAIN_LOCK = "train.lock"
+
+# What a published run holds; the first two are required, the rest copied when present.
+PUBLISHED_REQUIRED = (MODEL, METRICS)
+PUBLISHED_OPTIONAL = (CONFIG, HISTORY, TRAIN_SUMMARY, PREDICTIONS, PLAIN_PREDICTIONS, DECISION,
+                      CONFUSION_MATRIX, TEST_SAMPLES, TENSORBOARD)
+
+# published/
+INDEX = "index.jsonl"
+INDEX_TABLE = "index.sqlite"
+LATEST = "latest"
+
+RUN_NAME_LENGTH = 100  # readable part of a run folder's name, before its hash
+
+
+def artifacts_root() -> Path:
+    """The artifacts root: ``$ALEXNET_ARTIFACTS`` or ``~/alexnet-artifacts``, absolute."""
+    return Path(os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS).expanduser().resolve()
+
+
+def safe_run_id(run_id: str) -> str:
+    """The folder name of a run: a readable form of the id plus a short hash of the raw id.
+
+    Airflow's run ids contain ':' and '+', which become '_' in the readable
+    part; the hash keeps ids that read the same (``a:b`` and ``a_b``) apart.
+    The same id always gives the same name, which is how the steps of one run
+    find each other's outputs. Raises ValueError for an empty id, ``.`` or ``..``.
+    """
+    if not run_id or not isinstance(run_id, str):
+        raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
+    if run_id in {".", ".."}:
+        raise ValueError(f"run_id {run_id!r} is not usable as a folder name")
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:RUN_NAME_LENGTH]
+    return f"{readable}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+
+
+def published_path(run_id: str) -> str:
+    """The ``path`` of a run's index line: its published folder relative to ``published/``."""
+    return f"{RUNS}/{safe_run_id(run_id)}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every artifact lives under one root; pure path arithmetic, no I/O."""
+
+    root: Path = field(default_factory=lambda: artifacts_root())
+
+    def data(self, source_md5: str) -> Path:
+        return self.root / DATA / source_md5
+
+    def source(self, source_md5: str) -> Path:
+        return self.data(source_md5) / "source"
+
+    def batches(self, source_md5: str) -> Path:
+        """The extracted ``cifar-10-batches-py`` folder of a verified archive."""
+        return self.source(source_md5) / "extracted" / "cifar-10-batches-py"
+
+    def split(self, config: PipelineConfig) -> Path:
+        return self.data(config.source_md5) / f"split-{config.split_key()}"
+
+    def shards(self, config: PipelineConfig) -> Path:
+        return self.data(config.source_md5) / f"shards-{config.shards_key()}"
+
+    def run(self, run_id: str) -> Path:
+        return self.root / RUNS / safe_run_id(run_id)
+
+    @property
+    def published(self) -> Path:
+        return self.root / PUBLISHED
+
+
+def data_key(config: PipelineConfig) -> str:
+    """The shards a run trained on, relative to ``data/``: ``<source_md5>/shards-<key>``."""
+    return f"{config.source_md5}/shards-{config.shards_key()}"
