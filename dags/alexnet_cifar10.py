@@ -215,7 +215,7 @@ def alexnet_cifar10():
             from alexnet_tasks.release.publish import read_decision
 
             notify_not_blessed(read_decision(layout.run(run_id)), run_id)
-            raise AirflowSkipException(f"not blessed, so not published as latest: {result['reason']}")
+            raise AirflowSkipException(f"not blessed, so not published as latest: {'; '.join(result['reasons'])}")
         get_current_context()["outlet_events"][MODEL_ASSET].extra = {
             "run_id": run_id,
             "test_accuracy": result["test_accuracy"],

@@ -239,7 +239,7 @@ def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tm
     assert line["config"] == config.to_dict()  # the run's resolved settings; a manual run keeps the form's seed
     assert line["fingerprint"] == metrics["fingerprint"]  # null until train writes train_summary.json
     assert line["train_settings"]["epochs"] == 1 and line["train_settings"]["learning_rate"] == 0.001  # as resolved
-    assert line["blessed"] is True and line["blessed_reason"]  # publish_mode always, or the checks held
+    assert line["blessed"] is True and line["reasons"]  # publish_mode always, or the checks held
     assert line["code_version"]["git_commit"] and line["devices"] == "CPU" and line["seconds"] > 0
     assert line["epochs_run"] == line["epochs_planned"] == 1 and line["truncated"] is False
     # Lineage: the data it trained on, its validation accuracy, and its per-image test predictions.
@@ -340,7 +340,7 @@ def test_a_diverged_run_is_recorded_not_published_and_only_the_blessed_model_is_
     run = _dags_test(env, {**base, "seed": 2, "learning_rate": 10.0, "accuracy_floor": 0.0})
     good_line, diverged = read_index(published)
     assert good_line == good  # the champion's line is untouched
-    assert diverged["blessed"] is False and "not finite" in diverged["blessed_reason"]
+    assert diverged["blessed"] is False and "not finite" in "; ".join(diverged["reasons"])
     assert diverged["test_loss"] is None and diverged["config"]["learning_rate"] == 10.0
     assert os.readlink(published / "latest") == good["path"]  # latest stays on the champion
     run_dir = artifacts / "runs" / Path(diverged["path"]).name

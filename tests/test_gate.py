@@ -149,7 +149,7 @@ def test_a_worse_run_is_refused_unless_within_the_tolerance(tmp_path, shards):
     refused = gate(run, tmp_path / "published", settings(), shards, "worse")
     assert refused["blessed"] is False and refused["sanity_passed"] is True
     assert refused["checks"]["not_worse_than_champion"]["passed"] is False
-    assert "0.5000 is not at least the champion champion's 0.6000" in refused["reason"]
+    assert "0.5000 is not at least the champion champion's 0.6000" in "; ".join(refused["reasons"])
     assert refused["paired"]["only_champion_right"] == 1 and refused["paired"]["only_challenger_right"] == 0
     # One image in ten is within a tolerance of 0.1 (not below 0.05).
     assert gate(run, tmp_path / "published", settings(gate_tolerance=0.1), shards, "worse")["blessed"] is True
@@ -163,14 +163,14 @@ def test_a_diverged_run_fails_the_finite_loss_check(tmp_path, shards):
     run = evaluated_run(tmp_path, "diverged", [0] * 10, loss=None, nonfinite=["test_loss"])
     decision = gate(run, tmp_path / "published", settings(accuracy_floor=0.0), shards, "diverged")
     assert decision["blessed"] is False and decision["checks"]["finite_loss"]["passed"] is False
-    assert decision["reason"] == "test loss is not finite (the model diverged): test_loss not finite"
+    assert "; ".join(decision["reasons"]) == "test loss is not finite (the model diverged): test_loss not finite"
     assert decision["test_loss"] is None
 
 
 def test_the_accuracy_floor(tmp_path, shards):
     run = evaluated_run(tmp_path, "weak", right(2))  # 0.2
     decision = gate(run, tmp_path / "published", settings(), shards, "weak")
-    assert decision["blessed"] is False and decision["reason"] == "test accuracy 0.2000 is below the floor 0.25"
+    assert decision["blessed"] is False and "; ".join(decision["reasons"]) == "test accuracy 0.2000 is below the floor 0.25"
     assert gate(run, tmp_path / "published", settings(accuracy_floor=0.2), shards, "weak")["blessed"] is True
 
 
@@ -178,7 +178,7 @@ def test_a_truncated_run_is_refused(tmp_path, shards):
     run = evaluated_run(tmp_path, "cut", right(9), truncated=True)
     decision = gate(run, tmp_path / "published", settings(), shards, "cut")
     assert decision["blessed"] is False
-    assert decision["reason"] == "training was truncated before its schedule ended"
+    assert "; ".join(decision["reasons"]) == "training was truncated before its schedule ended"
 
 
 def test_other_class_names_than_the_champions_are_refused(tmp_path, shards):
@@ -186,7 +186,7 @@ def test_other_class_names_than_the_champions_are_refused(tmp_path, shards):
     run = evaluated_run(tmp_path, "renamed", right(9), classes=[*CLASSES[:9], "lorry"])
     decision = gate(run, tmp_path / "published", settings(), shards, "renamed")
     assert decision["blessed"] is False and decision["checks"]["class_names"]["passed"] is False
-    assert "differ from the champion's" in decision["reason"]
+    assert "differ from the champion's" in "; ".join(decision["reasons"])
 
 
 def test_runs_scored_on_other_test_images_are_not_compared(tmp_path, shards):
@@ -194,7 +194,7 @@ def test_runs_scored_on_other_test_images_are_not_compared(tmp_path, shards):
     run = evaluated_run(tmp_path, "elsewhere", right(9), images_sha="b" * 64)
     decision = gate(run, tmp_path / "published", settings(), shards, "elsewhere")
     assert decision["blessed"] is False and decision["paired"] is None
-    assert "scored on other test images" in decision["reason"]
+    assert "scored on other test images" in "; ".join(decision["reasons"])
 
 
 def test_labels_from_a_shard_of_other_images_are_refused(tmp_path, shards):
@@ -212,7 +212,7 @@ def test_a_champion_without_predictions_is_compared_by_accuracy(tmp_path, shards
     (tmp_path / "published" / "latest" / "predictions.npy").unlink()  # published before they existed
     decision = gate(evaluated_run(tmp_path, "next", right(7)), tmp_path / "published", settings(), shards, "next")
     assert decision["blessed"] is True and decision["paired"] is None
-    assert "compared by accuracy alone" in decision["reason"]
+    assert "compared by accuracy alone" in "; ".join(decision["reasons"])
 
 
 def test_publish_mode_always_blesses_and_records_what_the_checks_found(tmp_path, shards):
@@ -221,8 +221,8 @@ def test_publish_mode_always_blesses_and_records_what_the_checks_found(tmp_path,
     decision = gate(run, tmp_path / "published", settings(publish_mode="always"), shards, "forced")
     assert decision["blessed"] is True and decision["publish_mode"] == "always"
     assert decision["sanity_passed"] is False and decision["checks_passed"] is False
-    assert decision["reason"].startswith("publish_mode always: published although test accuracy 0.1000 is below")
-    assert "truncated" in decision["reason"] and decision["paired"]["only_champion_right"] == 5
+    assert "; ".join(decision["reasons"]).startswith("publish_mode always: published although test accuracy 0.1000 is below")
+    assert "truncated" in "; ".join(decision["reasons"]) and decision["paired"]["only_champion_right"] == 5
 
 
 def test_gate_needs_evaluate_first(tmp_path, shards):
@@ -241,7 +241,7 @@ def test_a_champion_without_a_test_accuracy_leaves_the_decision_to_sanity(tmp_pa
     metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "test_accuracy": None}))
     decision = gate(evaluated_run(tmp_path, "next", right(3)), tmp_path / "published", settings(), shards, "next")
     assert decision["blessed"] is True and decision["champion_accuracy"] is None
-    assert "has no test accuracy to compare with" in decision["reason"]
+    assert "has no test accuracy to compare with" in "; ".join(decision["reasons"])
 
 
 def test_a_broken_latest_is_named(tmp_path, shards):
@@ -264,7 +264,7 @@ def test_an_unblessed_run_is_recorded_without_its_model_and_latest_stays(tmp_pat
     assert os.readlink(published / "latest") == champion_target
     champion, worse = read_index(published)
     assert champion["run_id"] == "champion" and worse["run_id"] == "worse"
-    assert worse["blessed"] is False and "is not at least the champion" in worse["blessed_reason"]
+    assert worse["blessed"] is False and "is not at least the champion" in "; ".join(worse["reasons"])
     record = published / worse["path"]
     assert (record / "metrics.json").is_file() and (record / DECISION).is_file()
     assert (record / "predictions.npy").is_file() and not (record / "model.keras").exists()
@@ -277,7 +277,7 @@ def test_an_unblessed_run_is_recorded_without_its_model_and_latest_stays(tmp_pat
     assert (record / "model.keras").read_bytes() == b"model-worse"
     assert os.readlink(published / "latest") == worse["path"]
     [_, line] = read_index(published)
-    assert line["blessed"] is True and line["blessed_reason"].startswith("publish_mode always")
+    assert line["blessed"] is True and line["reasons"][0].startswith("publish_mode always")
     assert json.loads((record / DECISION).read_text())["publish_mode"] == "always"
 
 
@@ -323,7 +323,7 @@ def test_runs_with_other_test_time_augmentations_compare_their_plain_figures(tmp
     assert decision["compared_as"] == "none" and decision["blessed"] is False
     assert decision["test_accuracy"] == 0.7 and decision["compared_accuracy"] == 0.5
     assert decision["champion_accuracy"] == 0.6 and decision["paired"]["only_champion_right"] == 1
-    assert "plain test accuracy 0.5000 is not at least" in decision["reason"]
+    assert "plain test accuracy 0.5000 is not at least" in "; ".join(decision["reasons"])
     # The other way round: an augmented champion (published with its plain predictions) and a plain run.
     other = tmp_path / "other"
     champion = evaluated_run(other, "champion", right(9), plain=right(5), views="flip_shift")

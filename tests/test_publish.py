@@ -85,7 +85,8 @@ def test_publishing_the_same_run_twice_adds_no_duplicate_line(tmp_path):
     publish(run, "run_a", published)
     publish(run, "run_a", published)
     assert [line["run_id"] for line in read_index(published)] == ["run_a"]
-    assert len((published / "index.jsonl").read_text().splitlines()) == 1
+    # An unknown fingerprint is never the same training: the copy was replaced and its line appended again.
+    assert len((published / "index.jsonl").read_text().splitlines()) == 2
 
 
 def test_incomplete_run_is_refused_and_latest_stays(tmp_path):
@@ -133,7 +134,7 @@ def test_old_index_lines_without_the_new_fields_still_load(tmp_path):
     assert line["run_id"] == "old" and line["test_accuracy"] == 0.4
     assert line["fingerprint"] is None and line["truncated"] is None and line["config"] is None
     assert set(line) == set(INDEX_FIELDS)
-    for key in ("data_key", "code_version", "validation_accuracy", "blessed", "blessed_reason", "train_settings"):
+    for key in ("data_key", "code_version", "validation_accuracy", "blessed", "reasons", "train_settings"):
         assert line[key] is None, key
     publish(fake_run(tmp_path, "new", 0.6, "d" * 64), "new", published)
     assert [line["run_id"] for line in read_index(published)] == ["old", "new"]
@@ -159,7 +160,7 @@ def test_index_line_carries_the_runs_lineage(tmp_path):
     assert (line["epochs_run"], line["epochs_planned"], line["truncated"]) == (3, 3, False)
     assert line["validation_accuracy"] == 0.58 and line["test_accuracy"] == 0.61
     assert line["seconds"] == 12.5 and line["devices"] == "CPU"
-    assert line["blessed"] is True and line["blessed_reason"] == "sanity checks hold; no champion yet"
+    assert line["blessed"] is True and line["reasons"] == ["sanity checks hold", "no champion yet"]
     assert (published / line["path"] / "decision.json").is_file()
 
 
@@ -167,7 +168,7 @@ def test_lineage_fields_without_summary_or_decision_are_null(tmp_path):
     published = tmp_path / "published"
     publish(fake_run(tmp_path, "bare", 0.5), "bare", published)
     [line] = read_index(published)
-    for key in ("data_key", "code_version", "validation_accuracy", "blessed", "blessed_reason", "fingerprint",
+    for key in ("data_key", "code_version", "validation_accuracy", "blessed", "reasons", "fingerprint",
                 "train_settings"):
         assert line[key] is None, key
 
@@ -179,7 +180,7 @@ def test_an_unblessed_decision_is_recorded_with_its_reasons(tmp_path):
     publish(run, "diverged", published)
     [line] = read_index(published)
     assert line["blessed"] is False
-    assert line["blessed_reason"] == "test loss is not finite; test accuracy 0.1000 is below the floor 0.25"
+    assert line["reasons"] == ["test loss is not finite", "test accuracy 0.1000 is below the floor 0.25"]
 
 
 @pytest.mark.parametrize(

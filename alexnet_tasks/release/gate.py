@@ -32,22 +32,17 @@ records what they found.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from alexnet_tasks.config import PipelineConfig, load_json_object, save_json
+from alexnet_tasks.layout import DECISION, LATEST, METRICS, PLAIN_PREDICTIONS, PREDICTIONS
+from alexnet_tasks.release.registry import Registry
 
 log = logging.getLogger(__name__)
-
-DECISION = "decision.json"
-METRICS = "metrics.json"
-PREDICTIONS = "predictions.npy"
-PLAIN_PREDICTIONS = "predictions_plain.npy"
-INDEX = "index.jsonl"
-LATEST = "latest"
 # Accuracies are shares of the same images; a difference below this is rounding, not a worse model.
 _EPSILON = 1e-9
 
@@ -154,36 +149,20 @@ def _number(value) -> float | None:
 
 
 def champion_of(published_root: Path) -> dict | None:
-    """The run ``published/latest`` points to: its run id, folder, metrics and predictions path; None if none.
+    """The champion (the run ``published/latest`` points to): run id, path, folder, metrics, predictions.
 
-    The run id comes from the index line of that folder (the folder's name
-    where no line names it). Raises ValueError when ``latest`` points to a
-    folder without readable metrics.
+    None without one. The run id comes from the registry's entry of that
+    folder (the folder's name where none names it). Raises FileNotFoundError
+    when ``latest`` points to a folder without metrics, ValueError when they
+    are unreadable.
     """
-    published_root = Path(published_root)
-    link = published_root / LATEST
-    if not link.is_symlink() and not link.exists():
+    champion = Registry(published_root).champion()
+    if champion is None:
         return None
-    folder = link.resolve()
-    target = (published_root / LATEST).readlink() if link.is_symlink() else Path(LATEST)
-    metrics = _read_json(folder / METRICS, f"{link} points to a run without metrics; publish a run again")
-    run_id = None
-    index = published_root / INDEX
-    if index.is_file():
-        for text in index.read_text().splitlines():
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(line, dict) and line.get("path") == str(target):
-                run_id = line.get("run_id")
-    return {
-        "run_id": run_id or folder.name,
-        "path": str(target),
-        "folder": folder,
-        "metrics": metrics,
-        "predictions": folder / PREDICTIONS,
-    }
+    folder = champion["folder"]
+    metrics = _read_json(folder / METRICS, f"{Path(published_root) / LATEST} points to a run without metrics; "
+                         "publish a run again")
+    return {**champion, "folder": folder, "metrics": metrics, "predictions": folder / PREDICTIONS}
 
 
 # --------------------------------------------------------------------------- the checks
@@ -225,87 +204,105 @@ def sanity_checks(metrics: dict, accuracy_floor: float, champion_metrics: dict |
     return checks
 
 
-def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir: Path,
-         run_id: str | None = None) -> dict:
-    """Decide whether ``run_dir`` (evaluated) is blessed; write ``decision.json`` there and return the decision.
+@dataclass
+class _Gate:
+    """What the gate's phases pass on: the run, the champion and what was found so far."""
 
-    ``config`` gives ``accuracy_floor``, ``gate_tolerance`` and
-    ``publish_mode``; ``shards_dir`` the test labels. The decision holds
-    ``blessed``, ``reasons`` (and ``reason``, them joined), every check, both
-    accuracies, the champion's run id and path, and the paired counts with
-    their McNemar p-value (null where the champion has no per-image
-    predictions).
-    """
-    run_dir, published_root = Path(run_dir), Path(published_root)
+    run_dir: Path
+    metrics: dict
+    predictions: object  # one predicted class per test image
+    champion: dict | None  # champion_of(), None without one
+    checks: dict  # check name -> {"passed": bool, "detail": str}
+    compared_as: str = "none"
+    accuracy: float | None = None
+    champion_accuracy: float | None = None
+    paired: dict | None = None
+
+    @property
+    def champion_metrics(self) -> dict | None:
+        return None if self.champion is None else self.champion["metrics"]
+
+
+def _read(run_dir: Path, published_root: Path) -> _Gate:
+    """Read phase: the run's metrics and predictions, and the champion."""
     metrics = _read_json(run_dir / METRICS, "evaluate must finish before the gate")
     if not (run_dir / PREDICTIONS).is_file():
         raise FileNotFoundError(f"{run_dir / PREDICTIONS}: missing; evaluate must finish before the gate")
-    predictions = _read_predictions(run_dir / PREDICTIONS)
-    champion = champion_of(published_root)
-    champion_metrics = None if champion is None else champion["metrics"]
-    checks = sanity_checks(metrics, config.accuracy_floor, champion_metrics)
-    sanity = all(check["passed"] for check in checks.values())
-    reasons = [check["detail"] for check in checks.values() if not check["passed"]]
+    return _Gate(run_dir, metrics, _read_predictions(run_dir / PREDICTIONS), champion_of(published_root), {})
 
-    headline_accuracy = _number(metrics.get("test_accuracy"))
-    compared_as = augmentation_kind(metrics)
-    if champion is not None and augmentation_kind(champion_metrics) != compared_as:
-        compared_as = "none"  # different views: compare what both have, the plain prediction
-    accuracy, predictions_path = figures_of_kind(metrics, run_dir, compared_as)
-    champion_accuracy, champion_predictions = (None, None) if champion is None else \
-        figures_of_kind(champion_metrics, champion["folder"], compared_as)
-    paired, comparison = None, None
+
+def _check(run: _Gate, config: PipelineConfig) -> None:
+    """Check phase: the sanity checks."""
+    run.checks.update(sanity_checks(run.metrics, config.accuracy_floor, run.champion_metrics))
+
+
+def _compare(run: _Gate, config: PipelineConfig, shards_dir: Path) -> None:
+    """Compare phase: the run against the champion, image by image where both have predictions."""
+    metrics, champion, run_dir = run.metrics, run.champion, run.run_dir
+    run.compared_as = augmentation_kind(metrics)
+    if champion is not None and augmentation_kind(run.champion_metrics) != run.compared_as:
+        run.compared_as = "none"  # different views: compare what both have, the plain prediction
+    run.accuracy, predictions_path = figures_of_kind(metrics, run_dir, run.compared_as)
     if champion is None:
-        comparison = {"passed": True, "detail": "no champion yet: the sanity checks decide"}
-    elif champion_accuracy is None:
-        comparison = {"passed": True, "detail": f"the champion {champion['run_id']} has no test accuracy to "
-                      "compare with: the sanity checks decide"}
+        run.checks["not_worse_than_champion"] = {"passed": True, "detail": "no champion yet: the sanity checks decide"}
+        return
+    run.champion_accuracy, champion_predictions = figures_of_kind(run.champion_metrics, champion["folder"],
+                                                                  run.compared_as)
+    if run.champion_accuracy is None:
+        run.checks["not_worse_than_champion"] = {
+            "passed": True, "detail": f"the champion {champion['run_id']} has no test accuracy to compare with: "
+            "the sanity checks decide"}
+        return
+    ours, theirs = metrics.get("test_images_sha256"), run.champion_metrics.get("test_images_sha256")
+    if ours is not None and theirs is not None and ours != theirs:
+        run.checks["not_worse_than_champion"] = {"passed": False, "detail": (
+            f"scored on other test images (sha256 {ours[:12]}) than the champion {champion['run_id']} "
+            f"({theirs[:12]}); their accuracies are not comparable")}
+        return
+    if champion_predictions.is_file() and ours is not None and theirs is not None:
+        predictions = run.predictions
+        if predictions_path != run_dir / PREDICTIONS:
+            if not predictions_path.is_file():
+                raise FileNotFoundError(f"{predictions_path}: missing; evaluate again to write it")
+            predictions = _read_predictions(predictions_path)
+        labels = _test_labels(shards_dir, ours)
+        if len(predictions) != len(labels):
+            raise ValueError(f"{predictions_path}: {len(predictions)} predictions for the {len(labels)} test images")
+        run.paired = paired_counts(predictions, _read_predictions(champion_predictions), labels)
+    tolerance = config.gate_tolerance
+    not_worse = (run.accuracy is not None
+                 and run.accuracy + tolerance + _EPSILON >= run.champion_accuracy)
+    kind = "" if run.compared_as == augmentation_kind(metrics) else "plain "
+    detail = (f"{kind}test accuracy {_fmt(run.accuracy)} {'is' if not_worse else 'is not'} at least the "
+              f"champion {champion['run_id']}'s {_fmt(run.champion_accuracy)}"
+              + (f" minus the tolerance {tolerance:g}" if tolerance else ""))
+    paired = run.paired
+    if paired is not None:
+        detail += (f" (on {paired['images']} images: {paired['only_challenger_right']} right only here, "
+                   f"{paired['only_champion_right']} only by the champion, McNemar p={paired['mcnemar_p']:.3g})")
     else:
-        ours, theirs = metrics.get("test_images_sha256"), champion_metrics.get("test_images_sha256")
-        if ours is not None and theirs is not None and ours != theirs:
-            comparison = {"passed": False, "detail": (
-                f"scored on other test images (sha256 {ours[:12]}) than the champion {champion['run_id']} "
-                f"({theirs[:12]}); their accuracies are not comparable")}
-        elif champion_predictions.is_file() and ours is not None and theirs is not None:
-            if predictions_path != run_dir / PREDICTIONS:
-                if not predictions_path.is_file():
-                    raise FileNotFoundError(f"{predictions_path}: missing; evaluate again to write it")
-                predictions = _read_predictions(predictions_path)
-            labels = _test_labels(shards_dir, ours)
-            if len(predictions) != len(labels):
-                raise ValueError(
-                    f"{predictions_path}: {len(predictions)} predictions for the {len(labels)} test images"
-                )
-            paired = paired_counts(predictions, _read_predictions(champion_predictions), labels)
-        if comparison is None:
-            tolerance = config.gate_tolerance
-            not_worse = (accuracy is not None and champion_accuracy is not None
-                         and accuracy + tolerance + _EPSILON >= champion_accuracy)
-            kind = "" if compared_as == augmentation_kind(metrics) else "plain "
-            detail = (f"{kind}test accuracy {_fmt(accuracy)} {'is' if not_worse else 'is not'} at least the "
-                      f"champion {champion['run_id']}'s {_fmt(champion_accuracy)}"
-                      + (f" minus the tolerance {tolerance:g}" if tolerance else ""))
-            if paired is not None:
-                detail += (f" (on {paired['images']} images: {paired['only_challenger_right']} right only here, "
-                           f"{paired['only_champion_right']} only by the champion, McNemar p={paired['mcnemar_p']:.3g})")
-            else:
-                detail += " (the champion has no per-image predictions: compared by accuracy alone)"
-            comparison = {"passed": not_worse, "detail": detail}
-    checks["not_worse_than_champion"] = comparison
-    if not comparison["passed"]:
-        reasons.append(comparison["detail"])
+        detail += " (the champion has no per-image predictions: compared by accuracy alone)"
+    run.checks["not_worse_than_champion"] = {"passed": not_worse, "detail": detail}
 
+
+def _decide(run: _Gate, config: PipelineConfig, run_id: str | None) -> dict:
+    """Decide phase: blessed or not, why, and every figure it was decided on."""
+    checks, champion, metrics = run.checks, run.champion, run.metrics
+    comparison = checks["not_worse_than_champion"]
+    sanity = all(check["passed"] for name, check in checks.items() if name != "not_worse_than_champion")
     passed = sanity and comparison["passed"]
+    failed = [check["detail"] for check in checks.values() if not check["passed"]]
     mode = config.publish_mode
     blessed = passed or mode == "always"
     if passed:
         reasons = ["sanity checks hold", comparison["detail"]]
     elif blessed:
-        reasons = [f"publish_mode always: published although {'; '.join(reasons)}"]
-    decision = {
+        reasons = [f"publish_mode always: published although {'; '.join(failed)}"]
+    else:
+        reasons = failed
+    return {
         "blessed": blessed,
         "reasons": reasons,
-        "reason": "; ".join(reasons),
         "run_id": run_id,
         "fingerprint": metrics.get("fingerprint"),
         "publish_mode": mode,
@@ -314,26 +311,53 @@ def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir
         "checks": checks,
         "accuracy_floor": config.accuracy_floor,
         "gate_tolerance": config.gate_tolerance,
-        "test_accuracy": headline_accuracy,
+        "test_accuracy": _number(metrics.get("test_accuracy")),
         "test_time_augmentation": augmentation_kind(metrics),
-        "compared_as": compared_as,
-        "compared_accuracy": accuracy,
+        "compared_as": run.compared_as,
+        "compared_accuracy": run.accuracy,
         "test_loss": _number(metrics.get("test_loss")),
         "champion": None if champion is None else champion["run_id"],
         "champion_path": None if champion is None else champion["path"],
-        "champion_accuracy": champion_accuracy,
-        "champion_fingerprint": None if champion is None else champion_metrics.get("fingerprint"),
-        "paired": paired,
+        "champion_accuracy": run.champion_accuracy,
+        "champion_fingerprint": None if champion is None else run.champion_metrics.get("fingerprint"),
+        "paired": run.paired,
         "test_images_sha256": metrics.get("test_images_sha256"),
         "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    save_json(run_dir / DECISION, decision)
+
+
+def _write(run: _Gate, decision: dict) -> None:
+    """Write phase: ``decision.json`` and one log line."""
+    save_json(run.run_dir / DECISION, decision)
+    paired = run.paired
     log.info("gate: %s %s (test accuracy %s, champion %s at %s%s): %s",
-             "blessed" if blessed else "NOT blessed", run_id or run_dir.name, _fmt(accuracy),
-             decision["champion"] or "none", _fmt(champion_accuracy),
+             "blessed" if decision["blessed"] else "NOT blessed", decision["run_id"] or run.run_dir.name,
+             _fmt(run.accuracy), decision["champion"] or "none", _fmt(run.champion_accuracy),
              "" if paired is None else f", only here {paired['only_challenger_right']} / only champion "
              f"{paired['only_champion_right']}, McNemar p={paired['mcnemar_p']:.3g}",
-             decision["reason"])
+             "; ".join(decision["reasons"]))
+
+
+def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir: Path,
+         run_id: str | None = None) -> dict:
+    """Decide whether ``run_dir`` (evaluated) is blessed; write ``decision.json`` there and return the decision.
+
+    ``config`` gives ``accuracy_floor``, ``gate_tolerance`` and
+    ``publish_mode``; ``shards_dir`` the test labels. The decision holds
+    ``blessed``, ``reasons`` (a list of strings: why), every check, both
+    accuracies, the champion's run id and path, and the paired counts with
+    their McNemar p-value (null where the champion has no per-image
+    predictions). Raises FileNotFoundError when evaluate has not finished,
+    ValueError for unreadable metrics or predictions.
+
+    Phases, in order: read, check (sanity), compare (with the champion),
+    decide, write.
+    """
+    run = _read(Path(run_dir), Path(published_root))
+    _check(run, config)
+    _compare(run, config, shards_dir)
+    decision = _decide(run, config, run_id)
+    _write(run, decision)
     return decision
 
 

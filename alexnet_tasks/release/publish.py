@@ -36,10 +36,10 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alexnet_tasks.release import retention
 from alexnet_tasks.atomic import (
     atomic_write_bytes,
     exchange,
@@ -49,37 +49,37 @@ from alexnet_tasks.atomic import (
     temp_sibling,
 )
 from alexnet_tasks.config import PipelineConfig, load_json_object
-from alexnet_tasks.layout import safe_run_id
-from alexnet_tasks.training.run_summary import TRAIN_SUMMARY, read_train_summary, same_run
+from alexnet_tasks.layout import (
+    DECISION,
+    INDEX,
+    LATEST,
+    METRICS,
+    MODEL,
+    PUBLISHED_OPTIONAL,
+    PUBLISHED_REQUIRED,
+    TRAIN_SUMMARY,
+    published_path,
+)
+from alexnet_tasks.release import retention
+from alexnet_tasks.release.registry import (  # noqa: F401  (INDEX_FIELDS, load_runs, read_index: for scripts)
+    INDEX_FIELDS,
+    Registry,
+    index_line,
+    load_runs,
+    read_index,
+)
+from alexnet_tasks.training.run_summary import read_train_summary, same_run
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.jsonl"
-LATEST = "latest"
-DECISION = "decision.json"
-# What a published run holds; the first two are required.
-MODEL = "model.keras"
-REQUIRED = (MODEL, "metrics.json")
-OPTIONAL = ("config.json", "history.json", TRAIN_SUMMARY, "predictions.npy", "predictions_plain.npy", DECISION,
-            "confusion_matrix.png", "test_samples.png", "tensorboard")
-# Copied from metrics.json into the index line (null where metrics.json lacks them).
-TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_planned", "devices", "seconds",
-                         "validation_accuracy", "test_time_augmentation", "test_accuracy_plain")
-# Every field of an index line. The first five are in every line ever written; lines written
-# before the others existed lack them, and read_index fills them with None.
-INDEX_FIELDS = ("run_id", "published_at", "test_accuracy", "test_loss", "path") + TRAINING_INDEX_FIELDS + (
-    "config", "data_key", "code_version", "blessed", "blessed_reason", "train_settings",
-)
-LATER_INDEX_FIELDS = INDEX_FIELDS[5:]
-
 
 def _copy_run(run_dir: Path, destination: Path, with_model: bool = True) -> None:
-    for name in REQUIRED + OPTIONAL:
+    for name in PUBLISHED_REQUIRED + PUBLISHED_OPTIONAL:
         source = run_dir / name
         if name == MODEL and not with_model:
             continue
         if not source.exists():
-            if name in REQUIRED:
+            if name in PUBLISHED_REQUIRED:
                 raise FileNotFoundError(f"{source}: missing; train and evaluate must finish first")
             continue
         if source.is_dir():
@@ -118,7 +118,7 @@ def _replace_directory(new: Path, final: Path) -> None:
 
 def _published_fingerprint(final: Path) -> str | None:
     try:
-        return json.loads((final / "metrics.json").read_text()).get("fingerprint")
+        return json.loads((final / METRICS).read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -149,103 +149,8 @@ def _fingerprint_part(run_dir: Path, name: str):
     return parts.get(name) if isinstance(parts, dict) else None
 
 
-def _index_line(
-    run_id: str,
-    metrics: dict,
-    published_at: str,
-    config: PipelineConfig | None,
-    code_version: dict | str | None = None,
-    decision: dict | None = None,
-    train_settings: dict | None = None,
-) -> dict:
-    return {
-        "run_id": run_id,
-        "published_at": published_at,
-        "test_accuracy": metrics["test_accuracy"],
-        "test_loss": metrics["test_loss"],
-        "path": f"runs/{safe_run_id(run_id)}",
-        **{key: metrics.get(key) for key in TRAINING_INDEX_FIELDS},
-        "config": None if config is None else config.to_dict(),
-        "data_key": None if config is None else f"{config.source_md5}/shards-{config.shards_key()}",
-        "code_version": code_version,
-        "blessed": None if decision is None else decision["blessed"],
-        "blessed_reason": None if decision is None else "; ".join(decision.get("reasons", [])) or None,
-        "train_settings": train_settings,
-    }
-
-
-def read_index(published_root: Path) -> list[dict]:
-    """Every line of the index, oldest first; fields older lines lack read as None."""
-    path = Path(published_root) / INDEX
-    if not path.is_file():
-        return []
-    lines = []
-    for number, text in enumerate(path.read_text().splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
-        for key in LATER_INDEX_FIELDS:
-            line.setdefault(key, None)
-        lines.append(line)
-    return lines
-
-
-def load_runs(published_root: Path) -> list[dict]:
-    """The table of published runs, newest first: one dict per index line with every field of ``INDEX_FIELDS``.
-
-    Fields a line lacks (written before they existed, or unknown) are None;
-    ``latest`` is True on the run ``published/latest`` points to. For scripts
-    and UIs; imports nothing heavy.
-    """
-    published_root = Path(published_root)
-    try:
-        latest = os.readlink(published_root / LATEST)
-    except OSError:
-        latest = None
-    return [
-        {**{key: line.get(key) for key in INDEX_FIELDS}, "latest": line["path"] == latest}
-        for line in reversed(read_index(published_root))
-    ]
-
-
-def _update_index(published_root: Path, entry: dict) -> bool:
-    """Put ``entry`` in the index in place of any earlier line of the same run; False if already there.
-
-    A line of the same run with the same known fingerprint and the same
-    decision is kept as it is, so publishing the same training again changes
-    nothing.
-    """
-    with file_lock(published_root / f".{INDEX}.lock"):
-        lines = read_index(published_root)
-        if any(
-            line["run_id"] == entry["run_id"] and line["path"] == entry["path"]
-            and same_run(line["fingerprint"], entry["fingerprint"]) and line["blessed"] == entry["blessed"]
-            for line in lines
-        ):
-            return False
-        lines = [line for line in lines if line["run_id"] != entry["run_id"]]
-        lines.append(entry)
-        text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
-        atomic_write_bytes(published_root / INDEX, text.encode())
-        return True
-
-
-def _point_latest(published_root: Path, target: str) -> None:
-    link = published_root / LATEST
-    tmp = temp_sibling(link)
-    os.symlink(target, tmp)
-    try:
-        os.replace(tmp, link)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _read_metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; evaluate must finish first")
     metrics = json.loads(path.read_text())
@@ -270,11 +175,84 @@ def _check_decision(decision: dict | None, metrics: dict, run_dir: Path) -> None
         )
 
 
-def _latest_target(published_root: Path) -> str | None:
-    try:
-        return os.readlink(published_root / LATEST)
-    except OSError:
-        return None
+@dataclass
+class _Publish:
+    """What the read and check phases found, for the phases after them."""
+
+    run_dir: Path
+    run_id: str
+    registry: Registry
+    final: Path  # published/runs/<run>
+    metrics: dict
+    decision: dict | None
+
+    @property
+    def blessed(self) -> bool | None:
+        return None if self.decision is None else self.decision["blessed"]
+
+    @property
+    def promote(self) -> bool:
+        """Published whole and made the champion: blessed, or no decision at all."""
+        return self.blessed is not False
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.metrics.get("fingerprint")
+
+    @property
+    def reasons(self) -> list[str]:
+        return [] if self.decision is None else list(self.decision.get("reasons", []))
+
+
+def _read(run_dir: Path, run_id: str, published_root: Path) -> _Publish:
+    """Read phase: the run's metrics and decision, checked to belong to its current model."""
+    metrics = _read_metrics(run_dir)
+    decision = read_decision(run_dir)
+    _check_decision(decision, metrics, run_dir)
+    final = published_root / published_path(run_id)
+    return _Publish(run_dir, run_id, Registry(published_root), final, metrics, decision)
+
+
+def _check(run: _Publish) -> None:
+    """Check phase: what the copy needs is there."""
+    if not (run.run_dir / MODEL).is_file():
+        raise FileNotFoundError(f"{run.run_dir / MODEL}: missing; train and evaluate must finish first")
+
+
+def _keeps_the_champion(run: _Publish) -> bool:
+    """Compare phase: a refused retraining of the champion's run id leaves the champion's copy alone."""
+    return not run.promote and run.registry.store.champion_path() == published_path(run.run_id)
+
+
+def _write_copy(run: _Publish) -> str:
+    """Write phase: the run's published copy; returns what happened to it."""
+    final = run.final
+    previous = _published_fingerprint(final) if final.is_dir() else None
+    if not final.is_dir():
+        os.rename(_build_copy(run.run_dir, final, with_model=run.promote), final)
+        fsync_dir(final.parent)
+        return "published" if run.promote else "recorded"
+    if same_run(previous, run.fingerprint) and (not run.promote or (final / MODEL).is_file()):
+        if run.decision is not None:  # the same training gated again: the copy carries the new decision
+            atomic_write_bytes(final / DECISION, (run.run_dir / DECISION).read_bytes())
+        return "unchanged"
+    # Another training, or this one recorded without its model and now blessed.
+    _replace_directory(_build_copy(run.run_dir, final, with_model=run.promote), final)
+    other_training = not same_run(previous, run.fingerprint)
+    if other_training:
+        log.warning("%s held another training (fingerprint %s); replaced it with this run's (%s)",
+                    final, previous or "unknown", run.fingerprint or "unknown")
+    return "recorded" if not run.promote else "replaced" if other_training else "published"
+
+
+def _write_index(run: _Publish, config: PipelineConfig | None) -> None:
+    """Write phase: the run's index line, then (blessed) the champion."""
+    entry = index_line(run.run_id, run.metrics, datetime.now(timezone.utc).isoformat(timespec="seconds"), config,
+                       _fingerprint_part(run.run_dir, "code_version"), run.decision,
+                       _fingerprint_part(run.run_dir, "settings"))
+    run.registry.record(entry)
+    if run.promote:
+        run.registry.promote(published_path(run.run_id))
 
 
 def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineConfig | None = None,
@@ -283,87 +261,56 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
 
     ``config``, the run's pipeline settings, goes into the index line with the
     data key it implies (both None if not given); the gate's ``decision.json``,
-    when the run has one, gives the line's ``blessed`` and ``blessed_reason``.
+    when the run has one, gives the line's ``blessed`` and ``reasons``.
 
     A blessed run (or one without a decision) is copied whole, indexed and
     becomes ``latest``. A run the gate did not bless is recorded: its copy
     holds everything but ``model.keras`` (the model stays in the run folder),
     its index line says ``blessed: false`` and why, and ``latest`` stays on the
-    champion. The result's ``blessed`` is the decision's (None without one).
+    champion. The result: ``published``, ``latest`` and ``index`` (paths),
+    ``test_accuracy``, ``fingerprint``, ``action`` (published, recorded,
+    replaced, unchanged or kept), ``blessed`` (the decision's, None without
+    one), ``reasons`` (the decision's, a list of strings) and what retention did.
 
     Then retention (``alexnet_tasks.release.retention.retain``) drops the run's
     checkpoints and prunes ``runs/`` beyond the newest ``keep_runs``
-    (default ``$ALEXNET_KEEP_RUNS`` or 10).
+    (default ``$ALEXNET_KEEP_RUNS`` or 10). Raises FileNotFoundError when the
+    model or metrics are missing and ValueError when they or the decision
+    belong to another training.
     """
     run_dir, published_root = Path(run_dir), Path(published_root)
     keep = retention.keep_runs(keep_runs)  # a bad setting is refused before anything is published
-    metrics = _read_metrics(run_dir)
-    decision = read_decision(run_dir)
-    _check_decision(decision, metrics, run_dir)
-    blessed = None if decision is None else decision["blessed"]
-    promote = blessed is not False
-    code_version = _fingerprint_part(run_dir, "code_version")
-    fingerprint = metrics.get("fingerprint")
-    final = published_root / "runs" / safe_run_id(run_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if not promote and not (run_dir / MODEL).is_file():
-        raise FileNotFoundError(f"{run_dir / MODEL}: missing; train and evaluate must finish first")
-    with file_lock(published_root / f".{final.name}.lock"):
-        remove_stale_temps(final)
-        previous = _published_fingerprint(final) if final.is_dir() else None
-        if not promote and _latest_target(published_root) == f"runs/{final.name}":
-            # A retrained run id whose earlier training is the champion: keep that one as published.
+    run = _read(run_dir, run_id, published_root)
+    _check(run)
+    run.final.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(published_root / f".{run.final.name}.lock"):
+        remove_stale_temps(run.final)
+        if _keeps_the_champion(run):
             log.warning("%s is not blessed and its run id's earlier training is the champion; the champion "
-                        "stays as published (%s)", run_id, decision.get("reason"))
-            result = _result(final, published_root, metrics, fingerprint, "kept", blessed, decision)
-            return {**result, **retention.retain(run_dir, published_root, keep)}
-        if not final.is_dir():
-            os.rename(_build_copy(run_dir, final, with_model=promote), final)
-            fsync_dir(final.parent)
-            action = "published" if promote else "recorded"
-        elif same_run(previous, fingerprint) and (not promote or (final / MODEL).is_file()):
-            action = "unchanged"
-            if decision is not None:  # the same training gated again: the copy carries the new decision
-                atomic_write_bytes(final / DECISION, (run_dir / DECISION).read_bytes())
+                        "stays as published (%s)", run_id, "; ".join(run.reasons))
+            action = "kept"
         else:
-            # Another training, or this one recorded without its model and now blessed.
-            _replace_directory(_build_copy(run_dir, final, with_model=promote), final)
-            other_training = not same_run(previous, fingerprint)
-            action = "recorded" if not promote else "replaced" if other_training else "published"
-            if other_training:
-                log.warning(
-                    "%s held another training (fingerprint %s); replaced it with this run's (%s)",
-                    final, previous or "unknown", fingerprint or "unknown",
-                )
-        entry = _index_line(run_id, metrics, datetime.now(timezone.utc).isoformat(timespec="seconds"), config,
-                            code_version, decision, _fingerprint_part(run_dir, "settings"))
-        _update_index(published_root, entry)
-        if promote:
-            with file_lock(published_root / f".{LATEST}.lock"):
-                _point_latest(published_root, f"runs/{final.name}")
-    if promote:
-        log.info(
-            "%s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
-            action, final, metrics["test_accuracy"], fingerprint or "unknown", final.name,
-        )
+            action = _write_copy(run)
+            _write_index(run, config)
+    if action == "kept":
+        pass
+    elif run.promote:
+        log.info("%s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
+                 action, run.final, run.metrics["test_accuracy"], run.fingerprint or "unknown", run.final.name)
     else:
-        log.info(
-            "%s %s without its model: not blessed (%s); latest stays on %s",
-            action, final, decision.get("reason"), _latest_target(published_root) or "nothing",
-        )
-    result = _result(final, published_root, metrics, fingerprint, action, blessed, decision)
-    return {**result, **retention.retain(run_dir, published_root, keep)}
+        log.info("%s %s without its model: not blessed (%s); latest stays on %s", action, run.final,
+                 "; ".join(run.reasons), run.registry.store.champion_path() or "nothing")
+    return {**_result(run, published_root, action), **retention.retain(run_dir, published_root, keep)}
 
 
-def _result(final: Path, published_root: Path, metrics: dict, fingerprint: str | None, action: str,
-            blessed: bool | None, decision: dict | None) -> dict:
+def _result(run: _Publish, published_root: Path, action: str) -> dict:
     return {
-        "published": str(final),
+        "published": str(run.final),
         "latest": str(published_root / LATEST),
         "index": str(published_root / INDEX),
-        "test_accuracy": metrics["test_accuracy"],
-        "fingerprint": fingerprint,
+        "test_accuracy": run.metrics["test_accuracy"],
+        "fingerprint": run.fingerprint,
         "action": action,
-        "blessed": blessed,
-        "reason": None if decision is None else "; ".join(decision.get("reasons", [])) or None,
+        "blessed": run.blessed,
+        "reasons": run.reasons,
     }

@@ -14,7 +14,8 @@
 
 A folder is removed by renaming it aside (``.<name>.pruned-…``) and then
 deleting it, so no reader ever sees half a run; leftovers of a removal that
-was killed are deleted by the next one. Nothing here touches ``published/``.
+was killed are deleted by the next one. Nothing here changes ``published/`` (reading
+the registry may bring its lookup table up to date).
 """
 
 from __future__ import annotations
@@ -30,15 +31,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from alexnet_tasks.atomic import TEMP_MARK, file_lock, remove_stale_temps, temp_sibling
+from alexnet_tasks.layout import CHECKPOINTS, MODEL, TRAIN_LOCK
+from alexnet_tasks.release.registry import Registry
 
 log = logging.getLogger(__name__)
 
 KEEP_ENV = "ALEXNET_KEEP_RUNS"
 DEFAULT_KEEP = 10
 DEFAULT_MIN_IDLE_SECONDS = 24 * 3600
-CHECKPOINTS = "checkpoints"  # as alexnet_tasks.training.checkpoints.CHECKPOINTS (imported lazily there: keras)
-TRAIN_LOCK = "train.lock"  # as alexnet_tasks.training.train.LOCK
-MODEL = "model.keras"
 PRUNED_MARK = ".pruned-"
 LOCK = ".retention.lock"
 
@@ -141,19 +141,15 @@ def _last_change(run_dir: Path) -> float:
 
 def _kept_by_the_index(published_root: Path) -> tuple[str | None, set[str], set[str]]:
     """(the champion's folder name, the blessed runs' folder names, every published run's folder name)."""
-    from alexnet_tasks.release.publish import LATEST, read_index
-
-    try:
-        champion = Path(os.readlink(published_root / LATEST)).name
-    except OSError:
-        champion = None
+    registry = Registry(published_root)
+    champion = registry.store.champion_path()
     blessed, published = set(), set()
-    for line in read_index(published_root):
-        name = Path(line["path"]).name
+    for entry in registry.entries():
+        name = Path(entry["path"]).name
         published.add(name)
-        if line.get("blessed") is not False:  # true, or a line from before the gate: it was published
+        if entry["blessed"] is not False:  # true, or a line from before the gate: it was published
             blessed.add(name)
-    return champion, blessed, published
+    return None if champion is None else Path(champion).name, blessed, published
 
 
 def prune_runs(runs_root: Path, published_root: Path, keep: int | None = None,

@@ -1,0 +1,466 @@
+"""The registry of published runs: ``published/index.jsonl``, the champion, and the lookup table.
+
+``published/index.jsonl`` is the table of runs: one JSON object per line,
+appended once per publish and never rewritten. A run id published again (a
+retrained run, a recorded run now blessed) gets a new line; **a run's last
+line is its entry**, and the runs are ordered by their entries' positions
+(publish order). Each line holds ``INDEX_FIELDS``; lines written before a
+field existed lack it and read it as None; a line that is not a JSON object
+with a string ``run_id`` and ``path`` is malformed: it is skipped with one
+warning naming the file and line, by every reader (publish, gate, retention,
+the UI), and never stops a publish.
+
+``published/latest`` (a relative symlink ``runs/<run>``) names the champion;
+``promote`` moves it in one atomic rename.
+
+``published/index.sqlite`` is a lookup table derived from ``index.jsonl``:
+one row per run (its entry, its position and the columns a page filters on),
+so finding one run or one page of runs reads a few rows rather than every
+line. It is brought up to date from the bytes appended since it was last
+read, rebuilt whole when ``index.jsonl`` was replaced, and may be deleted at
+any time. Where ``published/`` is not writable it is built in memory.
+
+Storage goes through ``LocalStore`` (a folder on a local disk); another store
+(an object store without rename, lock or symlink) implements the same few
+methods. Imports nothing heavy (no TensorFlow, NumPy or h5py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from alexnet_tasks.atomic import file_lock, temp_sibling
+from alexnet_tasks.layout import INDEX, INDEX_TABLE, LATEST, METRICS, RUNS, data_key, published_path
+
+if TYPE_CHECKING:
+    from alexnet_tasks.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+# Copied from metrics.json into the index line (null where metrics.json lacks them).
+TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_planned", "devices", "seconds",
+                         "validation_accuracy", "test_time_augmentation", "test_accuracy_plain")
+# Every field of an index line. The first five are in every line ever written; lines written
+# before the others existed lack them, and reading fills them with None.
+INDEX_FIELDS = ("run_id", "published_at", "test_accuracy", "test_loss", "path") + TRAINING_INDEX_FIELDS + (
+    "config", "data_key", "code_version", "blessed", "reasons", "train_settings",
+)
+# Lines written before ``reasons`` held the decision's reasons joined by "; " as ``blessed_reason``.
+_OLD_REASONS = "blessed_reason"
+LATER_INDEX_FIELDS = INDEX_FIELDS[5:]
+# The columns a page of runs can be filtered on: name -> the value an entry gives it.
+FILTERS = {
+    "blessed": lambda line: line.get("blessed"),
+    "recipe": lambda line: (line.get("config") or {}).get("recipe") if isinstance(line.get("config"), dict) else None,
+    "data_key": lambda line: line.get("data_key"),
+}
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+_SCHEMA_VERSION = "1"
+
+
+# --------------------------------------------------------------------------- one line
+def index_line(
+    run_id: str,
+    metrics: dict,
+    published_at: str,
+    config: PipelineConfig | None,
+    code_version: dict | str | None = None,
+    decision: dict | None = None,
+    train_settings: dict | None = None,
+) -> dict:
+    """The index line of a publish: every field of ``INDEX_FIELDS`` (README, "Artifacts").
+
+    ``metrics`` is the run's ``metrics.json`` (``test_accuracy`` and
+    ``test_loss`` required), ``published_at`` an ISO 8601 UTC time,
+    ``decision`` the gate's ``decision.json`` (None: blessed and its reasons null).
+    """
+    return {
+        "run_id": run_id,
+        "published_at": published_at,
+        "test_accuracy": metrics["test_accuracy"],
+        "test_loss": metrics["test_loss"],
+        "path": published_path(run_id),
+        **{key: metrics.get(key) for key in TRAINING_INDEX_FIELDS},
+        "config": None if config is None else config.to_dict(),
+        "data_key": None if config is None else data_key(config),
+        "code_version": code_version,
+        "blessed": None if decision is None else decision["blessed"],
+        "reasons": None if decision is None else list(decision.get("reasons", [])),
+        "train_settings": train_settings,
+    }
+
+
+def parse_line(text: str | bytes, where: str) -> dict | None:
+    """An index line as a dict with every field of ``INDEX_FIELDS``; None (and a warning) when malformed.
+
+    ``where`` names the line in the warning (``.../index.jsonl:12``).
+    Malformed: not JSON, not an object, or no string ``run_id`` and ``path``.
+    """
+    try:
+        line = json.loads(text)
+    except ValueError as error:
+        log.warning("%s: not valid JSON (%s); skipped", where, error)
+        return None
+    if not isinstance(line, dict) or not isinstance(line.get("run_id"), str) or not isinstance(line.get("path"), str):
+        log.warning("%s: not an index line (a JSON object with a string run_id and path); skipped", where)
+        return None
+    if _OLD_REASONS in line:
+        old = line.pop(_OLD_REASONS)
+        line.setdefault("reasons", [old] if isinstance(old, str) and old else None)
+    for key in INDEX_FIELDS:
+        line.setdefault(key, None)
+    return line
+
+
+def same_entry(first: dict, second: dict) -> bool:
+    """Whether two entries record the same publish: run, folder, known fingerprint and decision."""
+    return (first["run_id"] == second["run_id"] and first["path"] == second["path"]
+            and first["fingerprint"] is not None and first["fingerprint"] == second["fingerprint"]
+            and first["blessed"] == second["blessed"])
+
+
+# --------------------------------------------------------------------------- storage
+class LocalStore:
+    """``published/`` on a local disk: an appended file, a lock, a symlink, a lookup table beside them.
+
+    The registry's only storage calls; another store provides the same methods.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def exists(self) -> bool:
+        return (self.root / INDEX).is_file()
+
+    def index_name(self) -> str:
+        return str(self.root / INDEX)
+
+    def index_version(self) -> tuple[int, int] | None:
+        """(identity, size) of the index: the identity changes when the file is replaced, not appended to."""
+        try:
+            stat = os.stat(self.root / INDEX)
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_size
+
+    def read_index(self, start: int, end: int | None = None) -> bytes:
+        """The index's bytes from ``start`` (to ``end``)."""
+        with open(self.root / INDEX, "rb") as handle:
+            handle.seek(start)
+            return handle.read() if end is None else handle.read(end - start)
+
+    @contextlib.contextmanager
+    def index_lock(self) -> Iterator[None]:
+        """Held by one writer of the index at a time."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.root / f".{INDEX}.lock"):
+            yield
+
+    def append_index(self, text: bytes) -> None:
+        """Append complete lines, durably; a partial last line left by a killed writer is cut first.
+
+        Called with ``index_lock`` held.
+        """
+        path = self.root / INDEX
+        with open(path, "a+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size:
+                handle.seek(max(0, size - 65536))
+                tail = handle.read()
+                if not tail.endswith(b"\n"):  # a writer killed mid-line: that line was never complete
+                    cut = tail.rfind(b"\n")
+                    handle.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
+            handle.seek(0, os.SEEK_END)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def champion_path(self) -> str | None:
+        """Where ``latest`` points (``runs/<run>``), or None."""
+        try:
+            return os.readlink(self.root / LATEST)
+        except OSError:
+            return None
+
+    def point_champion(self, path: str) -> None:
+        """Point ``latest`` at ``path`` in one atomic rename."""
+        with file_lock(self.root / f".{LATEST}.lock"):
+            link = self.root / LATEST
+            tmp = temp_sibling(link)
+            os.symlink(path, tmp)
+            try:
+                os.replace(tmp, link)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    def read_json(self, path: str, name: str) -> dict | None:
+        """A JSON object of a published run folder (``path`` as in its index line), or None if unreadable."""
+        try:
+            payload = json.loads((self.root / path / name).read_text())
+        except (OSError, ValueError):
+            return None
+        return payload if isinstance(payload, dict) else None
+
+    def folder(self, path: str) -> Path:
+        return self.root / path
+
+    def table_path(self) -> Path:
+        """Where the lookup table lives (for a remote store: a file in the host's cache)."""
+        return self.root / INDEX_TABLE
+
+
+# --------------------------------------------------------------------------- the registry
+@dataclass
+class Page:
+    """One page of runs, newest first."""
+
+    runs: list[dict]  # entries, each with every field of INDEX_FIELDS and "latest"
+    total: int  # runs that match the filters
+    offset: int  # of the first run on this page, from 0
+    size: int  # the page size asked for
+
+    @property
+    def has_newer(self) -> bool:
+        return self.offset > 0
+
+    @property
+    def has_older(self) -> bool:
+        return self.offset + len(self.runs) < self.total
+
+
+class Registry:
+    """The published runs of one ``published/`` folder."""
+
+    def __init__(self, published_root: Path | str, store: LocalStore | None = None):
+        self.store = store or LocalStore(Path(published_root))
+
+    # ---- the lookup table
+    def _connect(self) -> sqlite3.Connection:
+        path = self.store.table_path()
+        if os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK)):
+            try:
+                return self._open(path)
+            except sqlite3.DatabaseError as error:
+                if type(error) is not sqlite3.DatabaseError:  # locked, full disk: not a damaged table
+                    raise
+                log.warning("%s: unreadable (%s); rebuilt from %s", path, error, self.store.index_name())
+                path.unlink(missing_ok=True)
+                return self._open(path)
+        return self._open(":memory:")  # published/ is read-only here: build the table for this read
+
+    def _open(self, path) -> sqlite3.Connection:
+        connection = sqlite3.connect(path, timeout=60, isolation_level=None)
+        try:
+            connection.execute("PRAGMA synchronous=OFF")  # a cache: rebuilt from index.jsonl when in doubt
+            self._create(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    @staticmethod
+    def _create(connection: sqlite3.Connection) -> None:
+        columns = "".join(f", {name}" for name in FILTERS)
+        connection.executescript(
+            "CREATE TABLE IF NOT EXISTS source (name TEXT PRIMARY KEY, value TEXT);"
+            f"CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, position INTEGER, path TEXT{columns}, line TEXT);"
+            "CREATE INDEX IF NOT EXISTS runs_position ON runs(position);"
+            "CREATE INDEX IF NOT EXISTS runs_path ON runs(path);"
+            + "".join(f"CREATE INDEX IF NOT EXISTS runs_{name} ON runs({name}, position);" for name in FILTERS)
+        )
+
+    @contextlib.contextmanager
+    def _table(self) -> Iterator[sqlite3.Connection]:
+        """The lookup table, up to date with every complete line of the index."""
+        connection = self._connect()
+        try:
+            self._catch_up(connection)
+            yield connection
+        finally:
+            connection.close()
+
+    def _catch_up(self, connection: sqlite3.Connection) -> None:
+        version = self.store.index_version()
+        recorded = dict(connection.execute("SELECT name, value FROM source").fetchall())
+        identity, size = version if version is not None else (None, 0)
+        if (recorded.get("identity") == str(identity) and recorded.get("schema") == _SCHEMA_VERSION
+                and int(recorded.get("offset", -1)) == size):
+            return  # nothing appended: the common case, one small query
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            recorded = dict(connection.execute("SELECT name, value FROM source").fetchall())
+            offset, number = int(recorded.get("offset", 0)), int(recorded.get("lines", 0))
+            if (recorded.get("identity") != str(identity) or recorded.get("schema") != _SCHEMA_VERSION
+                    or offset > size):
+                connection.execute("DELETE FROM runs")
+                offset, number = 0, 0
+            if size > offset:
+                data = self.store.read_index(offset, size)
+                complete = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+                self._add(connection, complete, offset, number)
+                number += complete.count(b"\n")
+                offset += len(complete)
+            for name, value in (("identity", str(identity)), ("offset", str(offset)), ("lines", str(number)),
+                                ("schema", _SCHEMA_VERSION)):
+                connection.execute("INSERT OR REPLACE INTO source VALUES (?, ?)", (name, value))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+    def _add(self, connection: sqlite3.Connection, data: bytes, offset: int, number: int) -> None:
+        name = self.store.index_name()
+        rows = []
+        position = offset
+        for text in data.split(b"\n")[:-1]:
+            number += 1
+            if text.strip():
+                line = parse_line(text, f"{name}:{number}")
+                if line is not None:
+                    rows.append((line["run_id"], position, line["path"],
+                                 *(_column(getter(line)) for getter in FILTERS.values()),
+                                 json.dumps(line, sort_keys=True)))
+            position += len(text) + 1
+        marks = ", ".join("?" * (4 + len(FILTERS)))
+        connection.executemany(f"INSERT OR REPLACE INTO runs VALUES ({marks})", rows)
+
+    # ---- reading
+    def _entries(self, rows, champion: str | None) -> list[dict]:
+        return [{**json.loads(text), "latest": path == champion} for path, text in rows]
+
+    def entries(self) -> list[dict]:
+        """Every run's entry (its last index line, every field of ``INDEX_FIELDS``), oldest first."""
+        if not self.store.exists():
+            return []
+        with self._table() as table:
+            rows = table.execute("SELECT line FROM runs ORDER BY position").fetchall()
+        return [json.loads(text) for (text,) in rows]
+
+    def find(self, run_id: str) -> dict | None:
+        """One run's entry, with ``latest``; None when the run id is not in the index."""
+        if not self.store.exists():
+            return None
+        with self._table() as table:
+            rows = table.execute("SELECT path, line FROM runs WHERE run_id = ?", (run_id,)).fetchall()
+        return self._entries(rows, self.store.champion_path())[0] if rows else None
+
+    def find_path(self, path: str) -> dict | None:
+        """The entry whose ``path`` is ``path`` (the newest when several name it); None if none."""
+        if not self.store.exists():
+            return None
+        with self._table() as table:
+            rows = table.execute("SELECT path, line FROM runs WHERE path = ? ORDER BY position DESC LIMIT 1",
+                                 (path,)).fetchall()
+        return self._entries(rows, self.store.champion_path())[0] if rows else None
+
+    def page(self, offset: int = 0, size: int = DEFAULT_PAGE_SIZE, **filters) -> Page:
+        """Runs newest first, ``size`` from ``offset``, those whose ``FILTERS`` columns equal ``filters``.
+
+        ``size`` is 1 to ``MAX_PAGE_SIZE``, ``offset`` at least 0; a filter
+        named outside ``FILTERS`` raises ValueError. A filter value of None
+        leaves that column free.
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page size {size!r}: expected a whole number from 1 to {MAX_PAGE_SIZE}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"page offset {offset!r}: expected a whole number, at least 0")
+        unknown = sorted(set(filters) - set(FILTERS))
+        if unknown:
+            raise ValueError(f"no filter {unknown[0]!r}; the runs can be filtered on {', '.join(FILTERS)}")
+        if not self.store.exists():
+            return Page([], 0, offset, size)
+        chosen = {name: _column(value) for name, value in filters.items() if value is not None}
+        where = " AND ".join(f"{name} = ?" for name in chosen) or "1"
+        with self._table() as table:
+            total = table.execute(f"SELECT COUNT(*) FROM runs WHERE {where}", tuple(chosen.values())).fetchone()[0]
+            rows = table.execute(f"SELECT path, line FROM runs WHERE {where} ORDER BY position DESC LIMIT ? OFFSET ?",
+                                 (*chosen.values(), size, offset)).fetchall()
+        return Page(self._entries(rows, self.store.champion_path()), total, offset, size)
+
+    def values(self, name: str) -> list:
+        """The distinct values of the filter column ``name`` among the runs, sorted (None left out)."""
+        if name not in FILTERS:
+            raise ValueError(f"no filter {name!r}; the runs can be filtered on {', '.join(FILTERS)}")
+        if not self.store.exists():
+            return []
+        with self._table() as table:
+            rows = table.execute(f"SELECT DISTINCT {name} FROM runs WHERE {name} IS NOT NULL").fetchall()
+        return sorted(value for (value,) in rows)
+
+    def champion(self) -> dict | None:
+        """The champion (the run ``latest`` points to): ``{"run_id", "path", "folder", "metrics", "entry"}``.
+
+        None without a champion. ``run_id`` comes from the index entry naming
+        that folder (the folder's name where none does); ``metrics`` is its
+        ``metrics.json`` (None when unreadable); ``entry`` the index entry or None.
+        """
+        path = self.store.champion_path()
+        if path is None:
+            return None
+        entry = self.find_path(path)
+        return {
+            "run_id": entry["run_id"] if entry else Path(path).name,
+            "path": path,
+            "folder": self.store.folder(path),
+            "metrics": self.store.read_json(path, METRICS),
+            "entry": entry,
+        }
+
+    # ---- writing
+    def record(self, entry: dict) -> bool:
+        """Make ``entry`` the run's entry (append it to the index); False when it already is.
+
+        The run's current entry with the same known fingerprint and decision
+        is kept as it is, so publishing the same training again changes
+        nothing. Raises ValueError for an entry that readers would skip.
+        """
+        text = json.dumps(entry, sort_keys=True)
+        if parse_line(text, "the new index line") is None or set(entry) != set(INDEX_FIELDS):
+            raise ValueError(f"an index line needs exactly the fields {INDEX_FIELDS}, got {sorted(entry)}")
+        with self.store.index_lock():
+            current = self.find(entry["run_id"])
+            if current is not None and same_entry(current, entry):
+                return False
+            self.store.append_index((text + "\n").encode())
+        return True
+
+    def promote(self, path: str) -> None:
+        """Make the published folder ``path`` (``runs/<run>``) the champion."""
+        if not path.startswith(f"{RUNS}/"):
+            raise ValueError(f"champion path {path!r}: expected {RUNS}/<run>")
+        self.store.point_champion(path)
+
+
+def _column(value):
+    """A filter value as the table stores it: booleans as 0/1, text and numbers as they are."""
+    if isinstance(value, bool):
+        return int(value)
+    return value if isinstance(value, (str, int, float)) or value is None else json.dumps(value, sort_keys=True)
+
+
+def load_runs(published_root: Path) -> list[dict]:
+    """The table of published runs, newest first: one dict per run with every field of ``INDEX_FIELDS``.
+
+    A run's entry is its last index line; fields a line lacks (written
+    before they existed) are None; ``latest`` is True on the champion. For
+    scripts and UIs; imports nothing heavy.
+    """
+    registry = Registry(published_root)
+    champion = registry.store.champion_path()
+    return [{**entry, "latest": entry["path"] == champion} for entry in reversed(registry.entries())]
+
+
+def read_index(published_root: Path) -> list[dict]:
+    """Every run's entry, oldest first (every field of ``INDEX_FIELDS``)."""
+    return Registry(published_root).entries()

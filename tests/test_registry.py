@@ -1,0 +1,172 @@
+"""The registry of published/: one policy for malformed lines, the champion, paging, finding one run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.layout import INDEX, INDEX_TABLE, published_path
+from alexnet_tasks.release.gate import champion_of
+from alexnet_tasks.release.publish import publish
+from alexnet_tasks.release.registry import INDEX_FIELDS, Registry, index_line, load_runs, read_index
+from alexnet_tasks.release.retention import prune_runs
+
+
+def entry(run_id: str, accuracy: float = 0.5, blessed: bool | None = True, recipe: str = "fast",
+          fingerprint: str | None = None) -> dict:
+    """An index line as publish writes it (the registry's own index_line), for a run gated as ``blessed``."""
+    metrics = {"test_accuracy": accuracy, "test_loss": 1.0, "fingerprint": fingerprint}
+    decision = None if blessed is None else {"blessed": blessed, "reasons": [f"decided {blessed}"]}
+    return index_line(run_id, metrics, "2026-11-29T02:00:00+00:00", PipelineConfig(recipe=recipe), None, decision)
+
+
+def registry_with(tmp_path: Path, entries: list[dict]) -> Registry:
+    registry = Registry(tmp_path / "published")
+    for line in entries:
+        assert registry.record(line)
+    return registry
+
+
+def test_an_index_line_holds_every_field_and_reads_back_the_same(tmp_path):
+    line = entry("a")
+    assert set(line) == set(INDEX_FIELDS)
+    registry = registry_with(tmp_path, [line])
+    assert registry.find("a") == {**line, "latest": False}
+    assert read_index(tmp_path / "published") == [line]
+
+
+def test_a_malformed_line_is_skipped_with_a_warning_by_every_reader(tmp_path, caplog):
+    registry = registry_with(tmp_path, [entry("a")])
+    with open(tmp_path / "published" / INDEX, "a") as index:
+        index.write("not json\n")
+        index.write("[1, 2]\n")
+        index.write(json.dumps({"run_id": 7, "path": "runs/x"}) + "\n")
+    registry.record(entry("b"))
+    with caplog.at_level(logging.WARNING):
+        assert [line["run_id"] for line in registry.entries()] == ["a", "b"]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert any(f"{INDEX}:2: not valid JSON" in text for text in warnings), warnings
+    assert sum(f"{INDEX}:3: not an index line" in text or f"{INDEX}:4: not an index line" in text
+               for text in warnings) == 2
+    # Retention reads the same entries: the malformed lines stop nothing.
+    (tmp_path / "runs").mkdir()
+    assert prune_runs(tmp_path / "runs", tmp_path / "published") == []
+
+
+def test_a_partial_last_line_is_not_read_and_the_next_append_cuts_it(tmp_path):
+    registry = registry_with(tmp_path, [entry("a")])
+    index = tmp_path / "published" / INDEX
+    with open(index, "a") as handle:
+        handle.write(json.dumps(entry("half"))[:40])  # a writer killed mid-line
+    assert [line["run_id"] for line in registry.entries()] == ["a"]
+    registry.record(entry("b"))
+    assert [line["run_id"] for line in registry.entries()] == ["a", "b"]
+    assert all(json.loads(text) for text in index.read_text().splitlines())
+
+
+def test_a_runs_last_line_is_its_entry(tmp_path):
+    registry = registry_with(tmp_path, [entry("a", 0.4), entry("b", 0.5), entry("a", 0.6, fingerprint="f" * 64)])
+    assert [(line["run_id"], line["test_accuracy"]) for line in registry.entries()] == [("b", 0.5), ("a", 0.6)]
+    assert registry.record(entry("a", 0.6, fingerprint="f" * 64)) is False, "the same training: no new line"
+    assert len((tmp_path / "published" / INDEX).read_text().splitlines()) == 3
+
+
+def test_old_lines_with_blessed_reason_read_as_reasons(tmp_path):
+    published = tmp_path / "published"
+    published.mkdir()
+    old = {"run_id": "old", "published_at": "2026-11-01T00:00:00+00:00", "test_accuracy": 0.4, "test_loss": 1.5,
+           "path": "runs/old", "blessed": False, "blessed_reason": "test accuracy 0.4000 is below the floor 0.5"}
+    (published / INDEX).write_text(json.dumps(old) + "\n")
+    [line] = read_index(published)
+    assert line["reasons"] == ["test accuracy 0.4000 is below the floor 0.5"] and "blessed_reason" not in line
+    assert set(line) == set(INDEX_FIELDS)
+
+
+def test_find_one_run_and_page_newest_first_with_filters(tmp_path):
+    lines = [entry(f"run-{number:02d}", blessed=number % 3 != 0, recipe="reference" if number % 2 else "fast")
+             for number in range(25)]
+    registry = registry_with(tmp_path, lines)
+    assert registry.find("run-07")["test_accuracy"] == 0.5 and registry.find("run-99") is None
+
+    first = registry.page(size=10)
+    assert [line["run_id"] for line in first.runs] == [f"run-{number:02d}" for number in range(24, 14, -1)]
+    assert first.total == 25 and not first.has_newer and first.has_older
+    last = registry.page(offset=20, size=10)
+    assert [line["run_id"] for line in last.runs] == [f"run-{number:02d}" for number in range(4, -1, -1)]
+    assert last.has_newer and not last.has_older
+
+    blessed = registry.page(size=100, blessed=True)
+    assert [line["run_id"] for line in blessed.runs] == [line["run_id"] for line in reversed(lines) if line["blessed"]]
+    reference = registry.page(size=100, recipe="reference", blessed=True)
+    assert all(line["config"]["recipe"] == "reference" and line["blessed"] for line in reference.runs)
+    assert reference.total == sum(1 for number in range(25) if number % 2 and number % 3)
+    assert registry.values("recipe") == ["fast", "reference"]
+    for bad, message in (({"size": 0}, "page size 0"), ({"offset": -1}, "page offset -1"),
+                         ({"sweep": "x"}, "no filter 'sweep'")):
+        with pytest.raises(ValueError, match=message):
+            registry.page(**bad)
+
+
+def test_the_lookup_table_follows_appends_and_is_rebuilt_when_deleted_or_damaged(tmp_path):
+    registry = registry_with(tmp_path, [entry("a"), entry("b")])
+    table = tmp_path / "published" / INDEX_TABLE
+    assert table.is_file()
+    Registry(tmp_path / "published").record(entry("c"))  # another writer appends
+    assert registry.find("c") is not None and registry.page().total == 3
+    table.unlink()
+    assert [line["run_id"] for line in registry.entries()] == ["a", "b", "c"]
+    table.write_bytes(b"not a database" * 100)
+    assert registry.find("b") is not None
+    # index.jsonl replaced by another file (rewritten by hand): the table starts over from it.
+    (tmp_path / "published" / INDEX).unlink()
+    registry_with(tmp_path, [entry("z")])
+    assert [line["run_id"] for line in registry.entries()] == ["z"]
+
+
+def test_where_the_table_cannot_be_written_it_is_built_for_the_read(tmp_path):
+    from alexnet_tasks.release.registry import LocalStore
+
+    registry_with(tmp_path, [entry("a"), entry("b")])
+
+    class Elsewhere(LocalStore):
+        def table_path(self):
+            return tmp_path / "no-such-folder" / INDEX_TABLE
+
+    registry = Registry(tmp_path / "published", Elsewhere(tmp_path / "published"))
+    assert registry.find("b")["run_id"] == "b" and registry.page().total == 2
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+def test_the_champion_is_the_entry_latest_points_to(tmp_path):
+    published = tmp_path / "published"
+    registry = registry_with(tmp_path, [entry("a"), entry("b", blessed=False)])
+    assert registry.champion() is None and champion_of(published) is None
+    registry.promote(published_path("a"))
+    (published / published_path("a")).mkdir(parents=True)
+    (published / published_path("a") / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    champion = registry.champion()
+    assert champion["run_id"] == "a" and champion["path"] == published_path("a")
+    assert champion["metrics"] == {"test_accuracy": 0.5} and champion["entry"]["run_id"] == "a"
+    assert champion_of(published)["run_id"] == "a"
+    assert [row["latest"] for row in load_runs(published)] == [False, True]
+    assert registry.find("a")["latest"] and not registry.find("b")["latest"]
+    with pytest.raises(ValueError, match="champion path"):
+        registry.promote("../elsewhere")
+
+
+def test_publish_and_gate_agree_on_the_champion_through_the_registry(tmp_path):
+    published = tmp_path / "published"
+    for run_id, accuracy in (("first", 0.5), ("second", 0.6)):
+        run = tmp_path / "runs" / run_id
+        run.mkdir(parents=True)
+        (run / "model.keras").write_bytes(b"model")
+        (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_loss": 1.0}))
+        publish(run, run_id, published)
+    registry = Registry(published)
+    assert registry.champion()["run_id"] == "second" == champion_of(published)["run_id"]
+    assert os.readlink(published / "latest") == registry.find("second")["path"]
