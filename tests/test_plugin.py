@@ -27,7 +27,6 @@ from conftest import ROOT, airflow_bin
 PLUGIN_FILE = ROOT / "plugins" / "alexnet_results.py"
 OLD_RUN = "manual__2026-11-28T10:00:00+00:00"
 NEW_RUN = "scheduled__2026-11-29T02:00:00+00:00"
-NEW_FOLDER = "scheduled-2026-11-29-3f2a9c1"  # the readable-name-plus-hash folder the index may name
 
 
 def plugin_env(**extra: str) -> dict[str, str]:
@@ -143,42 +142,34 @@ def test_artifacts_root_agrees_with_the_pipeline(monkeypatch, tmp_path):
     from alexnet_tasks.layout import Layout
 
     monkeypatch.setenv("ALEXNET_ARTIFACTS", str(tmp_path / "somewhere"))
-    assert load_plugin_module().published_root() == Layout().published
+    from alexnet_tasks.ui.runs import published_root
+
+    assert published_root() == Layout().published
 
 
 # --------------------------------------------------------------------------- pages on real published runs
 @pytest.fixture(scope="module")
 def published(trained_run, tmp_path_factory) -> Path:
-    """Artifacts with two runs published by the pipeline: an older champion, and a newer run whose
-    index line carries the nightly-retraining fields (not blessed, folder named readable-plus-hash)."""
+    """Artifacts with two runs gated and published by the pipeline: an older champion, and a newer run
+    evaluated with test-time augmentation that the gate refused (a floor above its accuracy)."""
+    from dataclasses import replace
+
     from alexnet_tasks.evaluate import evaluate
+    from alexnet_tasks.layout import Layout
+    from alexnet_tasks.release.gate import gate
     from alexnet_tasks.release.publish import publish
 
     config, shards_dir, trained_dir, _ = trained_run
     root = tmp_path_factory.mktemp("plugin") / "artifacts"
+    layout = Layout(root)
     for run_id in (OLD_RUN, NEW_RUN):
-        run_dir = root / "runs" / run_id.replace(":", "_").replace("+", "_")
+        run_dir = layout.run(run_id)
         shutil.copytree(trained_dir, run_dir)
         evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5,
                  test_time_augmentation="flip" if run_id == NEW_RUN else "none")
-        publish(run_dir, run_id, root / "published")
-    published_root = root / "published"
-    lines = [json.loads(line) for line in (published_root / "index.jsonl").read_text().splitlines()]
-    old, new = lines
-    (published_root / new["path"]).rename(published_root / "runs" / NEW_FOLDER)
-    new.update(
-        path=f"runs/{NEW_FOLDER}", fingerprint="3f2a9c1e0b", truncated=False, epochs_run=3, epochs_planned=5,
-        devices={"count": 2, "name": "NVIDIA H100"}, seconds=754.0, blessed=False,
-        blessed_reason="test accuracy 0.5100 below the champion's 0.5400",  # the field publish writes
-        config={"recipe": "fast", "image_size": 67, "epochs": 5},
-    )
-    (published_root / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in (old, new)))
-    (published_root / "runs" / NEW_FOLDER / "decision.json").write_text(json.dumps(
-        {"blessed": False, "reason": "below the champion", "champion_run_id": OLD_RUN,
-         "p_value": 0.0312}))
-    latest = published_root / "latest"
-    latest.unlink()
-    latest.symlink_to(old["path"])  # the gate kept the champion
+        gated = config if run_id == OLD_RUN else replace(config, accuracy_floor=1.0)
+        gate(run_dir, layout.published, gated, shards_dir, run_id)
+        publish(run_dir, run_id, layout.published, gated)
     return root
 
 
@@ -217,6 +208,24 @@ def old_folder() -> str:
     return safe_run_id(OLD_RUN)
 
 
+def new_folder() -> str:
+    from alexnet_tasks.layout import safe_run_id
+
+    return safe_run_id(NEW_RUN)
+
+
+def index_entry(run_id: str) -> dict:
+    from alexnet_tasks.release.registry import Registry
+
+    return Registry(Path(os.environ["ALEXNET_ARTIFACTS"]) / "published").find(run_id)
+
+
+def duration(seconds: float) -> str:
+    from alexnet_tasks.ui.runs import duration as shown
+
+    return shown(seconds)
+
+
 def quoted(run_id: str) -> str:
     from urllib.parse import quote
 
@@ -239,8 +248,11 @@ def test_list_page_shows_every_run_newest_first_with_the_champion(client):
     by_id = dict(rows)
     assert set(by_id) == {OLD_RUN, NEW_RUN}
     assert "champion (latest)" in by_id[OLD_RUN] and "champion (latest)" not in by_id[NEW_RUN]
-    assert "not blessed" in by_id[NEW_RUN] and "2 x NVIDIA H100" in by_id[NEW_RUN] and "3 / 5" in by_id[NEW_RUN]
-    assert "12 min 34 s" in by_id[NEW_RUN] and "fast" in by_id[OLD_RUN] and ">67<" in by_id[OLD_RUN]
+    entry = index_entry(NEW_RUN)
+    assert "not blessed" in by_id[NEW_RUN] and f">{entry['devices']}<" in by_id[NEW_RUN]
+    assert f">{entry['epochs_run']}<" in by_id[NEW_RUN] and f"{entry['validation_accuracy']:.2%}" in by_id[NEW_RUN]
+    assert duration(entry["seconds"]) in by_id[NEW_RUN]
+    assert ">fast<" in by_id[OLD_RUN] and ">67<" in by_id[OLD_RUN]
     assert page.count("<polyline") == 1 and "Test accuracy of the published runs" in page
     for href in links(page):
         assert not href.startswith(("/", "http")), f"absolute link {href}"
@@ -267,7 +279,12 @@ def test_run_page_shows_metrics_curves_classes_pictures_config_and_tensorboard(c
     assert page.count('<polyline class="series"') == 4, "train and validation loss and accuracy"
     for name in metrics["class_names"]:
         assert f"<th>{name}</th>" in page
-    assert '"recipe": "fast"' in html.unescape(page) and "http://tensorboard.example:6006" in page
+    assert "http://tensorboard.example:6006" in page
+    # The resolved config: the values the run trained with, batch size and learning rate included.
+    trained = json.loads((run / "config.json").read_text())["train"]
+    table = re.search(r'<table id="config">(.*?)</table>', page, re.S).group(1)
+    for name in ("recipe", "batch_size", "learning_rate", "momentum", "image_size"):
+        assert re.search(rf"<th>{name}</th><td>{re.escape(str(trained[name]))}\b", table), name
     assert "champion (latest)" in page
     images = {re.search(r'id="([^"]+)"', tag).group(1): re.search(r'src="([^"]+)"', tag).group(1)
               for tag in re.findall(r"<img [^>]+>", page)}
@@ -281,17 +298,56 @@ def test_run_page_shows_metrics_curves_classes_pictures_config_and_tensorboard(c
 
 
 @pytest.mark.slow
-def test_run_page_shows_the_nightly_fields_and_gate_decision_when_present(client, published):
+def test_run_page_shows_the_gate_decision_as_a_verdict_with_its_checks(client, published):
     page = client.get(f"/alexnet/runs/{quoted(NEW_RUN)}").text
-    metrics = json.loads((published / "published" / "runs" / NEW_FOLDER / "metrics.json").read_text())
+    run = published / "published" / "runs" / new_folder()
+    metrics = json.loads((run / "metrics.json").read_text())
+    decision = json.loads((run / "decision.json").read_text())
     assert f"flip views; plain {metrics['test_accuracy_plain']:.2%}" in page, "test-time augmentation"
     assert 'id="test-accuracy-plain"' not in client.get(f"/alexnet/runs/{quoted(OLD_RUN)}").text
-    assert "not blessed: test accuracy 0.5100 below the champion&#39;s 0.5400" in page, "the index line's reason"
-    assert "3f2a9c1e0b" in page and "2 x NVIDIA H100" in page and "12 min 34 s" in page
-    assert "not blessed" in page and "p_value" in page and "0.0312" in page and OLD_RUN in page
-    assert f"<code>{NEW_FOLDER}</code>" in page, "the folder comes from the index's path"
+    verdict = re.search(r'<p id="verdict"[^>]*>(.*?)</p>', page, re.S).group(1)
+    assert "Not blessed" in verdict and html.escape("; ".join(decision["reasons"])) in " ".join(verdict.split())
+    rows = re.findall(r'<tr class="check (passed|failed)"><th>([^<]+)</th>\s*<td>(passed|failed)</td><td>([^<]*)</td>',
+                      page)
+    assert [(state, html.unescape(detail)) for state, _, _, detail in rows] == [
+        ("passed" if check["passed"] else "failed", check["detail"]) for check in decision["checks"].values()]
+    assert ("failed", "accuracy floor") in [(state, name) for state, name, _, _ in rows]
+    assert f"<code>{decision['champion']}</code>" in page and decision["champion"] == OLD_RUN
+    assert "True" not in verdict and "{" not in verdict, "a verdict, not a dump"
+    assert metrics["fingerprint"] in page and f"<code>{new_folder()}</code>" in page
     src = re.search(r'id="confusion-matrix"[^>]*src="([^"]+)"', page).group(1)
     assert client.get(urljoin(f"http://airflow.test/alexnet/runs/{quoted(NEW_RUN)}", src)).status_code == 200
+
+
+@pytest.mark.slow
+def test_list_page_pages_newest_first_and_filters_by_blessed_and_recipe(client, tmp_path, monkeypatch):
+    from alexnet_tasks.config import PipelineConfig
+    from alexnet_tasks.release.registry import Registry, index_line
+
+    registry = Registry(tmp_path / "published")
+    for number in range(7):
+        config = PipelineConfig(recipe="reference" if number % 2 else "fast")
+        decision = {"blessed": number % 3 != 0, "reasons": [f"decision {number}"]}
+        registry.record(index_line(f"run-{number}", {"test_accuracy": 0.5, "test_loss": 1.0},
+                                   f"2026-11-0{number + 1}T02:00:00+00:00", config, None, decision))
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(tmp_path))
+
+    def shown(url):
+        page = client.get(url).text
+        return re.findall(r'<tr class="run" data-run-id="([^"]+)">', page), page
+
+    first, page = shown("/alexnet/runs?size=3")
+    assert first == ["run-6", "run-5", "run-4"] and 'id="newer"' not in page and "page 1 of 3" in page
+    older = re.search(r'id="older" href="([^"]+)"', page).group(1)
+    assert not older.startswith(("/", "http"))
+    second, page = shown(urljoin("http://airflow.test/alexnet/runs?size=3", html.unescape(older)))
+    assert second == ["run-3", "run-2", "run-1"] and 'id="newer"' in page
+    blessed, _ = shown("/alexnet/runs?blessed=true")
+    assert blessed == ["run-5", "run-4", "run-2", "run-1"]
+    reference, page = shown("/alexnet/runs?blessed=true&recipe=reference")
+    assert reference == ["run-5", "run-1"] and '<option value="reference" selected>' in page
+    assert 'action="runs"' in page and "<script" not in page
+    assert client.get("/alexnet/runs?page=0").status_code == 400
 
 
 @pytest.mark.slow

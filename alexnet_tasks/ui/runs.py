@@ -1,0 +1,277 @@
+"""What the results pages show of a published run, read through the registry.
+
+``RunView`` wraps one registry entry (a run's index line) and, for a run's
+own page, what its published folder holds (metrics, history, config,
+decision). ``runs_page`` gives one page of runs, newest first; ``find_run``
+one run by its id, without reading every index line. A run folder is used
+only when it resolves inside ``published/``, and only the files named in
+``ARTIFACTS`` are ever served.
+
+Imports nothing heavy (no TensorFlow, NumPy or matplotlib): Airflow workers
+load the plugin that imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from alexnet_tasks.layout import (
+    CONFIG,
+    CONFUSION_MATRIX,
+    DECISION,
+    HISTORY,
+    METRICS,
+    MODEL,
+    PUBLISHED,
+    TEST_SAMPLES,
+    artifacts_root,
+)
+from alexnet_tasks.release.registry import DEFAULT_PAGE_SIZE, Page, Registry
+
+log = logging.getLogger(__name__)
+
+# The files of a published run that may be served, and their media types.
+ARTIFACTS = {
+    CONFUSION_MATRIX: "image/png",
+    TEST_SAMPLES: "image/png",
+    METRICS: "application/json",
+    CONFIG: "application/json",
+    HISTORY: "application/json",
+    DECISION: "application/json",
+    MODEL: "application/octet-stream",
+}
+# The gate's checks, in the order it makes them, as the run page names them.
+CHECK_NAMES = {
+    "finite_loss": "finite test loss",
+    "accuracy_floor": "accuracy floor",
+    "not_truncated": "whole schedule",
+    "class_names": "same classes as the champion",
+    "not_worse_than_champion": "not worse than the champion",
+}
+# Settings of the pipeline that are not training settings: shown after those, in this order.
+PIPELINE_SETTINGS = ("source_url", "source_md5", "validation_size", "split_seed", "train_limit",
+                     "accuracy_floor", "gate_tolerance", "publish_mode")
+
+
+def published_root() -> Path:
+    """``$ALEXNET_ARTIFACTS/published`` (default ``~/alexnet-artifacts/published``)."""
+    return artifacts_root() / PUBLISHED
+
+
+def _inside(root: Path, candidate: Path) -> Path | None:
+    """``candidate`` with every link resolved, or None when that leaves ``root``."""
+    resolved = candidate.resolve()
+    return resolved if resolved != root and resolved.is_relative_to(root) else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _load_json(path: Path | None) -> Any:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        log.warning("%s: unreadable (%s)", path, error)
+        return None
+
+
+def duration(seconds: float | None) -> str | None:
+    """``754`` -> ``12 min 34 s``; ``4000`` -> ``1 h 06 min``; None for None."""
+    if seconds is None:
+        return None
+    minutes, rest = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+@dataclass
+class Check:
+    """One of the gate's checks as the run page shows it."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class RunView:
+    """One published run: its registry entry, its folder and (for its own page) what its files say."""
+
+    entry: dict  # the run's index line, every field of INDEX_FIELDS and "latest"
+    folder: Path | None  # the run folder inside published/, None when missing or outside
+    metrics: dict = field(default_factory=dict)  # metrics.json
+    history: list = field(default_factory=list)  # history.json: one dict per epoch
+    saved_config: dict = field(default_factory=dict)  # config.json: "pipeline" and "train" settings
+    decision: dict | None = None  # decision.json of the gate
+
+    # ---- from the index line
+    @property
+    def run_id(self) -> str:
+        return self.entry["run_id"]
+
+    @property
+    def quoted(self) -> str:
+        return quote(self.run_id, safe="")
+
+    @property
+    def champion(self) -> bool:
+        return bool(self.entry.get("latest"))
+
+    @property
+    def published_at(self) -> str:
+        return str(self.entry["published_at"] or "")
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return _number(self.entry["test_accuracy"])
+
+    @property
+    def test_time_augmentation(self) -> str:
+        """The views the headline accuracy averaged: none (also runs from before it existed), flip, flip_shift."""
+        return str(self.entry["test_time_augmentation"] or "none")
+
+    @property
+    def test_accuracy_plain(self) -> float | None:
+        """The accuracy of the image alone (the headline one when there was no test-time augmentation)."""
+        if self.test_time_augmentation == "none":
+            return self.test_accuracy
+        return _number(self.entry["test_accuracy_plain"])
+
+    @property
+    def test_loss(self) -> float | None:
+        return _number(self.entry["test_loss"])
+
+    @property
+    def validation_accuracy(self) -> float | None:
+        return _number(self.entry["validation_accuracy"])
+
+    @property
+    def epochs(self) -> str | None:
+        run, planned = self.entry["epochs_run"], self.entry["epochs_planned"]
+        if run is None:
+            return None if planned is None else f"? / {planned}"
+        return f"{run} / {planned}" if planned is not None and planned != run else str(run)
+
+    def _setting(self, name: str) -> Any:
+        """A setting as the run trained with it: the resolved training settings, else the pipeline's."""
+        for settings in (self.entry["train_settings"], self.saved_config.get("train"), self.entry["config"]):
+            if isinstance(settings, dict) and settings.get(name) is not None:
+                return settings[name]
+        return None
+
+    @property
+    def recipe(self) -> str | None:
+        return self._setting("recipe")
+
+    @property
+    def image_size(self) -> int | None:
+        return self._setting("image_size")
+
+    @property
+    def training_time(self) -> str | None:
+        return duration(_number(self.entry["seconds"]))
+
+    @property
+    def devices(self) -> str | None:
+        """As train describes them: ``CPU``, ``2 x NVIDIA H200``."""
+        return self.entry["devices"] or None
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.entry["fingerprint"]
+
+    @property
+    def truncated(self) -> bool | None:
+        return self.entry["truncated"]
+
+    @property
+    def blessed(self) -> bool | None:
+        return self.entry["blessed"]
+
+    @property
+    def reasons(self) -> list[str]:
+        return list(self.entry["reasons"] or [])
+
+    # ---- from the run's files (its own page)
+    @property
+    def resolved_config(self) -> list[tuple[str, Any, bool]]:
+        """``(setting, value the run used, resolved)`` rows: the training settings, then the pipeline's others.
+
+        ``resolved`` is True where the form left the setting empty and the
+        recipe gave the value (``batch_size``, ``learning_rate``, ...).
+        """
+        pipeline = self.saved_config.get("pipeline") or self.entry["config"] or {}
+        train = self.saved_config.get("train") or self.entry["train_settings"] or {}
+        rows = [(name, value, pipeline.get(name, value) is None and value is not None)
+                for name, value in sorted(train.items())]
+        rows += [(name, pipeline[name], False) for name in PIPELINE_SETTINGS if name in pipeline]
+        if not train:  # a run without its resolved settings: the pipeline's as they were given
+            rows = [(name, value, False) for name, value in sorted(pipeline.items())]
+        return rows
+
+    @property
+    def checks(self) -> list[Check]:
+        """The gate's checks, in the order it made them."""
+        checks = (self.decision or {}).get("checks")
+        if not isinstance(checks, dict):
+            return []
+        return [Check(CHECK_NAMES.get(name, name.replace("_", " ")), check.get("passed") is True,
+                      str(check.get("detail") or ""))
+                for name, check in checks.items() if isinstance(check, dict)]
+
+
+def run_folder(root: Path, entry: dict) -> Path | None:
+    """The run folder an entry points to, if it is a folder inside ``root``."""
+    relative = Path(entry["path"])
+    if relative.is_absolute():
+        return None
+    folder = _inside(root.resolve(), root / relative)
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def artifact_path(run: RunView, root: Path, name: str) -> Path | None:
+    """A named artifact of a run, if it exists as a file inside ``root``."""
+    if name not in ARTIFACTS or run.folder is None:
+        return None
+    path = _inside(root.resolve(), run.folder / name)
+    return path if path is not None and path.is_file() else None
+
+
+def _view(root: Path, entry: dict) -> RunView:
+    return RunView(entry=entry, folder=run_folder(root, entry))
+
+
+def runs_page(root: Path, offset: int = 0, size: int = DEFAULT_PAGE_SIZE, **filters) -> tuple[list[RunView], Page]:
+    """One page of runs, newest first (``Registry.page``'s arguments and errors)."""
+    page = Registry(root).page(offset, size, **filters)
+    return [_view(root, entry) for entry in page.runs], page
+
+
+def find_run(root: Path, run_id: str) -> RunView | None:
+    """One run by its id, without its files; None when the index has no such run."""
+    entry = Registry(root).find(run_id)
+    return None if entry is None else _view(root, entry)
+
+
+def load_details(root: Path, run: RunView) -> RunView:
+    """Read the run's metrics, history, config and decision from its folder (what is missing stays empty)."""
+    def load(name):
+        return _load_json(artifact_path(run, root, name))
+
+    metrics, history, config, decision = load(METRICS), load(HISTORY), load(CONFIG), load(DECISION)
+    run.metrics = metrics if isinstance(metrics, dict) else {}
+    run.history = history if isinstance(history, list) else []
+    run.saved_config = config if isinstance(config, dict) else {}
+    run.decision = decision if isinstance(decision, dict) else None
+    return run
