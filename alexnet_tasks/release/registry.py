@@ -65,7 +65,7 @@ FILTERS = {
 }
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
 
 
 # --------------------------------------------------------------------------- one line
@@ -114,6 +114,11 @@ def parse_line(text: str | bytes, where: str) -> dict | None:
     if not isinstance(line, dict) or not isinstance(line.get("run_id"), str) or not isinstance(line.get("path"), str):
         log.warning("%s: not an index line (a JSON object with a string run_id and path); skipped", where)
         return None
+    return _with_every_field(line)
+
+
+def _with_every_field(line: dict) -> dict:
+    """``line`` with the old name of ``reasons`` read, and the fields it lacks set to None."""
     if _OLD_REASONS in line:
         old = line.pop(_OLD_REASONS)
         line.setdefault("reasons", [old] if isinstance(old, str) and old else None)
@@ -171,16 +176,11 @@ class LocalStore:
 
         Called with ``index_lock`` held.
         """
-        path = self.root / INDEX
-        with open(path, "a+b") as handle:
+        with open(self.root / INDEX, "a+b") as handle:
             size = handle.seek(0, os.SEEK_END)
-            if size:
-                handle.seek(max(0, size - 65536))
-                tail = handle.read()
-                if not tail.endswith(b"\n"):  # a writer killed mid-line: that line was never complete
-                    cut = tail.rfind(b"\n")
-                    handle.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
-            handle.seek(0, os.SEEK_END)
+            complete = _complete_length(handle, size)
+            if complete != size:  # a writer killed mid-line: that line was never complete, nor read
+                handle.truncate(complete)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -330,14 +330,14 @@ class Registry:
                 if line is not None:
                     rows.append((line["run_id"], position, line["path"],
                                  *(_column(getter(line)) for getter in FILTERS.values()),
-                                 json.dumps(line, sort_keys=True)))
+                                 _as_text(text, line)))
             position += len(text) + 1
         marks = ", ".join("?" * (4 + len(FILTERS)))
         connection.executemany(f"INSERT OR REPLACE INTO runs VALUES ({marks})", rows)
 
     # ---- reading
     def _entries(self, rows, champion: str | None) -> list[dict]:
-        return [{**json.loads(text), "latest": path == champion} for path, text in rows]
+        return [{**_with_every_field(json.loads(text)), "latest": path == champion} for path, text in rows]
 
     def entries(self) -> list[dict]:
         """Every run's entry (its last index line, every field of ``INDEX_FIELDS``), oldest first."""
@@ -345,7 +345,7 @@ class Registry:
             return []
         with self._table() as table:
             rows = table.execute("SELECT line FROM runs ORDER BY position").fetchall()
-        return [json.loads(text) for (text,) in rows]
+        return [_with_every_field(json.loads(text)) for (text,) in rows]
 
     def find(self, run_id: str) -> dict | None:
         """One run's entry, with ``latest``; None when the run id is not in the index."""
@@ -440,6 +440,27 @@ class Registry:
         if not path.startswith(f"{RUNS}/"):
             raise ValueError(f"champion path {path!r}: expected {RUNS}/<run>")
         self.store.point_champion(path)
+
+
+def _as_text(text: bytes, line: dict) -> str:
+    """A line as the table stores it: as written (read back through ``_with_every_field``)."""
+    try:
+        return text.decode()
+    except UnicodeDecodeError:  # JSON in another encoding than UTF-8
+        return json.dumps(line, sort_keys=True)
+
+
+def _complete_length(handle, size: int) -> int:
+    """Bytes of an open file up to and including its last newline (0 when it has none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        handle.seek(start)
+        cut = handle.read(end - start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
 
 
 def _column(value):
