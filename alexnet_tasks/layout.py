@@ -41,6 +41,18 @@ DATA = "data"
 RUNS = "runs"  # also the folder of the published copies under published/
 PUBLISHED = "published"
 
+# Under data/<source_md5>/.
+SOURCE = "source"  # the verified archive and, under EXTRACTED, its batches
+ARCHIVE = "cifar-10-python.tar.gz"
+EXTRACTED = "extracted"
+BATCHES = "cifar-10-batches-py"  # the archive's folder of pickled batches
+MANIFEST = "manifest.json"  # of a split-<key>/ folder
+
+
+def shard_name(split_name: str) -> str:
+    """The file of one split in a shards-<key>/ folder: ``train`` -> ``train.h5``."""
+    return f"{split_name}.h5"
+
 # The files and folders of a run (runs/<run>/ and published/runs/<run>/).
 MODEL = "model.keras"
 METRICS = "metrics.json"
@@ -106,14 +118,18 @@ class Layout:
         return self.root / DATA / source_md5
 
     def source(self, source_md5: str) -> Path:
-        return self.data(source_md5) / "source"
+        return self.data(source_md5) / SOURCE
 
     def batches(self, source_md5: str) -> Path:
         """The extracted ``cifar-10-batches-py`` folder of a verified archive."""
-        return self.source(source_md5) / "extracted" / "cifar-10-batches-py"
+        return self.source(source_md5) / EXTRACTED / BATCHES
 
     def split(self, config: PipelineConfig) -> Path:
         return self.data(config.source_md5) / f"split-{config.split_key()}"
+
+    def manifest(self, config: PipelineConfig) -> Path:
+        """The split's ``manifest.json``: the exact source indices of each split."""
+        return self.split(config) / MANIFEST
 
     def shards(self, config: PipelineConfig) -> Path:
         return self.data(config.source_md5) / f"shards-{config.shards_key()}"

@@ -168,7 +168,7 @@ def alexnet_cifar10():
         config, layout, _ = _settings()
         return build_shards(
             layout.batches(config.source_md5),
-            layout.split(config) / "manifest.json",
+            layout.manifest(config),
             config,
             layout.root,
         )

@@ -36,13 +36,13 @@ import numpy as np
 
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import CLASS_NAMES, IMAGE_SHAPE, save_json
-from alexnet_tasks.layout import Layout
+from alexnet_tasks.layout import ARCHIVE as ARCHIVE_NAME
+from alexnet_tasks.layout import BATCHES as BATCH_DIR
+from alexnet_tasks.layout import EXTRACTED, Layout
 from alexnet_tasks.errors import PermanentError, SourceUnavailableError
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_NAME = "cifar-10-python.tar.gz"
-BATCH_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META = "batches.meta"
@@ -308,8 +308,8 @@ def _download_locked(source_url: str, source_md5: str, layout: Layout, final: Pa
                 f"{source_url}: MD5 mismatch, expected {source_md5}, got {actual}; "
                 f"{describe_bad_archive(archive)}"
             )
-        extract(archive, work / "extracted")
-        batch_dir = work / "extracted" / BATCH_DIR
+        extract(archive, work / EXTRACTED)
+        batch_dir = work / EXTRACTED / BATCH_DIR
         if not batch_dir.is_dir():
             raise ArchiveError(f"{source_url}: archive has no {BATCH_DIR}/ folder")
         try:

@@ -31,7 +31,7 @@ import numpy as np
 
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import IMAGE_SHAPE, PREPROCESSING_VERSION, PipelineConfig
-from alexnet_tasks.layout import Layout
+from alexnet_tasks.layout import Layout, shard_name
 from alexnet_tasks.data.download import load_cifar10
 from alexnet_tasks.errors import PermanentError
 
@@ -79,7 +79,7 @@ def standardize(images: np.ndarray) -> np.ndarray:
 
 
 def shard_path(shards_dir: Path, split_name: str) -> Path:
-    return Path(shards_dir) / f"{split_name}.h5"
+    return Path(shards_dir) / shard_name(split_name)
 
 
 def _write_split(

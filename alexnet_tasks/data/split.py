@@ -21,12 +21,11 @@ import numpy as np
 
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import PipelineConfig, save_json
-from alexnet_tasks.layout import Layout
+from alexnet_tasks.layout import MANIFEST, Layout
 from alexnet_tasks.data.download import load_cifar10
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 
 
 def stratified_take(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
