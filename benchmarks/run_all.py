@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for name in ("bench_imports", "bench_shards", "bench_input", "bench_train"):
+for name in ("bench_imports", "bench_shards", "bench_input", "bench_train", "bench_registry"):
     start = time.monotonic()
     print(f"\n== {name}", flush=True)
     subprocess.run([sys.executable, str(HERE / f"{name}.py")], check=True, cwd=HERE)
