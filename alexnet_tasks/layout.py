@@ -13,7 +13,7 @@ Every artifact lives under one root (``$ALEXNET_ARTIFACTS``, default
     published/index.sqlite                 a lookup table rebuilt from index.jsonl (may be deleted)
 
 A run's folder ``<run>`` is its id made safe for a folder name plus a short
-hash of the raw id (``safe_run_id``), so two run ids never share a folder.
+hash of the raw id (``run_folder_name``), so two run ids never share a folder.
 Data folders are content-addressed: their names hold the source checksum and
 the settings that shape them, so a rerun reuses them and a single step (for
 example ``airflow tasks test``) finds its inputs from the params alone.
@@ -87,7 +87,7 @@ def artifacts_root() -> Path:
     return Path(os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS).expanduser().resolve()
 
 
-def safe_run_id(run_id: str) -> str:
+def run_folder_name(run_id: str) -> str:
     """The folder name of a run: a readable form of the id plus a short hash of the raw id.
 
     Airflow's run ids contain ':' and '+', which become '_' in the readable
@@ -105,7 +105,7 @@ def safe_run_id(run_id: str) -> str:
 
 def published_path(run_id: str) -> str:
     """The ``path`` of a run's index line: its published folder relative to ``published/``."""
-    return f"{RUNS}/{safe_run_id(run_id)}"
+    return f"{RUNS}/{run_folder_name(run_id)}"
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class Layout:
         return self.data(config.source_md5) / f"shards-{config.shards_key()}"
 
     def run(self, run_id: str) -> Path:
-        return self.root / RUNS / safe_run_id(run_id)
+        return self.root / RUNS / run_folder_name(run_id)
 
     @property
     def published(self) -> Path:

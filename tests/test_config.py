@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from alexnet_tasks.config import PipelineConfig, seed_for_date, settings_for_run
-from alexnet_tasks.layout import Layout, artifacts_root, safe_run_id
+from alexnet_tasks.layout import Layout, artifacts_root, run_folder_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,11 +110,11 @@ def test_scheduled_runs_train_with_the_dates_seed_manual_runs_with_the_forms():
 
 
 def test_run_ids_become_safe_folder_names(tmp_path):
-    name = safe_run_id("manual__2026-11-28T13:32:49+00:00")
+    name = run_folder_name("manual__2026-11-28T13:32:49+00:00")
     assert re.fullmatch(r"manual__2026-11-28T13_32_49_00_00-[0-9a-f]{8}", name), name
     assert Layout(tmp_path).run("a/../b").parent == tmp_path / "runs"
     with pytest.raises(ValueError):
-        safe_run_id("..")
+        run_folder_name("..")
 
 
 def test_two_run_ids_never_share_a_folder(tmp_path):
@@ -124,10 +124,10 @@ def test_two_run_ids_never_share_a_folder(tmp_path):
     # Deterministic: the steps of one run find each other's outputs through it.
     assert layout.run("a:b") == Layout(tmp_path).run("a:b")
     # A raw id that looks like another id's folder name still gets a folder of its own.
-    assert layout.run(safe_run_id("a:b")) != layout.run("a:b")
+    assert layout.run(run_folder_name("a:b")) != layout.run("a:b")
     # Long ids stay usable as one folder name.
     long_one, long_two = "x" * 400 + "1", "x" * 400 + "2"
-    assert len(safe_run_id(long_one)) <= 120 and safe_run_id(long_one) != safe_run_id(long_two)
+    assert len(run_folder_name(long_one)) <= 120 and run_folder_name(long_one) != run_folder_name(long_two)
 
 
 def test_settings_digest_follows_the_resolved_settings():

@@ -203,15 +203,15 @@ def client(published, tokens, monkeypatch):
 
 def old_folder() -> str:
     """The published folder of the champion run: its run id's readable name plus hash."""
-    from alexnet_tasks.layout import safe_run_id
+    from alexnet_tasks.layout import run_folder_name
 
-    return safe_run_id(OLD_RUN)
+    return run_folder_name(OLD_RUN)
 
 
 def new_folder() -> str:
-    from alexnet_tasks.layout import safe_run_id
+    from alexnet_tasks.layout import run_folder_name
 
-    return safe_run_id(NEW_RUN)
+    return run_folder_name(NEW_RUN)
 
 
 def index_entry(run_id: str) -> dict:
