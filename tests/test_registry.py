@@ -122,8 +122,14 @@ def test_the_lookup_table_follows_appends_and_is_rebuilt_when_deleted_or_damaged
     assert [line["run_id"] for line in registry.entries()] == ["a", "b", "c"]
     table.write_bytes(b"not a database" * 100)
     assert registry.find("b") is not None
-    # index.jsonl replaced by another file (rewritten by hand): the table starts over from it.
-    (tmp_path / "published" / INDEX).unlink()
+    # index.jsonl rewritten in place (same file, other lines): the table starts over from it.
+    index = tmp_path / "published" / INDEX
+    lines = [json.dumps(entry(run_id), sort_keys=True) + "\n" for run_id in ("x", "y", "w", "v")]
+    with open(index, "r+") as handle:
+        handle.write("".join(lines))
+    assert [line["run_id"] for line in registry.entries()] == ["x", "y", "w", "v"]
+    # index.jsonl replaced by another file: the same.
+    index.unlink()
     registry_with(tmp_path, [entry("z")])
     assert [line["run_id"] for line in registry.entries()] == ["z"]
 

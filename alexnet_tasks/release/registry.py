@@ -17,7 +17,7 @@ the UI), and never stops a publish.
 one row per run (its entry, its position and the columns a page filters on),
 so finding one run or one page of runs reads a few rows rather than every
 line. It is brought up to date from the bytes appended since it was last
-read, rebuilt whole when ``index.jsonl`` was replaced, and may be deleted at
+read, rebuilt whole when ``index.jsonl`` was replaced or rewritten, and may be deleted at
 any time. Where ``published/`` is not writable it is built in memory.
 
 Storage goes through ``LocalStore`` (a folder on a local disk); another store
@@ -28,6 +28,7 @@ methods. Imports nothing heavy (no TensorFlow, NumPy or h5py).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -302,8 +303,8 @@ class Registry:
             recorded = dict(connection.execute("SELECT name, value FROM source").fetchall())
             offset, number = int(recorded.get("offset", 0)), int(recorded.get("lines", 0))
             if (recorded.get("identity") != str(identity) or recorded.get("schema") != _SCHEMA_VERSION
-                    or offset > size):
-                connection.execute("DELETE FROM runs")
+                    or offset > size or self._tail(offset) != recorded.get("tail", "")):
+                connection.execute("DELETE FROM runs")  # another file than the one read so far
                 offset, number = 0, 0
             if size > offset:
                 data = self.store.read_index(offset, size)
@@ -312,12 +313,19 @@ class Registry:
                 number += complete.count(b"\n")
                 offset += len(complete)
             for name, value in (("identity", str(identity)), ("offset", str(offset)), ("lines", str(number)),
-                                ("schema", _SCHEMA_VERSION)):
+                                ("schema", _SCHEMA_VERSION), ("tail", self._tail(offset))):
                 connection.execute("INSERT OR REPLACE INTO source VALUES (?, ?)", (name, value))
             connection.execute("COMMIT")
         except BaseException:
             connection.execute("ROLLBACK")
             raise
+
+    def _tail(self, offset: int) -> str:
+        """A digest of the last line read so far (ending at ``offset``), to tell an appended index from a rewritten one."""
+        if not offset:
+            return ""
+        data = self.store.read_index(max(0, offset - 65536), offset)
+        return hashlib.sha256(data[data.rfind(b"\n", 0, len(data) - 1) + 1:]).hexdigest()
 
     def _add(self, connection: sqlite3.Connection, data: bytes, offset: int, number: int) -> None:
         name = self.store.index_name()
