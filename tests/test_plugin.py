@@ -61,11 +61,14 @@ def test_plugin_module_imports_no_tensorflow_numpy_or_matplotlib():
         "assert module.AlexNetResultsPlugin.fastapi_apps\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'numpy', 'matplotlib', 'h5py'})\n"
         "security = 'airflow.api_fastapi.core_api.security' in sys.modules\n"
-        "print(','.join(heavy)); print(security)\n"
+        "package = all(m in sys.modules for m in ('alexnet_tasks.ui.runs', 'alexnet_tasks.ui.charts', "
+        "'alexnet_tasks.release.registry'))\n"
+        "print(package); print(','.join(heavy)); print(security)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env())
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout.splitlines()
+    assert out[-3] == "True", "the pages' view model, charts and registry come from the package"
     assert out[-2] == "", f"loading the plugin imported {out[-2]}"
     assert out[-1] == "False", "loading the plugin imported the API server's security module"
 

@@ -7,7 +7,10 @@ and `chromium-driver`, driven by Selenium; nothing is downloaded) logs in,
 opens Browse -> AlexNet runs, the run's page and the DAG run's Results tab.
 
 Screenshots go to the test's folder, and to ``$ALEXNET_UI_SCREENSHOTS`` when
-set (that is how docs/images/ was made).
+set. ``$ALEXNET_UI_ARCHIVE`` and ``$ALEXNET_UI_ARCHIVE_MD5`` train on another
+archive than the tests' small one, and ``$ALEXNET_UI_CONF`` (JSON) overrides
+the run's params: ``scripts/ui_screenshots.sh`` makes docs/images/ that way,
+from a short run on the real CIFAR-10.
 """
 
 from __future__ import annotations
@@ -71,11 +74,14 @@ def server(small_archive, tmp_path_factory):
     )
     subprocess.run([airflow_bin(), "db", "migrate"], env=env, check=True, capture_output=True)
     path, md5 = small_archive
+    if os.environ.get("ALEXNET_UI_ARCHIVE"):
+        path, md5 = Path(os.environ["ALEXNET_UI_ARCHIVE"]), os.environ["ALEXNET_UI_ARCHIVE_MD5"]
     conf = {"source_url": path.as_uri(), "source_md5": md5, "image_size": 67, "epochs": 2,
             "validation_size": 50, "batch_size": 16, "recipe": "reference",
             "publish_mode": "always"}  # published whatever two epochs on tiny data score
+    conf.update(json.loads(os.environ.get("ALEXNET_UI_CONF") or "{}"))
     run = subprocess.run([airflow_bin(), "dags", "test", "alexnet_cifar10", "-c", json.dumps(conf)],
-                         env=env, capture_output=True, text=True, timeout=900)
+                         env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     [line] = [json.loads(text) for text in (artifacts / "published" / "index.jsonl").read_text().splitlines()]
 
@@ -241,6 +247,9 @@ def browse_the_results(browser, base: str, line: dict, folder: Path) -> None:
                      message="the run page's confusion matrix and curves")
     assert state["width"] > 0
     assert accuracy in browser.find_element(By.ID, "test-accuracy").text
+    assert browser.find_element(By.ID, "verdict").text.startswith("Blessed")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#checks tr.check")) == 5, "the gate's five checks"
+    assert browser.find_element(By.CSS_SELECTOR, "#config").text.count("batch_size") == 1
     browser.switch_to.default_content()
     screenshot(browser, folder, "ui-run.png", frame_height=True)
 
