@@ -139,7 +139,13 @@ def same_entry(first: dict, second: dict) -> bool:
 class LocalStore:
     """``published/`` on a local disk: an appended file, a lock, a symlink, a lookup table beside them.
 
-    The registry's only storage calls; another store provides the same methods.
+    The registry's only storage calls; another store provides the same
+    methods. On an object store (no append, lock, rename or symlink) they map
+    to: ``index_version`` the index object's ETag and size, ``read_index`` a
+    ranged GET, ``append_index`` a rewrite of the object conditional on the
+    ETag read (``If-Match``, retried on conflict) with ``index_lock`` doing
+    nothing, ``champion_path``/``point_champion`` a pointer object moved the
+    same way, and ``table_path`` a file in the host's local cache.
     """
 
     def __init__(self, root: Path):
