@@ -226,9 +226,11 @@ class RunView:
         checks = (self.decision or {}).get("checks")
         if not isinstance(checks, dict):
             return []
+        order = list(CHECK_NAMES)  # decision.json keeps its keys sorted: show them in the gate's order
+        ranked = sorted(checks.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order))
         return [Check(CHECK_NAMES.get(name, name.replace("_", " ")), check.get("passed") is True,
                       str(check.get("detail") or ""))
-                for name, check in checks.items() if isinstance(check, dict)]
+                for name, check in ranked if isinstance(check, dict)]
 
 
 def run_folder(root: Path, entry: dict) -> Path | None:
