@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from alexnet_tasks.validation import check_params
+
 ARTIFACTS_ENV = "ALEXNET_ARTIFACTS"
 DEFAULT_ARTIFACTS = Path("~/alexnet-artifacts")
 
@@ -195,26 +197,21 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PipelineConfig":
-        """Build from a dict (DAG params, JSON), rejecting unknown keys."""
-        if not isinstance(values, dict):
-            raise ValueError(f"settings must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown setting(s) {', '.join(map(repr, unknown))}; "
-                f"expected some of: {', '.join(sorted(known))}"
-            )
+        """Build from a dict (DAG params, JSON), checked as Airflow checks the params (``check_params``).
+
+        Raises ValueError naming the first unknown key or refused value. An
+        integral float of an integer setting (``1.0``) is taken as that
+        integer, so the config, its folders and its fingerprint are the ones
+        of the integer.
+        """
+        values = check_params(values, param_specs(), pattern_meanings())
         if values.get("recipe_options") == {}:
             values = {**values, "recipe_options": None}  # no overrides, one way: the same fingerprint
-        config = cls(**values)
-        config.validate()
-        return config
+        return cls(**values)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting outside its field's bounds (the form's)."""
-        for setting in dataclasses.fields(self):
-            _check_setting(setting, getattr(self, setting.name))
+        """Raise ValueError naming the first setting its param's schema (the form's) refuses."""
+        check_params(self.to_dict(), param_specs(), pattern_meanings())
 
     def check_against_source(self, train_images: int) -> None:
         """Raise ValueError when the split settings cannot fit the archive's training set."""
@@ -326,7 +323,11 @@ def local_run_conf(conf_text: str, gpus: int) -> tuple[dict[str, Any], str | Non
 
 
 def param_specs() -> dict[str, dict[str, Any]]:
-    """Each setting's form facts as keyword arguments for Airflow's ``Param(**spec)``."""
+    """Each setting's form facts as keyword arguments for Airflow's ``Param(**spec)``.
+
+    The DAG builds its params from these, and ``PipelineConfig.from_dict``
+    checks values against the same schemas (``alexnet_tasks.validation``).
+    """
     specs = {}
     for setting in dataclasses.fields(PipelineConfig):
         facts = setting.metadata
@@ -340,78 +341,10 @@ def param_specs() -> dict[str, dict[str, Any]]:
     return specs
 
 
-def _check_setting(setting: dataclasses.Field, value: Any) -> None:
-    """Raise ValueError unless ``value`` fits the setting's type and bounds."""
-    name, facts = setting.name, setting.metadata
-    schema = facts["schema"]
-    if value is None:
-        if setting.default is None:
-            return
-        raise ValueError(f"{name} must be set, got None")
-    kind = facts["type"]
-    if kind == "object":
-        check_recipe_options(value)
-        return
-    if kind == "string":
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
-        if "enum" in schema and value not in schema["enum"]:
-            raise ValueError(f"{name} must be one of {tuple(schema['enum'])}, got {value!r}")
-        if "pattern" in schema and not _search(schema["pattern"], value):
-            raise ValueError(f"{name} must be {facts['pattern_meaning']}, got {value!r}")
-        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
-            raise ValueError(
-                f"{name} must be {schema.get('minLength', 0)} to {schema.get('maxLength', 'any number of')} "
-                f"characters long, got {len(value)}"
-            )
-        return
-    if isinstance(value, bool) or not isinstance(value, int if kind == "integer" else (int, float)):
-        raise ValueError(f"{name} must be {'an integer' if kind == 'integer' else 'a number'}, got {value!r}")
-    high = schema["maximum"]
-    if "exclusiveMinimum" in schema:
-        if not schema["exclusiveMinimum"] < value <= high:  # NaN fails too
-            raise ValueError(f"{name} must be in ({schema['exclusiveMinimum']}, {high}], got {value!r}")
-    elif not schema["minimum"] <= value <= high:
-        raise ValueError(f"{name} must be between {schema['minimum']} and {high}, got {value}")
-
-
-def check_recipe_options(options: Any) -> None:
-    """Raise ValueError naming the first key of ``options`` that is unknown or outside its bounds."""
-    if not isinstance(options, dict):
-        raise ValueError(f"recipe_options must be a JSON object, got {options!r}")
-    unknown = sorted(set(options) - set(RECIPE_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"recipe_options: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"expected some of: {', '.join(RECIPE_OPTIONS)}"
-        )
-    for name, value in options.items():
-        schema = RECIPE_OPTIONS[name]
-        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        where = f"recipe_options.{name}"
-        if value is None:
-            if "null" in kinds:
-                continue
-            raise ValueError(f"{where} must be set, got null")
-        if "boolean" in kinds:
-            if not isinstance(value, bool):
-                raise ValueError(f"{where} must be true or false, got {value!r}")
-        elif "string" in kinds:
-            if value not in schema["enum"]:
-                raise ValueError(f"{where} must be one of {tuple(schema['enum'])}, got {value!r}")
-        else:
-            integer = "integer" in kinds
-            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-                raise ValueError(f"{where} must be {'an integer' if integer else 'a number'}, got {value!r}")
-            if not schema["minimum"] <= value <= schema["maximum"]:  # NaN fails too
-                raise ValueError(f"{where} must be between {schema['minimum']} and {schema['maximum']}, got {value}")
-
-
-def _search(pattern: str, value: str) -> bool:
-    """JSON-schema pattern semantics: a search, where a final ``$`` does not allow a trailing newline."""
-    if pattern.endswith("$"):
-        pattern = pattern[:-1] + r"\Z"
-    return re.search(pattern, value) is not None
+def pattern_meanings() -> dict[str, str]:
+    """How error messages word each setting's ``pattern``: ``{"source_md5": "32 lowercase hex digits", ...}``."""
+    return {setting.name: setting.metadata["pattern_meaning"] for setting in dataclasses.fields(PipelineConfig)
+            if setting.metadata["pattern_meaning"]}
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,14 @@ def test_params_are_generated_from_the_config_fields(dag):
             assert param.schema[key] == value, (field.name, key)
 
 
+def test_the_pipeline_checks_params_against_the_schemas_airflow_holds(dag, server_params):
+    from alexnet_tasks.config import param_specs
+    from alexnet_tasks.validation import param_schema
+
+    for name, spec in param_specs().items():
+        assert param_schema(spec) == dag.params.get_param(name).schema == server_params.get_param(name).schema, name
+
+
 def test_form_and_config_accept_and_refuse_the_same_edge_values(dag):
     from airflow.sdk.definitions.param import ParamValidationError
 
@@ -118,6 +126,61 @@ def test_form_and_config_accept_and_refuse_the_same_edge_values(dag):
             except ParamValidationError:
                 form_accepts = False
             assert form_accepts == config_accepts, (field.name, value)
+
+
+@pytest.fixture(scope="module")
+def server_params(dag):
+    """The params as the API server and scheduler hold them: the DAG serialized and read back."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    return DagSerialization.from_dict(DagSerialization.to_dict(dag)).params
+
+
+def _airflow_accepts(server_params, conf: dict) -> bool:
+    """Airflow's check of a trigger's conf, the one it runs before it creates the run (``create_dagrun``)."""
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    try:
+        server_params.deep_merge(conf).validate()
+    except ParamValidationError:
+        return False
+    return True
+
+
+def _integer_settings():
+    """``(conf, the same conf with integers)`` for every integer param and ``recipe_options`` key, at its minimum."""
+    from alexnet_tasks.config import param_specs
+
+    cases = []
+    for name, spec in param_specs().items():
+        kinds = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+        if "integer" in kinds:
+            cases.append(({name: float(spec["minimum"])}, {name: spec["minimum"]}))
+        for option, schema in spec.get("properties", {}).items():
+            if schema["type"] == "integer":
+                cases.append(({name: {option: float(schema["minimum"])}}, {name: {option: schema["minimum"]}}))
+    return cases
+
+
+def test_an_integral_float_is_that_integer_for_airflow_and_the_pipeline(server_params):
+    """JSON Schema counts 1.0 as an integer, so Airflow lets ``{"epochs": 1.0}`` through; the run takes it as 1."""
+    from alexnet_tasks.config import PipelineConfig
+
+    cases = _integer_settings()
+    assert {"epochs", "image_size", "seed", "recipe_options"} <= {name for conf, _ in cases for name in conf}
+    for conf, integers in cases:
+        assert _airflow_accepts(server_params, conf), conf
+        config = PipelineConfig.from_dict(conf)
+        assert config == PipelineConfig.from_dict(integers), conf
+        # The same folders and fingerprints as the integer: the value is stored as one.
+        assert json.dumps(config.to_dict()) == json.dumps(PipelineConfig.from_dict(integers).to_dict()), conf
+    for conf, _ in cases:  # and a fraction is refused by both
+        name, value = next(iter(conf.items()))
+        fraction = {name: {key: number + 0.5 for key, number in value.items()} if isinstance(value, dict)
+                    else value + 0.5}
+        assert not _airflow_accepts(server_params, fraction), fraction
+        with pytest.raises(ValueError, match="must be an integer, got"):
+            PipelineConfig.from_dict(fraction)
 
 
 def _task_settings(run_type: str, logical_date, params: dict):
