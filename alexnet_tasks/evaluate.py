@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_tasks.atomic import atomic_write_bytes
-from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, json_safe, save_json
+from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS
+from alexnet_tasks.jsonio import json_safe, save_json
 from alexnet_tasks.training.run_summary import training_fields
 from alexnet_tasks.data.shards import load_split, read_attrs, shard_path
 

@@ -35,8 +35,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
-from alexnet_tasks.config import CLASS_NAMES, IMAGE_SHAPE, Layout, save_json
+from alexnet_tasks.config import CLASS_NAMES, IMAGE_SHAPE, Layout
 from alexnet_tasks.errors import PermanentError, SourceUnavailableError
+from alexnet_tasks.jsonio import save_json
 
 log = logging.getLogger(__name__)
 

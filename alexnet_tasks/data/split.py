@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
-from alexnet_tasks.config import Layout, PipelineConfig, save_json
+from alexnet_tasks.config import Layout, PipelineConfig
+from alexnet_tasks.jsonio import save_json
 from alexnet_tasks.data.download import load_cifar10
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,8 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alexnet_tasks.config import PipelineConfig, load_json_object, save_json
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.jsonio import load_json_object, save_json
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,8 @@ from alexnet_tasks.atomic import (
     remove_stale_temps,
     temp_sibling,
 )
-from alexnet_tasks.config import PipelineConfig, load_json_object, safe_run_id
+from alexnet_tasks.config import PipelineConfig, safe_run_id
+from alexnet_tasks.jsonio import load_json_object
 from alexnet_tasks.training.run_summary import TRAIN_SUMMARY, read_train_summary, same_run
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,8 @@ import keras
 from alexnet_tasks.atomic import exclusive_pid_lock
 from alexnet_tasks.training.callbacks import TIME_BUDGET, Progress, training_callbacks
 from alexnet_tasks.training.checkpoints import CHECKPOINTS, STATE, restore, resumable_state, save_model
-from alexnet_tasks.config import PipelineConfig, save_json
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.jsonio import save_json
 from alexnet_tasks.training.feeding import ShuffledBatches
 from alexnet_tasks.training.fingerprint import run_fingerprint
 from alexnet_tasks.training.recipe import (
