@@ -8,9 +8,9 @@ below it (``tests/test_layers.py`` checks)::
     evaluate    test-split scores, predictions, pictures
     training/   train (the orchestrator), recipe, model, feeding, callbacks, checkpoints, fingerprint
     data/       download, split, shards
-    config, validation, atomic, jsonio, errors
-                settings and layout, the params' check, atomic files and locks, JSON files,
-                the error kinds
+    config, validation, recipes, atomic, jsonio, errors
+                settings and layout, the params' check, the recipes' defaults, atomic files
+                and locks, JSON files, the error kinds
 
 download -> split -> build_shards -> train -> evaluate -> gate -> publish;
 settings and the artifact layout live in ``alexnet_tasks.config``.

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from alexnet_tasks.recipes import RECIPE_DEFAULTS, RECIPE_TEST_TIME_AUGMENTATION, RECIPES, describe, figures
 from alexnet_tasks.validation import check_params
 
 ARTIFACTS_ENV = "ALEXNET_ARTIFACTS"
@@ -49,11 +50,9 @@ CLASS_NAMES = (
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (32, 32, 3)
 MIN_IMAGE_SIZE = 67  # smallest input for which AlexNet's three max-pools keep a 1x1 map
-RECIPES = ("reference", "fast")
 # Test-time augmentation: "flip" averages the softmax of each image and its mirror image,
 # "flip_shift" adds both shifted by one pixel in each of the four directions (10 views).
 TEST_TIME_AUGMENTATIONS = ("none", "flip", "flip_shift")
-RECIPE_TEST_TIME_AUGMENTATION = {"reference": "none", "fast": "flip"}  # test_time_augmentation "recipe"
 # The recipe settings ``recipe_options`` may override: JSON-schema type and bounds (or enum).
 # alexnet_tasks.training.recipe.TrainSettings has a field of each name (a test checks).
 RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
@@ -82,6 +81,11 @@ MAX_SEED = 2**31 - 1
 # Run types (Airflow's DagRunType values) whose training seed comes from the logical date;
 # every other run (manual, asset- or operator-triggered) trains with the form's seed.
 DATE_SEEDED_RUN_TYPES = ("scheduled", "backfill")
+
+
+def _recipe_words(recipe: str) -> str:
+    """The recipe's defaults in words, for the form (``alexnet_tasks.recipes.describe``)."""
+    return describe({**RECIPE_DEFAULTS[recipe], "test_time_augmentation": RECIPE_TEST_TIME_AUGMENTATION[recipe]})
 
 
 def _setting(default: Any, *, kind: str, title: str, description: str, shown_default: str | None = None,
@@ -120,23 +124,22 @@ class PipelineConfig:
     )
     recipe: str = _setting(
         "fast", kind="string", enum=list(RECIPES), title="Recipe",
-        description="fast: augmentation, Nesterov momentum, weight decay, label smoothing, dropout 0.3, warm-up + "
-        "cosine decay, flip-averaged test predictions. "
-        "reference: the tutorial exactly (plain SGD, no augmentation, no XLA).",
+        description=f"fast: {_recipe_words('fast')}. "
+        f"reference: the tutorial exactly, {_recipe_words('reference')}, plain SGD, no augmentation, no XLA.",
     )
     epochs: int | None = _setting(
         None, kind="integer", minimum=1, maximum=1000, title="Epochs", shown_default="recipe's",
-        description="Passes over the training split; empty takes the recipe's (reference 50, fast 30).",
+        description=f"Passes over the training split; empty takes the recipe's ({figures('epochs')}).",
     )
     batch_size: int | None = _setting(
         None, kind="integer", minimum=1, maximum=8192, title="Batch size", shown_default="recipe's",
         description="Global batch size: all devices together, whatever their number; "
-        "empty takes the recipe's (reference 32, fast 256).",
+        f"empty takes the recipe's ({figures('batch_size')}).",
     )
     learning_rate: float | None = _setting(
         None, kind="number", exclusiveMinimum=0, maximum=10, title="Learning rate", shown_default="recipe's",
         description="Peak SGD learning rate for the global batch, whatever the number of devices; "
-        "empty takes the recipe's (reference 0.001, fast 0.04).",
+        f"empty takes the recipe's ({figures('learning_rate')}).",
     )
     image_size: int = _setting(
         227, kind="integer", minimum=MIN_IMAGE_SIZE, maximum=1024, title="Image size",
@@ -169,8 +172,9 @@ class PipelineConfig:
     test_time_augmentation: str = _setting(
         "recipe", kind="string", enum=["recipe", *TEST_TIME_AUGMENTATIONS], title="Test-time augmentation",
         description="How evaluate predicts: none, flip (mean softmax of each test image and its mirror image) "
-        "or flip_shift (also both shifted by 1 px in four directions: 10 views); recipe takes the recipe's "
-        "(fast flip, reference none). metrics.json keeps the plain accuracy too.",
+        "or flip_shift (also both shifted by 1 px in four directions: 10 views); recipe takes the recipe's ("
+        + ", ".join(f"{recipe} {views}" for recipe, views in RECIPE_TEST_TIME_AUGMENTATION.items())
+        + "). metrics.json keeps the plain accuracy too.",
     )
     recipe_options: dict | None = _setting(
         None, kind="object", title="Recipe options", shown_default="none",

@@ -59,7 +59,6 @@ from alexnet_tasks.jsonio import save_json
 from alexnet_tasks.training.feeding import ShuffledBatches
 from alexnet_tasks.training.fingerprint import run_fingerprint
 from alexnet_tasks.training.recipe import (
-    RECIPE_DEFAULTS,
     SparseCrossentropyWithSmoothing,
     TrainSettings,
     compile_model,
@@ -73,7 +72,7 @@ from alexnet_tasks.training.recipe import (
 from alexnet_tasks.data.shards import load_split, shard_path
 
 __all__ = [
-    "CHECKPOINTS", "RECIPE_DEFAULTS", "STATE", "ShuffledBatches", "SparseCrossentropyWithSmoothing",
+    "CHECKPOINTS", "STATE", "ShuffledBatches", "SparseCrossentropyWithSmoothing",
     "TrainSettings", "compile_model", "distribution_strategy", "learning_rate_at", "precision_policy",
     "resolve_settings", "train",
 ]
