@@ -71,6 +71,8 @@ RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
     "ema_momentum": {"type": ["number", "null"], "minimum": 0.5, "maximum": 0.9999},
     "precision": {"type": "string", "enum": ["float32", "mixed_bfloat16", "mixed_float16"]},
 }
+# The sections of the DAG's form, in the order it shows them; every param is in one.
+DATA, TRAINING, EVALUATION, GATE = SECTIONS = ("Data", "Training", "Evaluation", "Gate and publish")
 PUBLISH_MODES = ("gated", "always")
 # Settings of the gate alone: they decide what is published, not what is trained.
 GATE_SETTINGS = ("accuracy_floor", "gate_tolerance", "publish_mode")
@@ -88,17 +90,20 @@ def _recipe_words(recipe: str) -> str:
     return describe({**RECIPE_DEFAULTS[recipe], "test_time_augmentation": RECIPE_TEST_TIME_AUGMENTATION[recipe]})
 
 
-def _setting(default: Any, *, kind: str, title: str, description: str, shown_default: str | None = None,
-             pattern_meaning: str | None = None, **schema: Any) -> Any:
+def _setting(default: Any, *, section: str, kind: str, title: str, description: str,
+             shown_default: str | None = None, pattern_meaning: str | None = None, **schema: Any) -> Any:
     """A PipelineConfig field with the facts the DAG's form, ``validate()`` and README share.
 
-    ``kind`` is the JSON-schema type (``"null"`` is added when the default is
-    None); ``schema`` holds the JSON-schema bounds (minimum, maximum,
+    ``section`` is the form's section (one of ``SECTIONS``); ``kind`` is the
+    JSON-schema type (``"null"`` is added when the default is None);
+    ``schema`` holds the JSON-schema bounds (minimum, maximum,
     exclusiveMinimum, enum, pattern, minLength, maxLength). ``shown_default``
     is how the README's table shows the default; ``pattern_meaning`` words the
-    pattern in error messages.
+    pattern in error messages. Raises ValueError for an unknown section.
     """
-    facts = {"type": kind, "title": title, "description": description, "schema": schema,
+    if section not in SECTIONS:
+        raise ValueError(f"section must be one of {SECTIONS}, got {section!r}")
+    facts = {"section": section, "type": kind, "title": title, "description": description, "schema": schema,
              "shown_default": shown_default, "pattern_meaning": pattern_meaning}
     return field(default=default, metadata=facts)
 
@@ -107,93 +112,98 @@ def _setting(default: Any, *, kind: str, title: str, description: str, shown_def
 class PipelineConfig:
     """Every setting of one run; the DAG's params are generated from these fields one to one.
 
-    Each field's metadata holds its title, description and bounds, so the UI
-    form, ``validate()`` and the README's params table (``scripts/params_table.py``)
-    all come from here.
+    Each field's metadata holds its form section, title, description and
+    bounds, so the UI form, ``validate()`` and the README's params tables
+    (``scripts/params_table.py``) all come from here.
     """
 
     source_url: str = _setting(
-        OFFICIAL_URL, kind="string", pattern=r"\S", maxLength=2048, title="Source URL",
+        OFFICIAL_URL, section=DATA, kind="string", pattern=r"\S", maxLength=2048, title="Source URL",
         pattern_meaning="a non-empty URL or path", shown_default="official URL",
         description="Where cifar-10-python.tar.gz comes from: an http(s):// or file:// URL, or a path on the worker.",
     )
     source_md5: str = _setting(
-        OFFICIAL_MD5, kind="string", pattern="^[0-9a-f]{32}$", title="Source MD5",
+        OFFICIAL_MD5, section=DATA, kind="string", pattern="^[0-9a-f]{32}$", title="Source MD5",
         pattern_meaning="32 lowercase hex digits",
         description="Expected MD5 of the archive (32 lowercase hex digits); it also keys the data cache.",
     )
     recipe: str = _setting(
-        "fast", kind="string", enum=list(RECIPES), title="Recipe",
+        "fast", section=TRAINING, kind="string", enum=list(RECIPES), title="Recipe",
         description=f"fast: {_recipe_words('fast')}. "
         f"reference: the tutorial exactly, {_recipe_words('reference')}, plain SGD, no augmentation, no XLA.",
     )
     epochs: int | None = _setting(
-        None, kind="integer", minimum=1, maximum=1000, title="Epochs", shown_default="recipe's",
+        None, section=TRAINING, kind="integer", minimum=1, maximum=1000, title="Epochs",
+        shown_default="recipe's",
         description=f"Passes over the training split; empty takes the recipe's ({figures('epochs')}).",
     )
     batch_size: int | None = _setting(
-        None, kind="integer", minimum=1, maximum=8192, title="Batch size", shown_default="recipe's",
+        None, section=TRAINING, kind="integer", minimum=1, maximum=8192, title="Batch size",
+        shown_default="recipe's",
         description="Global batch size: all devices together, whatever their number; "
         f"empty takes the recipe's ({figures('batch_size')}).",
     )
     learning_rate: float | None = _setting(
-        None, kind="number", exclusiveMinimum=0, maximum=10, title="Learning rate", shown_default="recipe's",
+        None, section=TRAINING, kind="number", exclusiveMinimum=0, maximum=10, title="Learning rate",
+        shown_default="recipe's",
         description="Peak SGD learning rate for the global batch, whatever the number of devices; "
         f"empty takes the recipe's ({figures('learning_rate')}).",
     )
     image_size: int = _setting(
-        227, kind="integer", minimum=MIN_IMAGE_SIZE, maximum=1024, title="Image size",
+        227, section=TRAINING, kind="integer", minimum=MIN_IMAGE_SIZE, maximum=1024, title="Image size",
         description="Side the model resizes the 32x32 images to, on the device "
         f"(227 as in the tutorial; {MIN_IMAGE_SIZE} is the smallest).",
     )
     validation_size: int = _setting(
-        5000, kind="integer", minimum=NUM_CLASSES, maximum=49_000, title="Validation size",
+        5000, section=DATA, kind="integer", minimum=NUM_CLASSES, maximum=49_000, title="Validation size",
         description="Images held out of the 50,000 training images for validation, stratified by class.",
     )
     split_seed: int = _setting(
-        42, kind="integer", minimum=0, maximum=MAX_SEED, title="Split seed",
+        42, section=DATA, kind="integer", minimum=0, maximum=MAX_SEED, title="Split seed",
         description="Draws the validation images (and the train_limit subset); it keys the split and shard "
         "folders, so runs with the same split seed share one shard set.",
     )
     seed: int = _setting(
-        42, kind="integer", minimum=0, maximum=MAX_SEED, title="Training seed",
+        42, section=TRAINING, kind="integer", minimum=0, maximum=MAX_SEED, title="Training seed",
         description="Drives the weight initialisation, the shuffle order, augmentation and dropout. Manual runs "
         "use this value; scheduled runs derive theirs from the logical date, so each night tries a new one.",
     )
     train_limit: int | None = _setting(
-        None, kind="integer", minimum=NUM_CLASSES, maximum=50_000, title="Training image limit",
+        None, section=DATA, kind="integer", minimum=NUM_CLASSES, maximum=50_000, title="Training image limit",
         description="Optional cap on training images (stratified) for a quick run; empty uses them all.",
     )
     max_train_minutes: float | None = _setting(
-        None, kind="number", exclusiveMinimum=0, maximum=100_000, title="Training time budget (minutes)",
+        None, section=TRAINING, kind="number", exclusiveMinimum=0, maximum=100_000,
+        title="Training time budget (minutes)",
         description="Optional time budget for training; empty means none. A run that stops before its "
         "schedule ends is marked truncated in metrics.json and the published index.",
     )
     test_time_augmentation: str = _setting(
-        "recipe", kind="string", enum=["recipe", *TEST_TIME_AUGMENTATIONS], title="Test-time augmentation",
+        "recipe", section=EVALUATION, kind="string", enum=["recipe", *TEST_TIME_AUGMENTATIONS],
+        title="Test-time augmentation",
         description="How evaluate predicts: none, flip (mean softmax of each test image and its mirror image) "
         "or flip_shift (also both shifted by 1 px in four directions: 10 views); recipe takes the recipe's ("
         + ", ".join(f"{recipe} {views}" for recipe, views in RECIPE_TEST_TIME_AUGMENTATION.items())
         + "). metrics.json keeps the plain accuracy too.",
     )
     recipe_options: dict | None = _setting(
-        None, kind="object", title="Recipe options", shown_default="none",
+        None, section=TRAINING, kind="object", title="Recipe options", shown_default="none",
         properties=RECIPE_OPTIONS, additionalProperties=False,
         description="Optional JSON object overriding the recipe's training settings, e.g. "
         '{"dropout": 0.5, "decay": "linear"}; allowed keys: ' + ", ".join(RECIPE_OPTIONS) + ".",
     )
     accuracy_floor: float = _setting(
-        0.25, kind="number", minimum=0, maximum=1, title="Gate: accuracy floor",
+        0.25, section=GATE, kind="number", minimum=0, maximum=1, title="Accuracy floor",
         description="Lowest test accuracy a run may have to be published (0.25 is two and a half times "
         "chance); below it the gate refuses the run.",
     )
     gate_tolerance: float = _setting(
-        0.0, kind="number", minimum=0, maximum=1, title="Gate: tolerance",
+        0.0, section=GATE, kind="number", minimum=0, maximum=1, title="Tolerance",
         description="How far below the champion's (the run published/latest points to) test accuracy a run "
         "may score and still be published; 0 means it must do at least as well.",
     )
     publish_mode: str = _setting(
-        "gated", kind="string", enum=list(PUBLISH_MODES), title="Publish mode",
+        "gated", section=GATE, kind="string", enum=list(PUBLISH_MODES), title="Publish mode",
         description="gated: publish only what the gate blesses, otherwise record the run and keep the "
         "champion. always: publish this run whatever the gate finds (its checks are still recorded).",
     )
@@ -339,6 +349,7 @@ def param_specs() -> dict[str, dict[str, Any]]:
             "type": ["null", facts["type"]] if setting.default is None else facts["type"],
             "title": facts["title"],
             "description": facts["description"],
+            "section": facts["section"],
             **facts["schema"],
         }
     return specs

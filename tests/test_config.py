@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from alexnet_tasks.config import (
+    SECTIONS,
     Layout,
     PipelineConfig,
     artifacts_root,
@@ -177,6 +178,7 @@ def test_every_setting_carries_its_form_facts():
         facts = field.metadata
         assert facts.get("title") and facts.get("description"), name
         assert facts.get("type") in ("string", "integer", "number", "object"), name
+        assert facts.get("section") in SECTIONS, name
     assert FIELDS["image_size"].metadata["schema"]["minimum"] == 67
     assert FIELDS["learning_rate"].metadata["schema"] == {"exclusiveMinimum": 0, "maximum": 10}
 
@@ -233,8 +235,13 @@ def test_readme_params_table_is_the_generated_one():
         [sys.executable, str(ROOT / "scripts" / "params_table.py")],
         capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT)},
     ).stdout
-    assert table.startswith("| param |") and "`max_train_minutes`" in table
-    assert len(table.strip().splitlines()) == len(FIELDS) + 2
+    assert re.findall(r"^#### (.+)$", table, re.M) == list(SECTIONS)  # one table per section of the form
+    rows = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert sorted(rows) == sorted(FIELDS)  # every param once
+    for section in re.split(r"^#### ", table, flags=re.M)[1:]:
+        heading, _, rows_of_section = section.partition("\n")
+        assert {name for name in re.findall(r"^\| `(\w+)` \|", rows_of_section, re.M)} == \
+            {name for name, field in FIELDS.items() if field.metadata["section"] == heading}, heading
     readme = (ROOT / "README.md").read_text()
     assert table in readme, "README's params table differs from: scripts/params_table.py"
 

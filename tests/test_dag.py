@@ -92,8 +92,22 @@ def test_params_are_generated_from_the_config_fields(dag):
         assert param.description == facts["description"], field.name
         assert param.schema["title"] == facts["title"], field.name
         assert param.schema["type"] == (["null", facts["type"]] if field.default is None else facts["type"])
+        assert param.schema["section"] == facts["section"], field.name
         for key, value in facts["schema"].items():
             assert param.schema[key] == value, (field.name, key)
+
+
+def test_the_form_shows_the_params_in_sections(dag):
+    """Airflow's form groups params by ``section``, in the order the sections first appear."""
+    from alexnet_tasks.config import GATE_SETTINGS, SECTIONS
+
+    sections = {}
+    for name in dag.params:
+        sections.setdefault(dag.params.get_param(name).schema["section"], []).append(name)
+    assert list(sections) == list(SECTIONS) == ["Data", "Training", "Evaluation", "Gate and publish"]
+    assert set(sections["Data"]) == {"source_url", "source_md5", "validation_size", "split_seed", "train_limit"}
+    assert sections["Evaluation"] == ["test_time_augmentation"]
+    assert tuple(sections["Gate and publish"]) == GATE_SETTINGS  # what is published, not what is trained
 
 
 def test_the_pipeline_checks_params_against_the_schemas_airflow_holds(dag, server_params):
