@@ -369,6 +369,7 @@ def test_steps_tested_alone_share_a_run_folder_only_with_the_same_params(tmp_pat
     first = run_folder({"image_size": 67, "epochs": 1})
     assert first.startswith("tasks_test__2026-11-28")
     assert run_folder({"epochs": 1, "image_size": 67}) == first
+    assert run_folder({"image_size": 67.0, "epochs": 1.0}) == first  # JSON's 1.0 is the integer 1
     # The gate's settings decide what is published, not what is trained: the same run folder.
     assert run_folder({"image_size": 67, "epochs": 1, "accuracy_floor": 0.9, "publish_mode": "always"}) == first
     assert run_folder({"image_size": 67, "epochs": 2}) != first
