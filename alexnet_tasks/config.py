@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
+
+from alexnet_tasks.recipes import RECIPE_DEFAULTS, RECIPE_TEST_TIME_AUGMENTATION, RECIPES, describe, figures
+from alexnet_tasks.validation import check_params
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -28,11 +28,9 @@ CLASS_NAMES = (
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (32, 32, 3)
 MIN_IMAGE_SIZE = 67  # smallest input for which AlexNet's three max-pools keep a 1x1 map
-RECIPES = ("reference", "fast")
 # Test-time augmentation: "flip" averages the softmax of each image and its mirror image,
 # "flip_shift" adds both shifted by one pixel in each of the four directions (10 views).
 TEST_TIME_AUGMENTATIONS = ("none", "flip", "flip_shift")
-RECIPE_TEST_TIME_AUGMENTATION = {"reference": "none", "fast": "flip"}  # test_time_augmentation "recipe"
 # The recipe settings ``recipe_options`` may override: JSON-schema type and bounds (or enum).
 # alexnet_tasks.training.recipe.TrainSettings has a field of each name (a test checks).
 RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
@@ -51,6 +49,8 @@ RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
     "ema_momentum": {"type": ["number", "null"], "minimum": 0.5, "maximum": 0.9999},
     "precision": {"type": "string", "enum": ["float32", "mixed_bfloat16", "mixed_float16"]},
 }
+# The sections of the DAG's form, in the order it shows them; every param is in one.
+DATA, TRAINING, EVALUATION, GATE = SECTIONS = ("Data", "Training", "Evaluation", "Gate and publish")
 PUBLISH_MODES = ("gated", "always")
 # Settings of the gate alone: they decide what is published, not what is trained.
 GATE_SETTINGS = ("accuracy_floor", "gate_tolerance", "publish_mode")
@@ -63,17 +63,25 @@ MAX_SEED = 2**31 - 1
 DATE_SEEDED_RUN_TYPES = ("scheduled", "backfill")
 
 
-def _setting(default: Any, *, kind: str, title: str, description: str, shown_default: str | None = None,
-             pattern_meaning: str | None = None, **schema: Any) -> Any:
+def _recipe_words(recipe: str) -> str:
+    """The recipe's defaults in words, for the form (``alexnet_tasks.recipes.describe``)."""
+    return describe({**RECIPE_DEFAULTS[recipe], "test_time_augmentation": RECIPE_TEST_TIME_AUGMENTATION[recipe]})
+
+
+def _setting(default: Any, *, section: str, kind: str, title: str, description: str,
+             shown_default: str | None = None, pattern_meaning: str | None = None, **schema: Any) -> Any:
     """A PipelineConfig field with the facts the DAG's form, ``validate()`` and README share.
 
-    ``kind`` is the JSON-schema type (``"null"`` is added when the default is
-    None); ``schema`` holds the JSON-schema bounds (minimum, maximum,
+    ``section`` is the form's section (one of ``SECTIONS``); ``kind`` is the
+    JSON-schema type (``"null"`` is added when the default is None);
+    ``schema`` holds the JSON-schema bounds (minimum, maximum,
     exclusiveMinimum, enum, pattern, minLength, maxLength). ``shown_default``
     is how the README's table shows the default; ``pattern_meaning`` words the
-    pattern in error messages.
+    pattern in error messages. Raises ValueError for an unknown section.
     """
-    facts = {"type": kind, "title": title, "description": description, "schema": schema,
+    if section not in SECTIONS:
+        raise ValueError(f"section must be one of {SECTIONS}, got {section!r}")
+    facts = {"section": section, "type": kind, "title": title, "description": description, "schema": schema,
              "shown_default": shown_default, "pattern_meaning": pattern_meaning}
     return field(default=default, metadata=facts)
 
@@ -82,119 +90,119 @@ def _setting(default: Any, *, kind: str, title: str, description: str, shown_def
 class PipelineConfig:
     """Every setting of one run; the DAG's params are generated from these fields one to one.
 
-    Each field's metadata holds its title, description and bounds, so the UI
-    form, ``validate()`` and the README's params table (``scripts/params_table.py``)
-    all come from here.
+    Each field's metadata holds its form section, title, description and
+    bounds, so the UI form, ``validate()`` and the README's params tables
+    (``scripts/params_table.py``) all come from here.
     """
 
     source_url: str = _setting(
-        OFFICIAL_URL, kind="string", pattern=r"\S", maxLength=2048, title="Source URL",
+        OFFICIAL_URL, section=DATA, kind="string", pattern=r"\S", maxLength=2048, title="Source URL",
         pattern_meaning="a non-empty URL or path", shown_default="official URL",
         description="Where cifar-10-python.tar.gz comes from: an http(s):// or file:// URL, or a path on the worker.",
     )
     source_md5: str = _setting(
-        OFFICIAL_MD5, kind="string", pattern="^[0-9a-f]{32}$", title="Source MD5",
+        OFFICIAL_MD5, section=DATA, kind="string", pattern="^[0-9a-f]{32}$", title="Source MD5",
         pattern_meaning="32 lowercase hex digits",
         description="Expected MD5 of the archive (32 lowercase hex digits); it also keys the data cache.",
     )
     recipe: str = _setting(
-        "fast", kind="string", enum=list(RECIPES), title="Recipe",
-        description="fast: augmentation, Nesterov momentum, weight decay, label smoothing, dropout 0.3, warm-up + "
-        "cosine decay, flip-averaged test predictions. "
-        "reference: the tutorial exactly (plain SGD, no augmentation, no XLA).",
+        "fast", section=TRAINING, kind="string", enum=list(RECIPES), title="Recipe",
+        description=f"fast: {_recipe_words('fast')}. "
+        f"reference: the tutorial exactly, {_recipe_words('reference')}, plain SGD, no augmentation, no XLA.",
     )
     epochs: int | None = _setting(
-        None, kind="integer", minimum=1, maximum=1000, title="Epochs", shown_default="recipe's",
-        description="Passes over the training split; empty takes the recipe's (reference 50, fast 30).",
+        None, section=TRAINING, kind="integer", minimum=1, maximum=1000, title="Epochs",
+        shown_default="recipe's",
+        description=f"Passes over the training split; empty takes the recipe's ({figures('epochs')}).",
     )
     batch_size: int | None = _setting(
-        None, kind="integer", minimum=1, maximum=8192, title="Batch size", shown_default="recipe's",
+        None, section=TRAINING, kind="integer", minimum=1, maximum=8192, title="Batch size",
+        shown_default="recipe's",
         description="Global batch size: all devices together, whatever their number; "
-        "empty takes the recipe's (reference 32, fast 256).",
+        f"empty takes the recipe's ({figures('batch_size')}).",
     )
     learning_rate: float | None = _setting(
-        None, kind="number", exclusiveMinimum=0, maximum=10, title="Learning rate", shown_default="recipe's",
+        None, section=TRAINING, kind="number", exclusiveMinimum=0, maximum=10, title="Learning rate",
+        shown_default="recipe's",
         description="Peak SGD learning rate for the global batch, whatever the number of devices; "
-        "empty takes the recipe's (reference 0.001, fast 0.04).",
+        f"empty takes the recipe's ({figures('learning_rate')}).",
     )
     image_size: int = _setting(
-        227, kind="integer", minimum=MIN_IMAGE_SIZE, maximum=1024, title="Image size",
+        227, section=TRAINING, kind="integer", minimum=MIN_IMAGE_SIZE, maximum=1024, title="Image size",
         description="Side the model resizes the 32x32 images to, on the device "
         f"(227 as in the tutorial; {MIN_IMAGE_SIZE} is the smallest).",
     )
     validation_size: int = _setting(
-        5000, kind="integer", minimum=NUM_CLASSES, maximum=49_000, title="Validation size",
+        5000, section=DATA, kind="integer", minimum=NUM_CLASSES, maximum=49_000, title="Validation size",
         description="Images held out of the 50,000 training images for validation, stratified by class.",
     )
     split_seed: int = _setting(
-        42, kind="integer", minimum=0, maximum=MAX_SEED, title="Split seed",
+        42, section=DATA, kind="integer", minimum=0, maximum=MAX_SEED, title="Split seed",
         description="Draws the validation images (and the train_limit subset); it keys the split and shard "
         "folders, so runs with the same split seed share one shard set.",
     )
     seed: int = _setting(
-        42, kind="integer", minimum=0, maximum=MAX_SEED, title="Training seed",
+        42, section=TRAINING, kind="integer", minimum=0, maximum=MAX_SEED, title="Training seed",
         description="Drives the weight initialisation, the shuffle order, augmentation and dropout. Manual runs "
         "use this value; scheduled runs derive theirs from the logical date, so each night tries a new one.",
     )
     train_limit: int | None = _setting(
-        None, kind="integer", minimum=NUM_CLASSES, maximum=50_000, title="Training image limit",
+        None, section=DATA, kind="integer", minimum=NUM_CLASSES, maximum=50_000, title="Training image limit",
         description="Optional cap on training images (stratified) for a quick run; empty uses them all.",
     )
     max_train_minutes: float | None = _setting(
-        None, kind="number", exclusiveMinimum=0, maximum=100_000, title="Training time budget (minutes)",
+        None, section=TRAINING, kind="number", exclusiveMinimum=0, maximum=100_000,
+        title="Training time budget (minutes)",
         description="Optional time budget for training; empty means none. A run that stops before its "
         "schedule ends is marked truncated in metrics.json and the published index.",
     )
     test_time_augmentation: str = _setting(
-        "recipe", kind="string", enum=["recipe", *TEST_TIME_AUGMENTATIONS], title="Test-time augmentation",
+        "recipe", section=EVALUATION, kind="string", enum=["recipe", *TEST_TIME_AUGMENTATIONS],
+        title="Test-time augmentation",
         description="How evaluate predicts: none, flip (mean softmax of each test image and its mirror image) "
-        "or flip_shift (also both shifted by 1 px in four directions: 10 views); recipe takes the recipe's "
-        "(fast flip, reference none). metrics.json keeps the plain accuracy too.",
+        "or flip_shift (also both shifted by 1 px in four directions: 10 views); recipe takes the recipe's ("
+        + ", ".join(f"{recipe} {views}" for recipe, views in RECIPE_TEST_TIME_AUGMENTATION.items())
+        + "). metrics.json keeps the plain accuracy too.",
     )
     recipe_options: dict | None = _setting(
-        None, kind="object", title="Recipe options", shown_default="none",
+        None, section=TRAINING, kind="object", title="Recipe options", shown_default="none",
         properties=RECIPE_OPTIONS, additionalProperties=False,
         description="Optional JSON object overriding the recipe's training settings, e.g. "
         '{"dropout": 0.5, "decay": "linear"}; allowed keys: ' + ", ".join(RECIPE_OPTIONS) + ".",
     )
     accuracy_floor: float = _setting(
-        0.25, kind="number", minimum=0, maximum=1, title="Gate: accuracy floor",
+        0.25, section=GATE, kind="number", minimum=0, maximum=1, title="Accuracy floor",
         description="Lowest test accuracy a run may have to be published (0.25 is two and a half times "
         "chance); below it the gate refuses the run.",
     )
     gate_tolerance: float = _setting(
-        0.0, kind="number", minimum=0, maximum=1, title="Gate: tolerance",
+        0.0, section=GATE, kind="number", minimum=0, maximum=1, title="Tolerance",
         description="How far below the champion's (the run published/latest points to) test accuracy a run "
         "may score and still be published; 0 means it must do at least as well.",
     )
     publish_mode: str = _setting(
-        "gated", kind="string", enum=list(PUBLISH_MODES), title="Publish mode",
+        "gated", section=GATE, kind="string", enum=list(PUBLISH_MODES), title="Publish mode",
         description="gated: publish only what the gate blesses, otherwise record the run and keep the "
         "champion. always: publish this run whatever the gate finds (its checks are still recorded).",
     )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PipelineConfig":
-        """Build from a dict (DAG params, JSON), rejecting unknown keys."""
-        if not isinstance(values, dict):
-            raise ValueError(f"settings must be a mapping, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown setting(s) {', '.join(map(repr, unknown))}; "
-                f"expected some of: {', '.join(sorted(known))}"
-            )
+        """Build from a dict (DAG params, JSON), checked as Airflow checks the params (``check_params``).
+
+        Raises ValueError naming the first unknown key or refused value. An
+        integral float of an integer setting (``1.0``) is taken as that
+        integer, so the config, its folders and its fingerprint are the ones
+        of the integer.
+        """
+        values = check_params(values, param_specs(), pattern_meanings())
         if values.get("recipe_options") == {}:
             values = {**values, "recipe_options": None}  # no overrides, one way: the same fingerprint
-        config = cls(**values)
-        config.validate()
-        return config
+        return cls(**values)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting outside its field's bounds (the form's)."""
-        for setting in dataclasses.fields(self):
-            _check_setting(setting, getattr(self, setting.name))
+        """Raise ValueError naming the first setting its param's schema (the form's) refuses."""
+        check_params(self.to_dict(), param_specs(), pattern_meanings())
 
     def check_against_source(self, train_images: int) -> None:
         """Raise ValueError when the split settings cannot fit the archive's training set."""
@@ -306,7 +314,11 @@ def local_run_conf(conf_text: str, gpus: int) -> tuple[dict[str, Any], str | Non
 
 
 def param_specs() -> dict[str, dict[str, Any]]:
-    """Each setting's form facts as keyword arguments for Airflow's ``Param(**spec)``."""
+    """Each setting's form facts as keyword arguments for Airflow's ``Param(**spec)``.
+
+    The DAG builds its params from these, and ``PipelineConfig.from_dict``
+    checks values against the same schemas (``alexnet_tasks.validation``).
+    """
     specs = {}
     for setting in dataclasses.fields(PipelineConfig):
         facts = setting.metadata
@@ -315,124 +327,15 @@ def param_specs() -> dict[str, dict[str, Any]]:
             "type": ["null", facts["type"]] if setting.default is None else facts["type"],
             "title": facts["title"],
             "description": facts["description"],
+            "section": facts["section"],
             **facts["schema"],
         }
     return specs
 
 
-def _check_setting(setting: dataclasses.Field, value: Any) -> None:
-    """Raise ValueError unless ``value`` fits the setting's type and bounds."""
-    name, facts = setting.name, setting.metadata
-    schema = facts["schema"]
-    if value is None:
-        if setting.default is None:
-            return
-        raise ValueError(f"{name} must be set, got None")
-    kind = facts["type"]
-    if kind == "object":
-        check_recipe_options(value)
-        return
-    if kind == "string":
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
-        if "enum" in schema and value not in schema["enum"]:
-            raise ValueError(f"{name} must be one of {tuple(schema['enum'])}, got {value!r}")
-        if "pattern" in schema and not _search(schema["pattern"], value):
-            raise ValueError(f"{name} must be {facts['pattern_meaning']}, got {value!r}")
-        if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
-            raise ValueError(
-                f"{name} must be {schema.get('minLength', 0)} to {schema.get('maxLength', 'any number of')} "
-                f"characters long, got {len(value)}"
-            )
-        return
-    if isinstance(value, bool) or not isinstance(value, int if kind == "integer" else (int, float)):
-        raise ValueError(f"{name} must be {'an integer' if kind == 'integer' else 'a number'}, got {value!r}")
-    high = schema["maximum"]
-    if "exclusiveMinimum" in schema:
-        if not schema["exclusiveMinimum"] < value <= high:  # NaN fails too
-            raise ValueError(f"{name} must be in ({schema['exclusiveMinimum']}, {high}], got {value!r}")
-    elif not schema["minimum"] <= value <= high:
-        raise ValueError(f"{name} must be between {schema['minimum']} and {high}, got {value}")
+def pattern_meanings() -> dict[str, str]:
+    """How error messages word each setting's ``pattern``: ``{"source_md5": "32 lowercase hex digits", ...}``."""
+    return {setting.name: setting.metadata["pattern_meaning"] for setting in dataclasses.fields(PipelineConfig)
+            if setting.metadata["pattern_meaning"]}
 
 
-def check_recipe_options(options: Any) -> None:
-    """Raise ValueError naming the first key of ``options`` that is unknown or outside its bounds."""
-    if not isinstance(options, dict):
-        raise ValueError(f"recipe_options must be a JSON object, got {options!r}")
-    unknown = sorted(set(options) - set(RECIPE_OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"recipe_options: unknown key(s) {', '.join(map(repr, unknown))}; "
-            f"expected some of: {', '.join(RECIPE_OPTIONS)}"
-        )
-    for name, value in options.items():
-        schema = RECIPE_OPTIONS[name]
-        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        where = f"recipe_options.{name}"
-        if value is None:
-            if "null" in kinds:
-                continue
-            raise ValueError(f"{where} must be set, got null")
-        if "boolean" in kinds:
-            if not isinstance(value, bool):
-                raise ValueError(f"{where} must be true or false, got {value!r}")
-        elif "string" in kinds:
-            if value not in schema["enum"]:
-                raise ValueError(f"{where} must be one of {tuple(schema['enum'])}, got {value!r}")
-        else:
-            integer = "integer" in kinds
-            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-                raise ValueError(f"{where} must be {'an integer' if integer else 'a number'}, got {value!r}")
-            if not schema["minimum"] <= value <= schema["maximum"]:  # NaN fails too
-                raise ValueError(f"{where} must be between {schema['minimum']} and {schema['maximum']}, got {value}")
-
-
-def _search(pattern: str, value: str) -> bool:
-    """JSON-schema pattern semantics: a search, where a final ``$`` does not allow a trailing newline."""
-    if pattern.endswith("$"):
-        pattern = pattern[:-1] + r"\Z"
-    return re.search(pattern, value) is not None
-
-
-def json_safe(payload: Any, _where: str = "") -> tuple[Any, list[str]]:
-    """``(payload with every NaN or infinite number replaced by None, where they were)``.
-
-    JSON has no NaN or infinity (Python writes them as bare tokens that strict
-    readers refuse); a diverged run's loss is one. Places are dotted keys and
-    list indices, for example ``["test_loss", "history.3.loss"]``.
-    """
-    if isinstance(payload, float) and not math.isfinite(payload):
-        return None, [_where or "."]
-    if isinstance(payload, dict):
-        clean, places = {}, []
-        for key, value in payload.items():
-            clean[key], found = json_safe(value, f"{_where}.{key}" if _where else str(key))
-            places += found
-        return clean, places
-    if isinstance(payload, (list, tuple)):
-        clean, places = [], []
-        for index, value in enumerate(payload):
-            item, found = json_safe(value, f"{_where}.{index}" if _where else str(index))
-            clean.append(item)
-            places += found
-        return clean, places
-    return payload, []
-
-
-def load_json_object(path: Path, advice: str = "") -> dict:
-    """The JSON object in ``path``; a ValueError naming the file (plus ``advice``) when it is not one."""
-    try:
-        payload = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}){advice}") from None
-    if not isinstance(payload, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(payload).__name__}")
-    return payload
-
-
-def save_json(path: Path, payload: Any) -> Path:
-    """Write strict JSON atomically (temporary name, fsync, rename); NaN and infinity are written as null."""
-    from alexnet_tasks.atomic import atomic_write_bytes
-
-    payload, _ = json_safe(payload)
-    return atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())

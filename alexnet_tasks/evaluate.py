@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_tasks.atomic import atomic_write_bytes
-from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, json_safe, save_json
+from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS
+from alexnet_tasks.jsonio import json_safe, save_json
 from alexnet_tasks.layout import HISTORY, METRICS, PLAIN_PREDICTIONS, PREDICTIONS
 from alexnet_tasks.layout import CONFUSION_MATRIX as CONFUSION_PNG
 from alexnet_tasks.layout import TEST_SAMPLES as SAMPLES_PNG

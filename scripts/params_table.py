@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Print the README's params table from PipelineConfig's fields (their defaults, bounds and descriptions).
+"""Print the README's params tables from PipelineConfig's fields (their defaults, bounds and descriptions).
+
+One table per section of the DAG's form, in the form's order, each under a
+``####`` heading that names the section.
 
     .venv/bin/python scripts/params_table.py
 """
@@ -12,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alexnet_tasks.config import PipelineConfig  # noqa: E402
+from alexnet_tasks.config import SECTIONS, PipelineConfig  # noqa: E402
 
 
 def _default(setting: dataclasses.Field) -> str:
@@ -40,12 +43,15 @@ def _allowed(setting: dataclasses.Field) -> str:
 
 
 def params_table() -> str:
-    rows = ["| param | default | allowed | meaning |", "|---|---|---|---|"]
-    for setting in dataclasses.fields(PipelineConfig):
-        rows.append(
-            f"| `{setting.name}` | {_default(setting)} | {_allowed(setting)} | {setting.metadata['description']} |"
-        )
-    return "\n".join(rows) + "\n"
+    blocks = []
+    for section in SECTIONS:
+        rows = [f"#### {section}", "", "| param | default | allowed | meaning |", "|---|---|---|---|"]
+        for setting in dataclasses.fields(PipelineConfig):
+            if setting.metadata["section"] == section:
+                rows.append(f"| `{setting.name}` | {_default(setting)} | {_allowed(setting)} | "
+                            f"{setting.metadata['description']} |")
+        blocks.append("\n".join(rows) + "\n")
+    return "\n".join(blocks)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from alexnet_tasks.config import PipelineConfig, seed_for_date, settings_for_run
+from alexnet_tasks.config import SECTIONS, PipelineConfig, seed_for_date, settings_for_run
 from alexnet_tasks.layout import Layout, artifacts_root, run_folder_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,12 +171,13 @@ def test_every_setting_carries_its_form_facts():
         facts = field.metadata
         assert facts.get("title") and facts.get("description"), name
         assert facts.get("type") in ("string", "integer", "number", "object"), name
+        assert facts.get("section") in SECTIONS, name
     assert FIELDS["image_size"].metadata["schema"]["minimum"] == 67
     assert FIELDS["learning_rate"].metadata["schema"] == {"exclusiveMinimum": 0, "maximum": 10}
 
 
 def test_descriptions_quoting_recipe_defaults_agree_with_the_recipes():
-    from alexnet_tasks.training.train import RECIPE_DEFAULTS
+    from alexnet_tasks.recipes import RECIPE_DEFAULTS
 
     quoted = 0
     for name, field in FIELDS.items():
@@ -186,12 +187,24 @@ def test_descriptions_quoting_recipe_defaults_agree_with_the_recipes():
     assert quoted == 6  # epochs, batch_size and learning_rate, for both recipes
 
 
-def test_config_source_states_the_recipe_learning_rates_it_uses():
-    from alexnet_tasks.training.train import RECIPE_DEFAULTS
+def test_the_recipe_description_is_built_from_the_recipes_data():
+    from alexnet_tasks.recipes import RECIPE_DEFAULTS, describe, figure
 
+    description = FIELDS["recipe"].metadata["description"]
+    for recipe, defaults in RECIPE_DEFAULTS.items():
+        for value in defaults.values():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert re.search(rf"{re.escape(figure(value))}\b", description), (recipe, value)
+        assert describe(defaults) in description, recipe
+    # describe words whatever it is given, so another figure in the data is another figure in the form.
+    assert describe({"dropout": 0.7, "warmup_epochs": 2.0, "nesterov": False}) == \
+        "dropout 0.7, 2 warm-up epochs, no Nesterov"
+
+
+def test_config_source_states_no_recipe_figure():
+    # The form's descriptions take the recipes' figures from alexnet_tasks/recipes.py, never from prose.
     source = (ROOT / "alexnet_tasks" / "config.py").read_text()
-    for recipe, value in re.findall(r"\b(reference|fast) (0\.[0-9]+)\b", source):
-        assert float(value) == RECIPE_DEFAULTS[recipe]["learning_rate"], (recipe, value)
+    assert re.findall(r"\b(?:reference|fast)\W{0,2}[0-9]", source) == []
 
 
 def test_validation_uses_the_form_bounds():
@@ -215,8 +228,13 @@ def test_readme_params_table_is_the_generated_one():
         [sys.executable, str(ROOT / "scripts" / "params_table.py")],
         capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT)},
     ).stdout
-    assert table.startswith("| param |") and "`max_train_minutes`" in table
-    assert len(table.strip().splitlines()) == len(FIELDS) + 2
+    assert re.findall(r"^#### (.+)$", table, re.M) == list(SECTIONS)  # one table per section of the form
+    rows = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert sorted(rows) == sorted(FIELDS)  # every param once
+    for section in re.split(r"^#### ", table, flags=re.M)[1:]:
+        heading, _, rows_of_section = section.partition("\n")
+        assert {name for name in re.findall(r"^\| `(\w+)` \|", rows_of_section, re.M)} == \
+            {name for name, field in FIELDS.items() if field.metadata["section"] == heading}, heading
     readme = (ROOT / "README.md").read_text()
     assert table in readme, "README's params table differs from: scripts/params_table.py"
 

@@ -92,8 +92,30 @@ def test_params_are_generated_from_the_config_fields(dag):
         assert param.description == facts["description"], field.name
         assert param.schema["title"] == facts["title"], field.name
         assert param.schema["type"] == (["null", facts["type"]] if field.default is None else facts["type"])
+        assert param.schema["section"] == facts["section"], field.name
         for key, value in facts["schema"].items():
             assert param.schema[key] == value, (field.name, key)
+
+
+def test_the_form_shows_the_params_in_sections(dag):
+    """Airflow's form groups params by ``section``, in the order the sections first appear."""
+    from alexnet_tasks.config import GATE_SETTINGS, SECTIONS
+
+    sections = {}
+    for name in dag.params:
+        sections.setdefault(dag.params.get_param(name).schema["section"], []).append(name)
+    assert list(sections) == list(SECTIONS) == ["Data", "Training", "Evaluation", "Gate and publish"]
+    assert set(sections["Data"]) == {"source_url", "source_md5", "validation_size", "split_seed", "train_limit"}
+    assert sections["Evaluation"] == ["test_time_augmentation"]
+    assert tuple(sections["Gate and publish"]) == GATE_SETTINGS  # what is published, not what is trained
+
+
+def test_the_pipeline_checks_params_against_the_schemas_airflow_holds(dag, server_params):
+    from alexnet_tasks.config import param_specs
+    from alexnet_tasks.validation import param_schema
+
+    for name, spec in param_specs().items():
+        assert param_schema(spec) == dag.params.get_param(name).schema == server_params.get_param(name).schema, name
 
 
 def test_form_and_config_accept_and_refuse_the_same_edge_values(dag):
@@ -118,6 +140,61 @@ def test_form_and_config_accept_and_refuse_the_same_edge_values(dag):
             except ParamValidationError:
                 form_accepts = False
             assert form_accepts == config_accepts, (field.name, value)
+
+
+@pytest.fixture(scope="module")
+def server_params(dag):
+    """The params as the API server and scheduler hold them: the DAG serialized and read back."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    return DagSerialization.from_dict(DagSerialization.to_dict(dag)).params
+
+
+def _airflow_accepts(server_params, conf: dict) -> bool:
+    """Airflow's check of a trigger's conf, the one it runs before it creates the run (``create_dagrun``)."""
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    try:
+        server_params.deep_merge(conf).validate()
+    except ParamValidationError:
+        return False
+    return True
+
+
+def _integer_settings():
+    """``(conf, the same conf with integers)`` for every integer param and ``recipe_options`` key, at its minimum."""
+    from alexnet_tasks.config import param_specs
+
+    cases = []
+    for name, spec in param_specs().items():
+        kinds = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+        if "integer" in kinds:
+            cases.append(({name: float(spec["minimum"])}, {name: spec["minimum"]}))
+        for option, schema in spec.get("properties", {}).items():
+            if schema["type"] == "integer":
+                cases.append(({name: {option: float(schema["minimum"])}}, {name: {option: schema["minimum"]}}))
+    return cases
+
+
+def test_an_integral_float_is_that_integer_for_airflow_and_the_pipeline(server_params):
+    """JSON Schema counts 1.0 as an integer, so Airflow lets ``{"epochs": 1.0}`` through; the run takes it as 1."""
+    from alexnet_tasks.config import PipelineConfig
+
+    cases = _integer_settings()
+    assert {"epochs", "image_size", "seed", "recipe_options"} <= {name for conf, _ in cases for name in conf}
+    for conf, integers in cases:
+        assert _airflow_accepts(server_params, conf), conf
+        config = PipelineConfig.from_dict(conf)
+        assert config == PipelineConfig.from_dict(integers), conf
+        # The same folders and fingerprints as the integer: the value is stored as one.
+        assert json.dumps(config.to_dict()) == json.dumps(PipelineConfig.from_dict(integers).to_dict()), conf
+    for conf, _ in cases:  # and a fraction is refused by both
+        name, value = next(iter(conf.items()))
+        fraction = {name: {key: number + 0.5 for key, number in value.items()} if isinstance(value, dict)
+                    else value + 0.5}
+        assert not _airflow_accepts(server_params, fraction), fraction
+        with pytest.raises(ValueError, match="must be an integer, got"):
+            PipelineConfig.from_dict(fraction)
 
 
 def _task_settings(run_type: str, logical_date, params: dict):
@@ -292,6 +369,7 @@ def test_steps_tested_alone_share_a_run_folder_only_with_the_same_params(tmp_pat
     first = run_folder({"image_size": 67, "epochs": 1})
     assert first.startswith("tasks_test__2026-11-28")
     assert run_folder({"epochs": 1, "image_size": 67}) == first
+    assert run_folder({"image_size": 67.0, "epochs": 1.0}) == first  # JSON's 1.0 is the integer 1
     # The gate's settings decide what is published, not what is trained: the same run folder.
     assert run_folder({"image_size": 67, "epochs": 1, "accuracy_floor": 0.9, "publish_mode": "always"}) == first
     assert run_folder({"image_size": 67, "epochs": 2}) != first

@@ -11,7 +11,6 @@ import importlib.util
 import pickle
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 

@@ -165,7 +165,7 @@ def test_non_finite_metrics_are_null_and_flagged():
 
 
 def test_save_json_writes_strict_json(tmp_path):
-    from alexnet_tasks.config import save_json
+    from alexnet_tasks.jsonio import save_json
 
     save_json(tmp_path / "history.json", [{"epoch": 1, "loss": float("nan"), "val_loss": float("inf")}])
     text = (tmp_path / "history.json").read_text()

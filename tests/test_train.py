@@ -11,7 +11,8 @@ import pytest
 
 from alexnet_tasks.config import PipelineConfig
 from alexnet_tasks.training.recipe import learning_rate_at, onednn_enabled, per_replica_batch, precision_policy, xla_pays
-from alexnet_tasks.training.train import RECIPE_DEFAULTS, ShuffledBatches, resolve_settings
+from alexnet_tasks.recipes import RECIPE_DEFAULTS
+from alexnet_tasks.training.train import ShuffledBatches, resolve_settings
 from conftest import ROOT, prepare_shards, train_script
 
 TWO_LOGICAL_CPUS = (

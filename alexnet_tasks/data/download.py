@@ -35,11 +35,12 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
-from alexnet_tasks.config import CLASS_NAMES, IMAGE_SHAPE, save_json
+from alexnet_tasks.config import CLASS_NAMES, IMAGE_SHAPE
 from alexnet_tasks.layout import ARCHIVE as ARCHIVE_NAME
 from alexnet_tasks.layout import BATCHES as BATCH_DIR
 from alexnet_tasks.layout import EXTRACTED, Layout
 from alexnet_tasks.errors import PermanentError, SourceUnavailableError
+from alexnet_tasks.jsonio import save_json
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
-from alexnet_tasks.config import PipelineConfig, save_json
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.jsonio import save_json
 from alexnet_tasks.layout import MANIFEST, Layout
 from alexnet_tasks.data.download import load_cifar10
 

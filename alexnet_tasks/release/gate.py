@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from alexnet_tasks.config import PipelineConfig, load_json_object, save_json
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.jsonio import load_json_object, save_json
 from alexnet_tasks.layout import DECISION, LATEST, METRICS, PLAIN_PREDICTIONS, PREDICTIONS
 from alexnet_tasks.release.registry import Registry
 

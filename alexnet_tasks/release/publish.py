@@ -48,7 +48,8 @@ from alexnet_tasks.atomic import (
     remove_stale_temps,
     temp_sibling,
 )
-from alexnet_tasks.config import PipelineConfig, load_json_object
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.jsonio import load_json_object
 from alexnet_tasks.layout import (
     DECISION,
     INDEX,

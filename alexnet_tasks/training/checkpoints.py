@@ -35,7 +35,7 @@ def save_model(model, path: Path) -> Path:
 
 def commit_epoch(run_dir: Path, model, epochs_done: int, record: dict) -> Path:
     """Checkpoint ``model`` after ``epochs_done`` epochs, then commit ``record`` as the state."""
-    from alexnet_tasks.config import save_json
+    from alexnet_tasks.jsonio import save_json
 
     folder = run_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)

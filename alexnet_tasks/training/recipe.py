@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 
 from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.recipes import RECIPE_DEFAULTS
 
 FLOAT32 = "float32"
 MIXED_BFLOAT16 = "mixed_bfloat16"
@@ -48,26 +49,6 @@ class TrainSettings:
     precision: str = FLOAT32  # Keras dtype policy: float32, mixed_bfloat16 (GPU, or CPU with AMX) or mixed_float16
     jit_compile: bool = False  # XLA-compile the train step (where it pays: see xla_pays)
     max_train_minutes: float | None = None  # time budget: the first epoch's time sizes the planned epochs
-
-
-RECIPE_DEFAULTS = {
-    # The tutorial exactly: plain SGD, constant rate, no augmentation, no XLA.
-    "reference": dict(epochs=50, batch_size=32, learning_rate=0.001),
-    "fast": dict(
-        epochs=30,
-        batch_size=256,
-        learning_rate=0.04,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        label_smoothing=0.1,
-        warmup_epochs=1.0,
-        decay="cosine",
-        augment=True,
-        dropout=0.3,  # 0.5 regularizes too much for runs of 3 to 15 epochs (docs/performance.md, ablation)
-        jit_compile=True,  # where it pays: see xla_pays
-    ),
-}
 
 
 def precision_policy(compute_capability: tuple[int, int] | None, cpu_bfloat16: bool = False) -> str:

@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from alexnet_tasks.config import load_json_object
+from alexnet_tasks.jsonio import load_json_object
 from alexnet_tasks.layout import TRAIN_SUMMARY
 
 log = logging.getLogger(__name__)

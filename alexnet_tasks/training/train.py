@@ -54,14 +54,14 @@ import keras
 from alexnet_tasks.atomic import exclusive_pid_lock
 from alexnet_tasks.training.callbacks import TIME_BUDGET, Progress, training_callbacks
 from alexnet_tasks.training.checkpoints import CHECKPOINTS, STATE, restore, resumable_state, save_model
-from alexnet_tasks.config import PipelineConfig, save_json
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.jsonio import save_json
 from alexnet_tasks.layout import CONFIG, HISTORY, MODEL, TENSORBOARD
 from alexnet_tasks.layout import TRAIN_LOCK as LOCK
 from alexnet_tasks.layout import TRAIN_SUMMARY as SUMMARY
 from alexnet_tasks.training.feeding import ShuffledBatches
 from alexnet_tasks.training.fingerprint import run_fingerprint
 from alexnet_tasks.training.recipe import (
-    RECIPE_DEFAULTS,
     SparseCrossentropyWithSmoothing,
     TrainSettings,
     compile_model,
@@ -75,7 +75,7 @@ from alexnet_tasks.training.recipe import (
 from alexnet_tasks.data.shards import load_split, shard_path
 
 __all__ = [
-    "CHECKPOINTS", "RECIPE_DEFAULTS", "STATE", "ShuffledBatches", "SparseCrossentropyWithSmoothing",
+    "CHECKPOINTS", "STATE", "ShuffledBatches", "SparseCrossentropyWithSmoothing",
     "TrainSettings", "compile_model", "distribution_strategy", "learning_rate_at", "precision_policy",
     "resolve_settings", "train",
 ]
