@@ -6,7 +6,7 @@ below it (``tests/test_layers.py`` checks)::
     ops/        alerts, worker identity
     release/    gate, publish, retention
     evaluate    test-split scores, predictions, pictures
-    training/   train (the orchestrator), recipe, model, feeding, callbacks, checkpoints, fingerprint
+    training/   train (the orchestrator), recipe, model, memory, feeding, callbacks, checkpoints, fingerprint
     data/       download, split, shards
     config, atomic, errors    settings and layout, atomic files and locks, the error kinds
 
