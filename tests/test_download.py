@@ -397,3 +397,14 @@ def test_extraction_counts_the_bytes_it_really_reads():
     with pytest.raises(ArchiveError, match=r"refusing member 'cifar-10-batches-py/test_batch': it holds more than 10 bytes"):
         _copy_bounded(io.BytesIO(b"x" * 100), out, "cifar-10-batches-py/test_batch", 10)
     assert len(out.getvalue()) <= 10
+
+
+def test_an_array_shape_larger_than_memory_is_a_bad_archive(tmp_path, artifacts):
+    reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]
+    members = archive_members()
+    members["cifar-10-batches-py/data_batch_5"] = pickle.dumps(
+        {b"data": _Runs(reconstruct, np.ndarray, (10**13,), b"b")}, protocol=2)
+    path = write_tar(tmp_path / "a.tar.gz", members)
+    with pytest.raises(ArchiveError, match=r"data_batch_5: not a valid CIFAR-10 pickle, it asks for an impossible array"):
+        download(str(path), md5_of(path), artifacts)
+    _nothing_left(artifacts, md5_of(path))

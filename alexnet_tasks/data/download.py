@@ -404,6 +404,8 @@ def load_pickle(path: Path) -> dict:
                 f"{path}: {error}; Python 3.11 reads protocols 0 to 5: {PICKLE_HELP}"
             ) from None
         raise ArchiveError(f"{path}: not a valid CIFAR-10 pickle ({error})") from None
+    except MemoryError as error:  # an array shape no real batch has (numpy refuses to allocate it)
+        raise ArchiveError(f"{path}: not a valid CIFAR-10 pickle, it asks for an impossible array ({error})") from None
     except (EOFError, TypeError, AttributeError) as error:
         raise ArchiveError(f"{path}: not a valid CIFAR-10 pickle ({error})") from None
     if not isinstance(payload, dict):
