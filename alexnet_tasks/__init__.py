@@ -7,7 +7,7 @@ below it (``tests/test_layers.py`` checks)::
     ops/        alerts, worker identity
     release/    registry of published/, gate, publish, retention
     evaluate    test-split scores, predictions, pictures
-    training/   train (the orchestrator), recipe, model, feeding, callbacks, checkpoints, fingerprint
+    training/   train (the orchestrator), recipe, model, memory, feeding, callbacks, checkpoints, fingerprint
     data/       download, split, shards
     config, validation, recipes, layout, atomic, jsonio, errors
                 settings, the params' check, the recipes' defaults, every artifact's name,

@@ -3,7 +3,8 @@
 A ``PermanentError`` fails the same way on every try: a wrong MD5, an unsafe
 or corrupt archive, a forbidden pickle, shards whose content is bad. Settings
 that cannot fit the data raise a plain ``ValueError`` (naming the setting),
-which counts as permanent too. Everything else may pass on a second try and
+which counts as permanent too, and so does a run that cannot fit its
+device's memory (``training.memory.InsufficientMemoryError``). Everything else may pass on a second try and
 is left to the scheduler's retries: a source that cannot be reached or stops
 mid-transfer (``SourceUnavailableError``), a failed read of a file that may be
 intact (``shards.ShardReadError``), a full disk, a killed worker.

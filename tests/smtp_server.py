@@ -2,7 +2,9 @@
 
 It speaks enough of RFC 5321 for ``smtplib``: EHLO/HELO, MAIL, RCPT, DATA
 (with dot-unstuffing), RSET, NOOP, QUIT, and keeps every message it received
-as an ``email.message.EmailMessage`` with its envelope. It serves from a
+as an ``email.message.EmailMessage`` with its envelope. ``slow_seconds`` makes
+it a slow server: it answers the end of DATA one byte every ``slow_seconds``
+and notes when the client goes away (``closed_at``, ``time.monotonic()``). It serves from a
 thread of the test process, so subprocesses (``airflow dags test``) reach it too.
 """
 
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import select
 import socketserver
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -31,6 +35,19 @@ class _Handler(socketserver.StreamRequestHandler):
     def reply(self, line: str) -> None:
         self.wfile.write(line.encode() + b"\r\n")
         self.wfile.flush()
+
+    def drip(self, data: bytes, server: SMTPServer) -> None:
+        """Send ``data`` one byte every ``server.slow_seconds``; note when the client hangs up."""
+        for value in data:
+            try:
+                self.wfile.write(bytes([value]))
+                self.wfile.flush()
+                readable, _, _ = select.select([self.connection], [], [], server.slow_seconds)
+                if readable and not self.connection.recv(1024):
+                    break
+            except OSError:
+                break
+        server.closed_at = time.monotonic()
 
     def handle(self) -> None:
         server: SMTPServer = self.server  # type: ignore[assignment]
@@ -70,6 +87,9 @@ class _Handler(socketserver.StreamRequestHandler):
                 message = email.message_from_bytes(b"".join(lines), policy=email.policy.default)
                 server.deliver(Received(sender, list(recipients), message))
                 sender, recipients = None, []
+                if server.slow_seconds:
+                    self.drip(b"250 OK queued\r\n", server)
+                    return
                 self.reply("250 OK queued")
             elif verb == "RSET":
                 sender, recipients = None, []
@@ -89,8 +109,10 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, slow_seconds: float | None = None):
         super().__init__(("127.0.0.1", port), _Handler)
+        self.slow_seconds = slow_seconds
+        self.closed_at: float | None = None
         self.port = self.server_address[1]
         self.messages: list[Received] = []
         self._lock = threading.Lock()

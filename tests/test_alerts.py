@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import http.server
 import json
+import select
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,100 @@ def test_a_failing_run_without_alert_settings_sends_nothing_and_the_callback_doe
     assert "alerts are off" in output
     assert "Failed to run task callback" not in output
     assert smtp.messages == []
+
+
+# --------------------------------------------------------------------------- channels that hold the line
+DRIP_SECONDS = 3
+
+
+class _DrippingHook(http.server.BaseHTTPRequestHandler):
+    """Answers 200 with its headers at once, then its 12-byte body one byte every 3 s (36 s in all)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "12")
+        self.end_headers()
+        self.wfile.flush()
+        for value in b"accepted ok\n":
+            try:
+                self.wfile.write(bytes([value]))
+                self.wfile.flush()
+                readable, _, _ = select.select([self.connection], [], [], DRIP_SECONDS)
+                if readable and not self.connection.recv(1024):
+                    break
+            except OSError:
+                break
+        self.server.closed_at = time.monotonic()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def dripping_webhook():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DrippingHook)
+    server.daemon_threads = True
+    server.closed_at = None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/alerts"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def slow_smtp():
+    server = SMTPServer(slow_seconds=DRIP_SECONDS).start()
+    yield server
+    server.stop()
+
+
+def _timed_delivery(settings: AlertSettings) -> tuple[dict, float, float]:
+    started = time.monotonic()
+    outcome = alerts.deliver(alerts.not_blessed_alert(UNBLESSED, "manual__slow"), settings)
+    returned = time.monotonic()
+    return outcome, returned - started, returned
+
+
+def _logged(caplog, capsys) -> str:
+    """What was logged: Airflow, imported by the first mail sent, may move logging to stdout mid-test."""
+    return caplog.text + capsys.readouterr().out
+
+
+def _late(outcome: str) -> bool:
+    return outcome.startswith("TimeoutError: not delivered within the 10 s deadline")
+
+
+def test_a_webhook_that_drips_its_answer_is_cut_at_the_deadline_and_mail_still_goes(
+        dripping_webhook, smtp, monkeypatch, caplog, capsys):
+    server, url = dripping_webhook
+    monkeypatch.setenv("AIRFLOW_CONN_ALEXNET_TEST_SMTP", smtp_connection(smtp.port))
+    settings = AlertSettings(recipients=("oncall@example.com",), smtp_conn_id="alexnet_test_smtp",
+                             from_email="pipeline@example.com", webhook_url=url)
+    outcome, seconds, returned = _timed_delivery(settings)
+    assert alerts.ALERT_DEADLINE_SECONDS - 0.5 <= seconds < alerts.ALERT_DEADLINE_SECONDS + 2
+    assert _late(outcome["webhook"]) and outcome["email"] == "sent"
+    assert len(smtp.messages) == 1
+    assert "webhook delivery failed: TimeoutError" in _logged(caplog, capsys)
+    # The late connection is shut at the deadline, not left to drip on.
+    deadline = time.monotonic() + DRIP_SECONDS + 2
+    while server.closed_at is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.closed_at is not None and server.closed_at - returned < 2
+
+
+def test_a_slow_mail_server_and_a_slow_webhook_together_hold_the_alert_one_deadline(
+        dripping_webhook, slow_smtp, monkeypatch, caplog, capsys):
+    server, url = dripping_webhook
+    monkeypatch.setenv("AIRFLOW_CONN_ALEXNET_TEST_SMTP", smtp_connection(slow_smtp.port))
+    settings = AlertSettings(recipients=("oncall@example.com",), smtp_conn_id="alexnet_test_smtp",
+                             from_email="pipeline@example.com", webhook_url=url)
+    outcome, seconds, returned = _timed_delivery(settings)
+    assert alerts.ALERT_DEADLINE_SECONDS - 0.5 <= seconds < alerts.ALERT_DEADLINE_SECONDS + 2
+    assert _late(outcome["email"]) and _late(outcome["webhook"])
+    assert "email delivery failed: TimeoutError" in _logged(caplog, capsys)
+    deadline = time.monotonic() + DRIP_SECONDS + 2
+    while (slow_smtp.closed_at is None or server.closed_at is None) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert slow_smtp.closed_at is not None and slow_smtp.closed_at - returned < 2
+    assert server.closed_at is not None and server.closed_at - returned < 2

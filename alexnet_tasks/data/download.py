@@ -1,9 +1,12 @@
 """Download, verify and safely extract the CIFAR-10 python archive.
 
 ``download()`` fetches ``cifar-10-python.tar.gz`` from an http(s) URL, a
-``file://`` URL or a plain path, checks its MD5 while streaming, extracts it
-refusing every unsafe member, and loads every batch with a restricted
-unpickler (numpy arrays and plain containers only) to check shapes and labels.
+``file://`` URL or a plain path, checks its MD5 while streaming, extracts the
+members the pipeline reads refusing every unsafe or oversized member (each
+has a size bound, checked on its header and again on the bytes written), and
+loads every batch with a restricted unpickler (numpy arrays, bytes and plain
+containers at pickle protocols 0 to 5; nothing that can run code) to check
+shapes and labels.
 The result lands atomically in ``data/<md5>/source/``; a verified copy already
 there is reused without fetching again. Concurrent downloads of one archive
 take turns on its lock: the second one reuses the first one's copy.
@@ -15,13 +18,15 @@ be reached, answers 5xx/408/429 or stops mid-transfer raises
 
 from __future__ import annotations
 
+import _compat_pickle
+import collections
+import copyreg
 import gzip
 import hashlib
 import http.client
 import json
 import logging
 import pickle
-import shutil
 import tarfile
 import time
 import urllib.error
@@ -154,6 +159,22 @@ def describe_bad_archive(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- extract
+# The members the pipeline reads, and the most bytes each may expand to. The official archive's
+# largest member is data_batch_1, 30,949,709 bytes (every batch 30.95 MB, batches.meta 158 bytes;
+# measured on the archive shared/cifar10/make_archive.py writes in the official format). A batch
+# pickled again by Python 3 at protocol 1 or 2 stores its pixel bytes as UTF-8 text, 2 bytes for
+# each value of 128 and more: 44.7 MB for the real data_batch_1, 61.9 MB when every pixel is 255.
+# 64 MiB per batch holds that worst case with 8% to spare; 64 KiB is 400 times the real meta.
+BATCH_MEMBER_LIMIT = 64 << 20
+META_MEMBER_LIMIT = 64 << 10
+MEMBER_LIMITS = {
+    **{f"{BATCH_DIR}/{name}": BATCH_MEMBER_LIMIT for name in (*TRAIN_BATCHES, TEST_BATCH)},
+    f"{BATCH_DIR}/{META}": META_MEMBER_LIMIT,
+}
+# What extraction may write in all: every member read at its limit (6 x 64 MiB + 64 KiB).
+EXTRACT_LIMIT = sum(MEMBER_LIMITS.values())
+
+
 def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
     name = member.name
     parts = Path(name).parts
@@ -163,50 +184,207 @@ def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
         raise ArchiveError(f"{archive}: refusing member that escapes the folder {name!r}")
     if member.issym() or member.islnk():
         raise ArchiveError(f"{archive}: refusing link member {name!r} -> {member.linkname!r}")
+    if member.issparse():
+        raise ArchiveError(f"{archive}: refusing sparse member {name!r} (declared {member.size} bytes)")
     if not (member.isfile() or member.isdir()):
         raise ArchiveError(f"{archive}: refusing special member {name!r} (device, fifo or other)")
+    limit = MEMBER_LIMITS.get(name.rstrip("/"), BATCH_MEMBER_LIMIT)
+    if member.isfile() and member.size > limit:
+        raise ArchiveError(
+            f"{archive}: refusing member {name!r}: it declares {member.size} bytes, more than the "
+            f"{limit} bytes any CIFAR-10 member can take (the largest official one has 30,949,709)"
+        )
 
 
-def extract(archive: Path, destination: Path) -> None:
-    """Extract regular files and folders only; refuse the whole archive on any unsafe member."""
+def _copy_bounded(source: BinaryIO, out: BinaryIO, name: str, limit: int) -> int:
+    """Copy ``source`` to ``out`` in chunks, refusing (before writing it) a chunk that passes ``limit`` bytes.
+
+    Counts the bytes really read, whatever the tar header declared. Returns
+    the bytes written; raises ``ArchiveError`` naming ``name`` and the limit.
+    """
+    written = 0
+    while True:
+        block = source.read(min(CHUNK, limit + 1 - written))
+        if not block:
+            return written
+        if written + len(block) > limit:
+            raise ArchiveError(f"refusing member {name!r}: it holds more than {limit} bytes")
+        out.write(block)
+        written += len(block)
+
+
+def _not_gzip_but_tar(archive: Path) -> bool:
+    with open(archive, "rb") as handle:
+        if handle.read(2) == b"\x1f\x8b":
+            return False
+    try:
+        return tarfile.is_tarfile(archive)
+    except OSError:
+        return False
+
+
+def extract(archive: Path, destination: Path) -> list[str]:
+    """Extract the members the pipeline reads (``MEMBER_LIMITS``); refuse the whole archive on any unsafe member.
+
+    Every header is checked before anything is written: a link, a device, a
+    sparse member, a path outside the folder, or a member declaring more
+    bytes than its limit (``BATCH_MEMBER_LIMIT``, ``META_MEMBER_LIMIT``) is
+    refused as it is read, before its content is decompressed. Members the
+    pipeline does not read (``readme.html``, macOS ``._`` files) are skipped.
+    While copying, the bytes really read are counted against the member's
+    limit and ``EXTRACT_LIMIT`` for all of them. Returns the names written.
+    Raises ``ArchiveError`` (permanent) naming the member; the caller's
+    temporary folder then goes, so nothing is left behind.
+    """
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for member in members:
+            wanted = []
+            for member in tar:  # headers one by one: a refusal comes before the member's content is read
                 _check_member(archive, member)
-            for member in members:
+                if member.isfile() and member.name in MEMBER_LIMITS:
+                    wanted.append(member)
+            written = 0
+            for member in wanted:
                 target = destination / member.name
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
                 target.parent.mkdir(parents=True, exist_ok=True)
+                limit = min(MEMBER_LIMITS[member.name], member.size, EXTRACT_LIMIT - written)
                 with tar.extractfile(member) as source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out, CHUNK)
+                    try:
+                        written += _copy_bounded(source, out, member.name, limit)
+                    except ArchiveError as error:
+                        raise ArchiveError(f"{archive}: {error} (declared {member.size} bytes)") from None
+            return [member.name for member in wanted]
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as error:
+        if _not_gzip_but_tar(archive):
+            raise ArchiveError(
+                f"{archive}: it is an intact tar archive but not gzip-compressed; the pipeline reads "
+                f"{ARCHIVE_NAME} as published: compress it (gzip -n {archive.name}) and set source_md5 "
+                f"to the compressed file's MD5"
+            ) from None
         raise ArchiveError(
             f"{archive}: cannot read the archive, it is truncated or corrupt ({error})"
         ) from None
 
 
 # --------------------------------------------------------------------------- unpickle
+PICKLE_HELP = (
+    "re-save the batch as a dict of a uint8 numpy array and a list of int labels with "
+    "pickle.dump(batch, file, protocol=4)"
+)
+# Globals that run code, read or write files or the network, or import modules: refused as unsafe.
+_UNSAFE_MODULES = frozenset({
+    "os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "pty", "socket",
+    "ctypes", "code", "codeop", "pickle", "_pickle", "marshal", "types", "functools", "operator",
+    "builtins", "__builtin__", "io", "_io", "pathlib", "tempfile", "multiprocessing", "threading",
+    "webbrowser", "urllib", "http", "asyncio", "signal", "platform", "pdb", "timeit", "cProfile",
+})
+
+
+def _latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as pickle protocols 0-2 use it for bytes: ``(str, "latin1")`` only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not how pickle stores bytes")
+    return text.encode("latin1")
+
+
+def _bytearray(*args: Any) -> bytearray:
+    """``bytearray`` as pickle protocols 0-4 rebuild it: from bytes only (never a length to allocate)."""
+    if len(args) > 1 or (args and not isinstance(args[0], bytes | bytearray)):
+        raise pickle.UnpicklingError("bytearray is rebuilt from bytes only")
+    return bytearray(*args)
+
+
+def _container(kind: type) -> Any:
+    def build(*args: Any) -> Any:
+        if len(args) > 1 or (args and not isinstance(args[0], list | tuple | set | frozenset)):
+            raise pickle.UnpicklingError(f"{kind.__name__} is rebuilt from a list only")
+        return kind(*args)
+
+    return build
+
+
+def _complex(*args: Any) -> complex:
+    if len(args) > 2 or not all(isinstance(arg, int | float) and not isinstance(arg, bool) for arg in args):
+        raise pickle.UnpicklingError("complex is rebuilt from numbers only")
+    return complex(*args)
+
+
+def _numpy_globals() -> dict[str, Any]:
+    reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct
+    frombuffer = np.ndarray.__reduce_ex__(np.zeros(1), 5)[0]  # numpy's own _frombuffer
+    scalar = np.uint8(0).__reduce__()[0]  # numpy's own scalar
+    table = {}
+    for package in ("numpy.core", "numpy._core"):  # numpy 1 and numpy 2 module names
+        table[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        table[(f"{package}.numeric", "_frombuffer")] = frombuffer
+        table[(f"{package}.multiarray", "scalar")] = scalar
+    table[("numpy", "ndarray")] = np.ndarray
+    table[("numpy", "dtype")] = np.dtype
+    return table
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """``copyreg._reconstructor`` for numpy arrays only (protocol 0 and 1 objects without a ``__reduce__``)."""
+    if not (isinstance(cls, type) and issubclass(cls, np.ndarray) and base in (np.ndarray, object)):
+        raise pickle.UnpicklingError("copyreg._reconstructor is allowed for numpy arrays only")
+    return copyreg._reconstructor(cls, base, state)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and plain containers; refuses every other global."""
+    """Unpickles numpy arrays, bytes and plain containers at every protocol Python 3 writes (0 to 5).
+
+    Allowed: numpy's reconstruction functions under their numpy 1 and 2 names
+    (``_reconstruct``, ``_frombuffer``, ``scalar``, ``ndarray``, ``dtype``),
+    ``_codecs.encode`` for bytes at protocols 0-2, ``bytearray``, ``set``,
+    ``frozenset``, ``complex`` and ``collections.OrderedDict`` (under Python 3
+    and Python 2 names), ``copyreg._reconstructor`` for arrays. Any other
+    global raises ``pickle.UnpicklingError``: one that could run code says
+    so and nothing runs; another names the object and how to re-save.
+    Protocol 5 out-of-band buffers are refused the same way.
+    """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
+        **_numpy_globals(),
+        **{(module, name): build for module in ("builtins", "__builtin__") for name, build in (
+            ("bytearray", _bytearray), ("set", _container(set)), ("frozenset", _container(frozenset)),
+            ("complex", _complex))},
+        ("_codecs", "encode"): _latin1_encode,
+        ("collections", "OrderedDict"): _container(collections.OrderedDict),
+        ("copyreg", "_reconstructor"): _reconstructor,
+        ("copy_reg", "_reconstructor"): _reconstructor,
     }
 
+    def __init__(self, file: BinaryIO, *args: Any, **kwargs: Any):
+        super().__init__(file, *args, **kwargs)
+        self.protocol = "0 or 1"
+        if file.seekable():
+            start = file.tell()
+            head = file.read(2)
+            file.seek(start)
+            if len(head) == 2 and head[0] == 0x80:
+                self.protocol = str(head[1])
+
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
+        allowed = self._ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        # Python 2 names (commands, __builtin__...) are judged by the Python 3 module they load.
+        python3_module = _compat_pickle.NAME_MAPPING.get((module, name), (_compat_pickle.IMPORT_MAPPING.get(
+            module, module), name))[0]
+        if {module.split(".")[0], python3_module.split(".")[0]} & _UNSAFE_MODULES:
             raise pickle.UnpicklingError(
-                f"forbidden global {module}.{name}: only numpy array reconstruction is allowed"
+                f"forbidden global {module}.{name}: it could run code, so it was not loaded and nothing ran"
             )
-        if name == "_reconstruct":
-            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct
-        return getattr(np, name)
+        raise pickle.UnpicklingError(
+            f"pickle protocol {self.protocol} stores a {module}.{name} object, which the loader does not "
+            f"rebuild (it reads numpy arrays, bytes and plain containers only); {PICKLE_HELP}"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError(
+            f"pickle protocol {self.protocol} refers to a persistent object ({pid!r}), which the loader "
+            f"cannot resolve; {PICKLE_HELP}"
+        )
 
 
 def load_pickle(path: Path) -> dict:
@@ -215,7 +393,22 @@ def load_pickle(path: Path) -> dict:
             payload = RestrictedUnpickler(handle, encoding="bytes").load()
     except FileNotFoundError:
         raise ArchiveError(f"{path}: missing member {path.name}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+    except pickle.UnpicklingError as error:
+        if "out-of-band" in str(error):
+            raise ArchiveError(
+                f"{path}: a pickle protocol 5 file whose arrays were written out-of-band (buffer_callback), "
+                f"so their data is not in the file; {PICKLE_HELP}"
+            ) from None
+        raise ArchiveError(f"{path}: not a valid CIFAR-10 pickle ({error})") from None
+    except ValueError as error:
+        if "unsupported pickle protocol" in str(error):
+            raise ArchiveError(
+                f"{path}: {error}; Python 3.11 reads protocols 0 to 5: {PICKLE_HELP}"
+            ) from None
+        raise ArchiveError(f"{path}: not a valid CIFAR-10 pickle ({error})") from None
+    except MemoryError as error:  # an array shape no real batch has (numpy refuses to allocate it)
+        raise ArchiveError(f"{path}: not a valid CIFAR-10 pickle, it asks for an impossible array ({error})") from None
+    except (EOFError, TypeError, AttributeError) as error:
         raise ArchiveError(f"{path}: not a valid CIFAR-10 pickle ({error})") from None
     if not isinstance(payload, dict):
         raise ArchiveError(f"{path}: expected a dict, got {type(payload).__name__}")

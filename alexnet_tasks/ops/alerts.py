@@ -16,8 +16,12 @@ that sends (the worker), read when an alert is sent:
   POST.
 
 With neither set, alerts are off: the notifier logs one line and sends
-nothing. A channel that fails is logged and never fails the task or the
-other channel. This module imports Airflow only when an alert is sent or
+nothing. The channels send at the same time, each in a thread of its own,
+under one deadline for the whole send (``ALERT_DEADLINE_SECONDS``, 10 s:
+connecting, every byte sent and every byte of the answer): a channel still
+sending then is logged as failed, its connection is shut, and the alert
+returns, so an alert never holds its task longer than the deadline. A
+channel that fails is logged and never fails the task or the other channel. This module imports Airflow only when an alert is sent or
 the notifier is built.
 """
 
@@ -30,6 +34,8 @@ import logging
 import os
 import re
 import socket
+import threading
+import time
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -41,7 +47,8 @@ FROM_ENV = "ALEXNET_ALERT_FROM"
 WEBHOOK_ENV = "ALEXNET_ALERT_WEBHOOK"
 DEFAULT_SMTP_CONN = "smtp_default"
 DEFAULT_DAG_ID = "alexnet_cifar10"
-WEBHOOK_TIMEOUT_SECONDS = 10
+# One deadline for the whole send of an alert on every channel (they send at the same time).
+ALERT_DEADLINE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class AlertSettings:
     smtp_conn_id: str = DEFAULT_SMTP_CONN
     from_email: str | None = None
     webhook_url: str | None = None
+    deadline_seconds: float = ALERT_DEADLINE_SECONDS
 
     @property
     def enabled(self) -> bool:
@@ -156,29 +164,76 @@ def not_blessed_alert(decision: dict, run_id: str, dag_id: str = DEFAULT_DAG_ID,
     )
 
 
-def _send_email(alert: Alert, settings: AlertSettings) -> None:
+def _send_email(alert: Alert, settings: AlertSettings, sockets: list) -> None:
+    """Mail ``alert`` through the SMTP connection; the client's socket goes into ``sockets`` once connected."""
     from airflow.providers.smtp.hooks.smtp import SmtpHook
 
     body = f"<pre>{html.escape(alert.text)}</pre>"
     with SmtpHook(smtp_conn_id=settings.smtp_conn_id) as hook:
+        client = getattr(hook, "_smtp_client", None)  # the hook's smtplib client (as its test_connection reads it)
+        if getattr(client, "sock", None) is not None:
+            sockets.append(client.sock)
         sender = settings.from_email or hook.from_email or f"{DEFAULT_DAG_ID}@{socket.getfqdn()}"
         hook.send_email_smtp(to=list(settings.recipients), from_email=sender, subject=alert.subject,
                              html_content=body)
 
 
-def _send_webhook(alert: Alert, url: str) -> None:
+def _recording(connection_class: type, sockets: list) -> type:
+    """``connection_class`` that puts each socket it connects into ``sockets`` (so it can be shut)."""
+
+    class Recording(connection_class):
+        def connect(self):
+            super().connect()
+            sockets.append(self.sock)
+
+    return Recording
+
+
+def _send_webhook(alert: Alert, url: str, timeout: float, sockets: list) -> None:
+    """POST ``alert`` as JSON to ``url`` (proxies as urllib finds them); its sockets go into ``sockets``."""
+    import http.client
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, request):
+            return self.do_open(_recording(http.client.HTTPConnection, sockets), request)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, request):
+            return self.do_open(_recording(http.client.HTTPSConnection, sockets), request, context=self._context)
+
     data = json.dumps({**alert.payload, "subject": alert.subject, "text": alert.text}, default=str).encode()
     request = urllib.request.Request(url, data=data, method="POST",
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=WEBHOOK_TIMEOUT_SECONDS) as response:
+    with urllib.request.build_opener(Http, Https).open(request, timeout=timeout) as response:
         response.read()
+
+
+def _shut(sockets: list) -> None:
+    """Shut every socket of a late channel: its blocked reads and writes end at once."""
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+
+
+def _run(send, sockets: list, result: dict) -> None:
+    try:
+        send(sockets)
+    except BaseException as error:  # noqa: BLE001 - handed to deliver(), which logs it
+        result["error"] = error
 
 
 def deliver(alert: Alert, settings: AlertSettings | None = None) -> dict[str, str]:
     """Send ``alert`` on every configured channel; returns ``{channel: "sent" or the error}``.
 
-    A failing channel is logged, never raised: an alert must not fail the
-    task that sends it, nor stop the other channel.
+    The channels send at the same time, each in a daemon thread, under one
+    deadline for the whole send (``settings.deadline_seconds``, default
+    ``ALERT_DEADLINE_SECONDS``): a channel not done by then is logged as
+    failed (``"TimeoutError: ..."``), its sockets are shut, and this returns,
+    so it takes at most the deadline (plus thread start-up). A failing
+    channel is logged, never raised: an alert must not fail the task that
+    sends it, nor stop the other channel.
     """
     if settings is None:
         try:
@@ -189,17 +244,29 @@ def deliver(alert: Alert, settings: AlertSettings | None = None) -> dict[str, st
     if not settings.enabled:
         log.info("alerts are off (set %s and/or %s): not sending %r", EMAIL_ENV, WEBHOOK_ENV, alert.subject)
         return {}
-    outcome = {}
+    seconds = settings.deadline_seconds
+    deadline = time.monotonic() + seconds
     channels = []
     if settings.recipients:
-        channels.append(("email", lambda: _send_email(alert, settings)))
+        channels.append(("email", lambda sockets: _send_email(alert, settings, sockets)))
     if settings.webhook_url:
-        channels.append(("webhook", lambda: _send_webhook(alert, settings.webhook_url)))
+        channels.append(("webhook", lambda sockets: _send_webhook(alert, settings.webhook_url, seconds, sockets)))
+    sending = []
     for name, send in channels:
-        try:
-            send()
-        except Exception as error:  # noqa: BLE001 - reported, never raised (see docstring)
-            log.exception("alert %r: %s delivery failed", alert.subject, name)
+        sockets, result = [], {}
+        thread = threading.Thread(target=_run, args=(send, sockets, result), name=f"alert-{name}", daemon=True)
+        thread.start()
+        sending.append((name, thread, sockets, result))
+    outcome = {}
+    for name, thread, sockets, result in sending:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+        if thread.is_alive():
+            _shut(sockets)
+            outcome[name] = f"TimeoutError: not delivered within the {seconds:g} s deadline; abandoned"
+            log.error("alert %r: %s delivery failed: %s", alert.subject, name, outcome[name])
+        elif "error" in result:
+            error = result["error"]
+            log.error("alert %r: %s delivery failed", alert.subject, name, exc_info=error)
             outcome[name] = f"{type(error).__name__}: {error}"
         else:
             outcome[name] = "sent"

@@ -2,7 +2,9 @@
 
 ``train()`` is the orchestrator, a sequence of small steps:
 
-1. pick the devices and resolve the recipe for them (``recipe.py``);
+1. pick the devices and resolve the recipe for them (``recipe.py``), and
+   refuse at once a run whose estimated memory exceeds the device's
+   (``memory.py``: ``InsufficientMemoryError``, permanent);
 2. fingerprint the run: settings, data, shard content, code (``fingerprint.py``);
 3. load the shards;
 4. under the distribution strategy: build and compile the model, and restore
@@ -72,7 +74,8 @@ from alexnet_tasks.training.recipe import (
     precision_policy,
     resolve_settings,
 )
-from alexnet_tasks.data.shards import load_split, shard_path
+from alexnet_tasks.data.shards import load_split, read_attrs, shard_path
+from alexnet_tasks.training.memory import check_training_memory
 
 __all__ = [
     "CHECKPOINTS", "STATE", "ShuffledBatches", "SparseCrossentropyWithSmoothing",
@@ -109,7 +112,12 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
     onednn = onednn_enabled()
     settings = resolve_settings(config, replicas, compute_capability, onednn,
                                 cpu_bfloat16=compute_capability is None and cpu_bfloat16_pays(onednn))
-    per_replica_batch(settings, replicas)
+    per_device_batch = per_replica_batch(settings, replicas)
+    check_training_memory(
+        settings.image_size, per_device_batch, gpu="CPU" not in device_names, replicas=replicas,
+        data_images=sum(read_attrs(shard_path(shards_dir, name))["images_shape"][0] for name in ("train", "validation")),
+        momentum=settings.momentum > 0, ema=settings.ema_momentum is not None, precision=settings.precision,
+    )
     fingerprint = run_fingerprint(config, settings, shards_dir)
     save_json(run_dir / CONFIG, {
         "pipeline": config.to_dict(), "train": dataclasses.asdict(settings), "replicas": replicas,
