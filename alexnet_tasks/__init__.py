@@ -8,7 +8,8 @@ below it (``tests/test_layers.py`` checks)::
     evaluate    test-split scores, predictions, pictures
     training/   train (the orchestrator), recipe, model, feeding, callbacks, checkpoints, fingerprint
     data/       download, split, shards
-    config, atomic, errors    settings and layout, atomic files and locks, the error kinds
+    config, atomic, errors, progress    settings and layout, atomic files and locks, the error kinds,
+                                        the progress lines a local run shows
 
 download -> split -> build_shards -> train -> evaluate -> gate -> publish;
 settings and the artifact layout live in ``alexnet_tasks.config``.

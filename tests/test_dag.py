@@ -126,7 +126,6 @@ def _task_settings(run_type: str, logical_date, params: dict):
 
     import pendulum
     from airflow.sdk.api.datamodels._generated import DagRun, DagRunState, DagRunType
-    from airflow.sdk.execution_time.context import set_current_context
 
     spec = importlib.util.spec_from_file_location("alexnet_dag_module", ROOT / "dags" / "alexnet_cifar10.py")
     module = importlib.util.module_from_spec(spec)
@@ -141,8 +140,7 @@ def _task_settings(run_type: str, logical_date, params: dict):
     context = {"params": params, "run_id": run_id, "dag_run": dag_run}
     if logical_date is not None:
         context["logical_date"] = logical_date
-    with set_current_context(context):
-        return module._settings()
+    return module._settings(context)  # the context each task takes by keyword
 
 
 def test_scheduled_runs_take_the_training_seed_from_the_logical_date_manual_runs_from_the_form():

@@ -38,7 +38,9 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alexnet_tasks.progress import report
 from alexnet_tasks.config import PipelineConfig, load_json_object, save_json
+from alexnet_tasks.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ def paired_counts(challenger, champion, labels) -> dict:
 # --------------------------------------------------------------------------- reading
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {what}")
+        raise MissingInputError(f"{path}: missing; {what}")
     return load_json_object(path)
 
 
@@ -328,7 +330,7 @@ def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir
         "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     save_json(run_dir / DECISION, decision)
-    log.info("gate: %s %s (test accuracy %s, champion %s at %s%s): %s",
+    report("gate: %s %s (test accuracy %s, champion %s at %s%s): %s",
              "blessed" if blessed else "NOT blessed", run_id or run_dir.name, _fmt(accuracy),
              decision["champion"] or "none", _fmt(champion_accuracy),
              "" if paired is None else f", only here {paired['only_challenger_right']} / only champion "

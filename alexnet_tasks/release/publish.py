@@ -39,6 +39,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alexnet_tasks.progress import report
 from alexnet_tasks.release import retention
 from alexnet_tasks.atomic import (
     atomic_write_bytes,
@@ -341,13 +342,13 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
             with file_lock(published_root / f".{LATEST}.lock"):
                 _point_latest(published_root, f"runs/{final.name}")
     if promote:
-        log.info(
-            "%s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
+        report(
+            "publish: %s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
             action, final, metrics["test_accuracy"], fingerprint or "unknown", final.name,
         )
     else:
-        log.info(
-            "%s %s without its model: not blessed (%s); latest stays on %s",
+        report(
+            "publish: %s %s without its model: not blessed (%s); latest stays on %s",
             action, final, decision.get("reason"), _latest_target(published_root) or "nothing",
         )
     result = _result(final, published_root, metrics, fingerprint, action, blessed, decision)
