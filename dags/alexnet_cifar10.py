@@ -123,6 +123,10 @@ def _step_succeeded(context) -> None:
     report("%s: done", context["ti"].task_id)
 
 
+def _step_skipped(context) -> None:
+    report("%s: skipped: %s", context["ti"].task_id, context.get("exception") or "")
+
+
 def _step_failed(context) -> None:
     report("%s: FAILED%s: %s", context["ti"].task_id, _try(context), _error(context))
 
@@ -168,6 +172,7 @@ def _settings(context) -> tuple[PipelineConfig, Layout, str]:
         "retry_policy": retry_policy(LOCAL_RUN),
         "on_execute_callback": _step_started,
         "on_success_callback": _step_succeeded,
+        "on_skipped_callback": _step_skipped,
         "on_retry_callback": _step_retried,
         # Mails and/or posts the failure after the last try (ALEXNET_ALERT_EMAIL, ALEXNET_ALERT_WEBHOOK);
         # a logged no-op when neither is set.

@@ -12,6 +12,7 @@ export AIRFLOW__CORE__DAGS_FOLDER=$here/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER=$here/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__API__HOST=${AIRFLOW__API__HOST:-127.0.0.1}
+export PATH=$here/.venv/bin:$PATH  # `standalone` starts its parts as `airflow ...`
 export ALEXNET_ARTIFACTS=${ALEXNET_ARTIFACTS:-$HOME/alexnet-artifacts}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 mkdir -p "$AIRFLOW_HOME"

@@ -95,14 +95,17 @@ def _run_local(conf: dict, tmp_path: Path, timeout: float) -> subprocess.Complet
 def test_make_run_shows_progress_keeps_the_rest_in_its_log_and_ends_with_where_to_look(small_archive, tmp_path):
     path, md5 = small_archive
     conf = {"source_url": str(path), "source_md5": md5, "image_size": 67, "epochs": 1, "validation_size": 50,
-            "batch_size": 16}
+            "batch_size": 16, "accuracy_floor": 1.0}  # a floor no model reaches: the gate refuses it
     run = _run_local(conf, tmp_path, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = run.stdout.splitlines()
     log = Path(re.search(r"full log: (\S+)", run.stdout).group(1))
     assert log.is_file() and "DagRun Finished" in log.read_text()
-    for step in ("download", "split", "build_shards", "train", "evaluate", "gate", "publish"):
+    for step in ("download", "split", "build_shards", "train", "evaluate", "gate"):
         assert any(re.fullmatch(rf"[0-9:]{{8}}  {step}: done", line) for line in lines), (step, run.stdout)
+    # Under the floor: the run is recorded, and publish ends skipped.
+    assert any(re.match(r"[0-9:]{8}  publish: skipped: not blessed", line) for line in lines), run.stdout
+    assert "gate: not blessed, recorded only (" in run.stdout
     assert re.search(r"download +100\.0% ", run.stdout), run.stdout
     # Airflow's and TensorFlow's own lines stay in the log file.
     for noise in ("[info", "[warning", "oneDNN", "graphviz", "DagRun Finished"):
