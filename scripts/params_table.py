@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print the README's params table from PipelineConfig's fields (their defaults, bounds and descriptions).
+"""Print the params table of docs/params.md from PipelineConfig's fields (their defaults, bounds and descriptions).
 
     .venv/bin/python scripts/params_table.py
 """

@@ -223,8 +223,8 @@ def test_readme_params_table_is_the_generated_one():
     ).stdout
     assert table.startswith("| param |") and "`max_train_minutes`" in table
     assert len(table.strip().splitlines()) == len(FIELDS) + 2
-    readme = (ROOT / "README.md").read_text()
-    assert table in readme, "README's params table differs from: scripts/params_table.py"
+    page = (ROOT / "docs" / "params.md").read_text()
+    assert table in page, "docs/params.md's params table differs from: scripts/params_table.py"
 
 
 def test_artifacts_root_comes_from_the_environment(monkeypatch, tmp_path):

@@ -393,12 +393,12 @@ def test_a_diverged_run_is_recorded_not_published_and_only_the_blessed_model_is_
 
 
 def test_the_readme_consumer_dag_runs_on_the_model_asset(tmp_path):
-    """The downstream DAG the README shows parses and is scheduled on the asset publish emits."""
+    """The downstream DAG docs/nightly-retraining.md shows parses and is scheduled on the asset publish emits."""
     from airflow.dag_processing.dagbag import DagBag
     from airflow.sdk import Asset
 
-    readme = (ROOT / "README.md").read_text()
-    [example] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "schedule=[MODEL]" in block]
+    page = (ROOT / "docs" / "nightly-retraining.md").read_text()
+    [example] = [block for block in re.findall(r"```python\n(.*?)```", page, re.S) if "schedule=[MODEL]" in block]
     (tmp_path / "deploy_alexnet.py").write_text(example)
     bag = DagBag(str(tmp_path))
     assert bag.import_errors == {}
