@@ -124,7 +124,8 @@ def _step_succeeded(context) -> None:
 
 
 def _step_skipped(context) -> None:
-    report("%s: skipped: %s", context["ti"].task_id, context.get("exception") or "")
+    reason = context.get("exception")
+    report("%s: skipped%s", context["ti"].task_id, f": {reason}" if reason else "")
 
 
 def _step_failed(context) -> None:
