@@ -77,8 +77,8 @@ def unreachable_source_message(params: dict[str, Any], error: str) -> str:
         f"download: cannot reach {url}: {error}",
         "This run does not retry it. Use a local copy of the archive instead (a path or a file:// URL, with its MD5):",
         f"  {make_run_command(local)}",
-        f"built from the project's JPEG copy of CIFAR-10 (where you have shared/cifar10/):",
-        f"  .venv/bin/python shared/cifar10/make_archive.py {LOCAL_ARCHIVE}   # MD5 {MAKE_ARCHIVE_MD5}",
+        "built from the project's offline copy of CIFAR-10 (../shared/cifar10/ beside the checkout, where you have it):",
+        f"  .venv/bin/python ../shared/cifar10/make_archive.py {LOCAL_ARCHIVE}   # MD5 {MAKE_ARCHIVE_MD5}",
         "or with the official archive fetched on a machine that reaches it and copied here:",
         f"  {make_run_command(official)}",
     ])
