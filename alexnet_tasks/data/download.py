@@ -117,7 +117,7 @@ def fetch(source_url: str, destination: Path) -> str:
             digest.update(block)
             received += len(block)
             fraction = received / total if total else None
-            if (fraction is not None and fraction >= next_report) or (
+            if (fraction is not None and (fraction >= next_report or received == total)) or (
                 fraction is None and received >= next_report
             ):
                 elapsed = max(time.monotonic() - started, 1e-6)
