@@ -113,7 +113,8 @@ def closing_lines(artifacts: Path, since: float, airflow_home: Path) -> list[str
     lines += [
         f"run folder: {run_dir}",
         f"UI: scripts/airflow.sh standalone, then open {run_page} "
-        f"(user admin, password in {airflow_home / 'simple_auth_manager_passwords.json.generated'})",
+        f"(user admin; standalone prints the password and keeps it in "
+        f"{airflow_home / 'simple_auth_manager_passwords.json.generated'})",
         f"TensorBoard: .venv/bin/tensorboard --logdir {run_dir / 'tensorboard'}   (http://127.0.0.1:6006)",
     ]
     return lines
