@@ -1,11 +1,12 @@
 # `make run`: set everything up and run the pipeline in process (SQLite, `airflow dags test`).
-# `make test`: set everything up and run the tests.
+# `make test`: set everything up (system packages included) and run the tests.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONF ?= {}
+PYTEST_ARGS ?= --durations=15
 
-.PHONY: setup run test test-fast bench clean constraints-gpu
+.PHONY: setup run test test-prerequisites test-fast bench clean constraints-gpu
 
 setup: $(VENV)/.installed
 
@@ -19,7 +20,11 @@ $(VENV)/.installed: requirements.txt requirements-base.txt constraints.txt pypro
 run: setup
 	CONF='$(CONF)' scripts/run_local.sh
 
-test: setup
+# Chromium and its driver (apt-get, through sudo when not root), PostgreSQL and Redis started.
+test-prerequisites:
+	scripts/test_prerequisites.sh
+
+test: setup test-prerequisites
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -9,9 +9,9 @@ below it (``tests/test_layers.py`` checks)::
     evaluate    test-split scores, predictions, pictures
     training/   train (the orchestrator), recipe, model, memory, feeding, callbacks, checkpoints, fingerprint
     data/       download, split, shards
-    config, validation, recipes, layout, atomic, jsonio, errors
+    config, validation, recipes, layout, atomic, jsonio, errors, progress
                 settings, the params' check, the recipes' defaults, every artifact's name,
-                atomic files and locks, JSON files, the error kinds
+                atomic files and locks, JSON files, the error kinds, the progress lines a local run shows
 
 download -> split -> build_shards -> train -> evaluate -> gate -> publish;
 settings live in ``alexnet_tasks.config``, the artifact layout in ``alexnet_tasks.layout``.

@@ -286,37 +286,6 @@ def settings_for_run(config: PipelineConfig, run_type: Any, logical_date: dateti
     return dataclasses.replace(config, seed=seed_for_date(logical_date))
 
 
-# `make run` without CONF on a machine where TensorFlow sees no GPU: a run that fits a laptop.
-CPU_PRESET = {"image_size": 67, "max_train_minutes": 15}
-
-
-def local_run_conf(conf_text: str, gpus: int) -> tuple[dict[str, Any], str | None]:
-    """The params of a local ``make run``: ``(params, note)``.
-
-    Explicit params (any non-empty JSON object) are used as given. Without
-    them, a machine with a GPU takes the defaults (227x227, the recipe's
-    epochs) and one without takes ``CPU_PRESET``; ``note`` then says so and
-    how to ask for more. Raises ValueError naming the text when it is not a
-    JSON object.
-    """
-    text = (conf_text or "").strip() or "{}"
-    try:
-        params = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"CONF must be a JSON object, got {text!r} ({error})") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"CONF must be a JSON object, got {text!r}")
-    if params or gpus > 0:
-        return params, None
-    note = (
-        "TensorFlow sees no GPU here: using the CPU preset "
-        f"{json.dumps(CPU_PRESET, sort_keys=True)} (AlexNet at 67x67, training sized to 15 minutes). "
-        "For the full run pass params explicitly, e.g. "
-        "make run CONF='{\"image_size\": 227}' (days on a CPU), or CONF='{\"image_size\": 67, \"max_train_minutes\": 60}' for a longer budget."
-    )
-    return dict(CPU_PRESET), note
-
-
 def param_specs() -> dict[str, dict[str, Any]]:
     """Each setting's form facts as keyword arguments for Airflow's ``Param(**spec)``.
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alexnet_tasks.progress import report
 from alexnet_tasks.atomic import atomic_write_bytes
 from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS
 from alexnet_tasks.jsonio import json_safe, save_json
@@ -36,6 +37,7 @@ from alexnet_tasks.layout import HISTORY, METRICS, PLAIN_PREDICTIONS, PREDICTION
 from alexnet_tasks.layout import CONFUSION_MATRIX as CONFUSION_PNG
 from alexnet_tasks.layout import TEST_SAMPLES as SAMPLES_PNG
 from alexnet_tasks.layout import TENSORBOARD
+from alexnet_tasks.errors import RUN_PARAMS, SPLIT_PARAMS, MissingInputError, require_input
 from alexnet_tasks.training.run_summary import training_fields
 from alexnet_tasks.data.shards import load_split, read_attrs, shard_path
 
@@ -246,7 +248,8 @@ def evaluate(
 
     model_path, run_dir = Path(model_path), Path(run_dir)
     if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path}: no trained model; run the train step first")
+        raise MissingInputError(f"{model_path}: no trained model; run the train step first, with the same {RUN_PARAMS}")
+    require_input(Path(shards_dir), "build_shards", SPLIT_PARAMS)
     training = training_fields(run_dir)
     validation_accuracy = last_validation_accuracy(run_dir)
     test_path = shard_path(shards_dir, "test")
@@ -280,8 +283,8 @@ def evaluate(
     atomic_write_bytes(run_dir / CONFUSION_PNG, confusion_png)
     atomic_write_bytes(run_dir / SAMPLES_PNG, samples_png)
     _write_tensorboard(run_dir / TENSORBOARD / "test", metrics, confusion_png, samples_png)
-    log.info(
-        "test accuracy %.4f%s  loss %.4f on %d images; worst class %s (%.3f); fingerprint %s%s",
+    report(
+        "evaluate: test accuracy %.4f%s  loss %.4f on %d images; worst class %s (%.3f); fingerprint %s%s",
         metrics["test_accuracy"],
         f" with test-time augmentation {test_time_augmentation} (plain {metrics['test_accuracy_plain']:.4f})"
         if augmented else "", metrics["test_loss"], len(labels),

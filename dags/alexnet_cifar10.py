@@ -38,8 +38,10 @@ test split and publishes the model, metrics and TensorBoard logs.
   bounds and description come from `alexnet_tasks.config.PipelineConfig`.
 * Errors that fail the same way on every try (a wrong MD5, an unsafe or
   corrupt archive, a forbidden pickle, settings that cannot fit the data, bad
-  shard content) fail their task at once, without retries; network errors, a
-  failed read and a killed worker are retried (two retries, backoff).
+  shard content) fail their task at once, without retries (the DAG's
+  `retry_policy`); network errors, a failed read and a killed worker are
+  retried (two retries, backoff). A local run (`make run`,
+  `ALEXNET_LOCAL_RUN=1`) fails a source that cannot be reached at once too.
 * A task that fails after its last try is reported by e-mail
   (`ALEXNET_ALERT_EMAIL`, through the SMTP connection `ALEXNET_ALERT_SMTP_CONN`)
   and/or a JSON POST to `ALEXNET_ALERT_WEBHOOK`; alerts are off when neither is set.
@@ -51,19 +53,18 @@ test split and publishes the model, metrics and TensorBoard logs.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk import Asset, ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
 
-from alexnet_tasks.ops.alerts import failure_notifier
 from alexnet_tasks.config import PipelineConfig, param_specs, settings_for_run
+from alexnet_tasks.errors import PERMANENT, RETRYABLE, SETTINGS, SourceUnavailableError
 from alexnet_tasks.layout import MODEL, Layout
-from alexnet_tasks.errors import is_permanent
+from alexnet_tasks.ops.alerts import failure_notifier
+from alexnet_tasks.progress import report
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ GPU_QUEUE = os.environ.get("ALEXNET_GPU_QUEUE", "gpu")
 # Nightly at 02:00 UTC; ALEXNET_SCHEDULE sets another cron expression, or "none" for manual runs only.
 SCHEDULE = os.environ.get("ALEXNET_SCHEDULE", "0 2 * * *")
 TRAIN_TIMEOUT = timedelta(hours=int(os.environ.get("ALEXNET_TRAIN_TIMEOUT_HOURS", "12")))
+# A run someone watches on a terminal (`make run` sets it): a source that cannot be reached fails at
+# once, with the way to use a local copy, instead of keeping the run alive through retries.
+LOCAL_RUN = os.environ.get("ALEXNET_LOCAL_RUN", "") not in ("", "0")
 
 # The form is generated from PipelineConfig's fields: defaults, bounds, titles and
 # descriptions live there once (alexnet_tasks.config imports nothing heavy).
@@ -79,33 +83,66 @@ PARAMS = {name: Param(**spec) for name, spec in param_specs().items()}
 MODEL_ASSET = Asset("alexnet_cifar10_model")
 
 
-def _fail_at_once(step):
-    """Run ``step``; a permanent error (``alexnet_tasks.errors.is_permanent``) fails the task without retries.
+def retry_policy(local_run: bool = False) -> ExceptionRetryPolicy:
+    """Which failures the task's retries may cure, in the order of ``alexnet_tasks.errors.is_permanent``.
 
-    It is raised again as ``AirflowFailException`` with the same message, the
-    original error chained as its cause; every other error is left to the
-    task's retries.
+    The first matching rule wins: a ``PermanentError`` fails at once; any
+    other ``OSError`` (network, disk, a failed read) takes the task's retries;
+    a ``ValueError`` (settings that cannot fit the data) fails at once;
+    everything else takes the retries. With ``local_run``, a source that
+    cannot be reached (``SourceUnavailableError``) fails at once as well.
     """
+    rules = [RetryRule(exception=list(PERMANENT), action=RetryAction.FAIL,
+                       reason="fails the same way on every try (alexnet_tasks.errors.PermanentError)")]
+    if local_run:
+        rules.append(RetryRule(exception=SourceUnavailableError, action=RetryAction.FAIL,
+                               reason="local run: a source that cannot be reached is not retried"))
+    rules += [
+        RetryRule(exception=list(RETRYABLE), action=RetryAction.DEFAULT),
+        RetryRule(exception=list(SETTINGS), action=RetryAction.FAIL,
+                  reason="settings that cannot fit the data fail the same way on every try"),
+    ]
+    return ExceptionRetryPolicy(rules=rules)
 
-    @functools.wraps(step)
-    def run(*args, **kwargs):
-        try:
-            return step(*args, **kwargs)
-        except Exception as error:
-            if is_permanent(error):
-                raise AirflowFailException(f"{type(error).__name__}: {error}") from error
-            raise
 
-    return run
+# Progress lines of every task (alexnet_tasks.progress): `make run` shows them on the terminal.
+def _try(context) -> str:
+    number = context["ti"].try_number
+    return f" (try {number})" if number else ""  # `tasks test` runs try 0
 
 
-def _settings():
-    """The validated config, the artifact layout and the run id of the running task.
+def _error(context) -> str:
+    error = context.get("exception")
+    return f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+
+
+def _step_started(context) -> None:
+    report("%s: started%s", context["ti"].task_id, _try(context))
+
+
+def _step_succeeded(context) -> None:
+    report("%s: done", context["ti"].task_id)
+
+
+def _step_skipped(context) -> None:
+    reason = context.get("exception")
+    report("%s: skipped%s", context["ti"].task_id, f": {reason}" if reason else "")
+
+
+def _step_failed(context) -> None:
+    report("%s: FAILED%s: %s", context["ti"].task_id, _try(context), _error(context))
+
+
+def _step_retried(context) -> None:
+    report("%s: failed%s, to be retried: %s", context["ti"].task_id, _try(context), _error(context))
+
+
+def _settings(context) -> tuple[PipelineConfig, Layout, str]:
+    """The validated config, the artifact layout and the run id of the running task, from its context.
 
     A scheduled (or backfill) run trains with a seed derived from its logical
     date; a manual or triggered run with the form's ``seed``.
     """
-    context = get_current_context()
     form = PipelineConfig.from_dict(dict(context["params"]))
     dag_run = context.get("dag_run")
     run_type = getattr(dag_run, "run_type", None)
@@ -133,9 +170,15 @@ def _settings():
         "retries": 2,
         "retry_delay": timedelta(seconds=int(os.environ.get("ALEXNET_RETRY_DELAY_SECONDS", "120"))),
         "retry_exponential_backoff": True,
+        # Permanent errors fail on their first try; the rest take the retries above.
+        "retry_policy": retry_policy(LOCAL_RUN),
+        "on_execute_callback": _step_started,
+        "on_success_callback": _step_succeeded,
+        "on_skipped_callback": _step_skipped,
+        "on_retry_callback": _step_retried,
         # Mails and/or posts the failure after the last try (ALEXNET_ALERT_EMAIL, ALEXNET_ALERT_WEBHOOK);
         # a logged no-op when neither is set.
-        "on_failure_callback": failure_notifier(),
+        "on_failure_callback": [_step_failed, failure_notifier()],
     },
     params=PARAMS,
     tags=["ml", "cifar10", "alexnet", "tensorflow"],
@@ -143,29 +186,26 @@ def _settings():
 )
 def alexnet_cifar10():
     @task
-    @_fail_at_once
-    def download() -> dict:
+    def download(**context) -> dict:
         from alexnet_tasks.data.download import download
 
-        config, layout, _ = _settings()
+        config, layout, _ = _settings(context)
         result = download(config.source_url, config.source_md5, layout.root)
         config.check_against_source(result["train_images"])
         return result
 
     @task
-    @_fail_at_once
-    def split() -> dict:
+    def split(**context) -> dict:
         from alexnet_tasks.data.split import split
 
-        config, layout, _ = _settings()
+        config, layout, _ = _settings(context)
         return split(layout.batches(config.source_md5), config, layout.root)
 
     @task
-    @_fail_at_once
-    def build_shards() -> dict:
+    def build_shards(**context) -> dict:
         from alexnet_tasks.data.shards import build_shards
 
-        config, layout, _ = _settings()
+        config, layout, _ = _settings(context)
         return build_shards(
             layout.batches(config.source_md5),
             layout.manifest(config),
@@ -174,39 +214,35 @@ def alexnet_cifar10():
         )
 
     @task(queue=GPU_QUEUE, execution_timeout=TRAIN_TIMEOUT)
-    @_fail_at_once
-    def train() -> dict:
+    def train(**context) -> dict:
         from alexnet_tasks.training.train import train
 
-        config, layout, run_id = _settings()
+        config, layout, run_id = _settings(context)
         return train(layout.shards(config), layout.run(run_id), config)
 
     @task
-    @_fail_at_once
-    def evaluate() -> dict:
+    def evaluate(**context) -> dict:
         from alexnet_tasks.evaluate import evaluate
 
-        config, layout, run_id = _settings()
+        config, layout, run_id = _settings(context)
         run_dir = layout.run(run_id)
         return evaluate(run_dir / MODEL, layout.shards(config), run_dir, config.source_md5,
                         test_time_augmentation=config.resolved_test_time_augmentation())
 
     @task
-    @_fail_at_once
-    def gate() -> dict:
+    def gate(**context) -> dict:
         from alexnet_tasks.release.gate import gate
 
-        config, layout, run_id = _settings()
+        config, layout, run_id = _settings(context)
         return gate(layout.run(run_id), layout.published, config, layout.shards(config), run_id)
 
     @task(outlets=[MODEL_ASSET])
-    @_fail_at_once
-    def publish() -> dict:
+    def publish(outlet_events=None, **context) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
         from alexnet_tasks.release.publish import publish
 
-        config, layout, run_id = _settings()
+        config, layout, run_id = _settings(context)
         result = publish(layout.run(run_id), run_id, layout.published, config)
         if result["blessed"] is False:
             # Recorded in the index, latest left on the champion: an expected outcome, not a failure,
@@ -216,7 +252,7 @@ def alexnet_cifar10():
 
             notify_not_blessed(read_decision(layout.run(run_id)), run_id)
             raise AirflowSkipException(f"not blessed, so not published as latest: {'; '.join(result['reasons'])}")
-        get_current_context()["outlet_events"][MODEL_ASSET].extra = {
+        outlet_events[MODEL_ASSET].extra = {
             "run_id": run_id,
             "test_accuracy": result["test_accuracy"],
             "published": result["published"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print the README's params tables from PipelineConfig's fields (their defaults, bounds and descriptions).
+"""Print the params tables of docs/params.md from PipelineConfig's fields (their defaults, bounds and descriptions).
 
 One table per section of the DAG's form, in the form's order, each under a
 ``####`` heading that names the section.

@@ -30,6 +30,12 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's Airflow home, unless a test failed (pytest keeps the folders of failed tests too)."""
+    if exitstatus == 0:
+        shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def small_archive(tmp_path_factory) -> tuple[Path, str]:
     """A 200-train / 60-test image archive in the official format: (path, md5)."""

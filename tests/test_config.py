@@ -1,8 +1,6 @@
 from pathlib import Path
 
 import dataclasses
-import json
-import os
 import re
 import subprocess
 import sys
@@ -235,8 +233,8 @@ def test_readme_params_table_is_the_generated_one():
         heading, _, rows_of_section = section.partition("\n")
         assert {name for name in re.findall(r"^\| `(\w+)` \|", rows_of_section, re.M)} == \
             {name for name, field in FIELDS.items() if field.metadata["section"] == heading}, heading
-    readme = (ROOT / "README.md").read_text()
-    assert table in readme, "README's params table differs from: scripts/params_table.py"
+    page = (ROOT / "docs" / "params.md").read_text()
+    assert table in page, "docs/params.md's params table differs from: scripts/params_table.py"
 
 
 def test_artifacts_root_comes_from_the_environment(monkeypatch, tmp_path):
@@ -244,36 +242,6 @@ def test_artifacts_root_comes_from_the_environment(monkeypatch, tmp_path):
     assert artifacts_root() == tmp_path / "x"
     monkeypatch.delenv("ALEXNET_ARTIFACTS")
     assert artifacts_root() == Path("~/alexnet-artifacts").expanduser().resolve()
-
-
-# --------------------------------------------------------------------------- local `make run`
-def test_local_run_without_conf_takes_the_cpu_preset_only_without_a_gpu():
-    from alexnet_tasks.config import CPU_PRESET, local_run_conf
-
-    for empty in ("", "  ", "{}"):
-        params, note = local_run_conf(empty, gpus=0)
-        assert params == CPU_PRESET == {"image_size": 67, "max_train_minutes": 15}
-        assert "no GPU" in note and "CONF=" in note
-        assert local_run_conf(empty, gpus=1) == ({}, None)  # the defaults: 227x227, the recipe's epochs
-    # Explicit params are used as given, GPU or not; the preset's values pass validation.
-    assert local_run_conf('{"epochs": 1, "image_size": 99}', gpus=0) == ({"epochs": 1, "image_size": 99}, None)
-    PipelineConfig.from_dict(CPU_PRESET)
-    for bad in ("[1]", "{epochs: 1}", "3"):
-        with pytest.raises(ValueError, match="CONF must be a JSON object"):
-            local_run_conf(bad, gpus=0)
-
-
-def test_local_conf_script_detects_no_gpu_and_says_so():
-    script = ROOT / "scripts" / "local_conf.py"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    run = subprocess.run([sys.executable, str(script), ""], capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout) == {"image_size": 67, "max_train_minutes": 15}
-    assert "TensorFlow sees no GPU here: using the CPU preset" in run.stderr
-    explicit = subprocess.run([sys.executable, str(script), '{"epochs": 2}'], capture_output=True, text=True, env=env)
-    assert json.loads(explicit.stdout) == {"epochs": 2} and "preset" not in explicit.stderr
-    bad = subprocess.run([sys.executable, str(script), "[1]"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "CONF must be a JSON object" in bad.stderr
 
 
 def test_recipe_options_are_checked_key_by_key_with_the_form_bounds():

@@ -203,7 +203,6 @@ def _task_settings(run_type: str, logical_date, params: dict):
 
     import pendulum
     from airflow.sdk.api.datamodels._generated import DagRun, DagRunState, DagRunType
-    from airflow.sdk.execution_time.context import set_current_context
 
     spec = importlib.util.spec_from_file_location("alexnet_dag_module", ROOT / "dags" / "alexnet_cifar10.py")
     module = importlib.util.module_from_spec(spec)
@@ -218,8 +217,7 @@ def _task_settings(run_type: str, logical_date, params: dict):
     context = {"params": params, "run_id": run_id, "dag_run": dag_run}
     if logical_date is not None:
         context["logical_date"] = logical_date
-    with set_current_context(context):
-        return module._settings()
+    return module._settings(context)  # the context each task takes by keyword
 
 
 def test_scheduled_runs_take_the_training_seed_from_the_logical_date_manual_runs_from_the_form():
@@ -473,12 +471,12 @@ def test_a_diverged_run_is_recorded_not_published_and_only_the_blessed_model_is_
 
 
 def test_the_readme_consumer_dag_runs_on_the_model_asset(tmp_path):
-    """The downstream DAG the README shows parses and is scheduled on the asset publish emits."""
+    """The downstream DAG docs/nightly-retraining.md shows parses and is scheduled on the asset publish emits."""
     from airflow.dag_processing.dagbag import DagBag
     from airflow.sdk import Asset
 
-    readme = (ROOT / "README.md").read_text()
-    [example] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "schedule=[MODEL]" in block]
+    page = (ROOT / "docs" / "nightly-retraining.md").read_text()
+    [example] = [block for block in re.findall(r"```python\n(.*?)```", page, re.S) if "schedule=[MODEL]" in block]
     (tmp_path / "deploy_alexnet.py").write_text(example)
     bag = DagBag(str(tmp_path))
     assert bag.import_errors == {}

@@ -129,29 +129,30 @@ def _dag_module():
     return module
 
 
-def test_task_wrapper_fails_permanent_errors_at_once_and_lets_others_retry():
-    from airflow.sdk.exceptions import AirflowFailException
+def test_retry_policy_fails_permanent_errors_at_once_and_lets_others_retry():
+    from airflow.sdk import RetryAction
 
-    fail_at_once = _dag_module()._fail_at_once
+    module = _dag_module()
+    policy = module.retry_policy()
+    for task in module.alexnet_cifar10().tasks:  # every task has it (ALEXNET_LOCAL_RUN unset)
+        assert task.retry_policy.serialize() == policy.serialize(), task.task_id
 
-    def raising(error):
-        @fail_at_once
-        def step():
-            raise error
-        return step
+    class ValueAndOSError(ValueError, OSError):  # both at once: an I/O failure, retried
+        pass
 
-    permanent = ArchiveError("cifar.tar.gz: refusing member that escapes the folder '../x'")
-    with pytest.raises(AirflowFailException, match="refusing member that escapes the folder") as failed:
-        raising(permanent)()
-    assert failed.value.__cause__ is permanent
-    with pytest.raises(AirflowFailException, match="validation_size=500"):
-        raising(ValueError("validation_size=500 leaves no training images"))()
-    for retryable in (SourceUnavailableError("HTTP 503"), ShardReadError(5, "EIO"), RuntimeError("lock held")):
-        with pytest.raises(type(retryable)):
-            raising(retryable)()
+    permanent = [ArchiveError("cifar.tar.gz: refusing member that escapes the folder '../x'"),
+                 ShardError("train.h5: bad labels"), ValueError("validation_size=500 leaves no training images")]
+    retryable = [SourceUnavailableError("HTTP 503"), ShardReadError(5, "EIO"), DiskFullError(28, "no space"),
+                 RuntimeError("lock held"), ValueAndOSError("both")]
+    for error in permanent + retryable:
+        decision = policy.evaluate(error, try_number=1, max_tries=3)
+        expected = RetryAction.FAIL if is_permanent(error) else RetryAction.DEFAULT
+        assert decision.action == expected, (error, decision)
+    assert [is_permanent(error) for error in permanent + retryable] == [True] * 3 + [False] * 5
+    assert "every try" in policy.evaluate(permanent[0], 1, 3).reason
 
-    @fail_at_once
-    def fine(value):
-        return {"value": value}
-
-    assert fine(3) == {"value": 3} and fine.__name__ == "fine"
+    # A local run (make run) fails a source that cannot be reached at once; other retryable errors keep retrying.
+    local = module.retry_policy(local_run=True)
+    assert local.evaluate(SourceUnavailableError("cannot connect"), 1, 3).action == RetryAction.FAIL
+    assert local.evaluate(ShardReadError(5, "EIO"), 1, 3).action == RetryAction.DEFAULT
+    assert local.evaluate(permanent[0], 1, 3).action == RetryAction.FAIL

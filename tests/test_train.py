@@ -142,6 +142,20 @@ def test_schedule_warms_up_then_decays_to_zero_at_the_planned_end():
     assert {learning_rate_at(reference, step, 5, 2) for step in range(10)} == {0.001}
 
 
+def test_the_epoch_line_shows_the_rate_the_epoch_trained_at_not_the_rate_after_it():
+    from alexnet_tasks.training.callbacks import Progress, epoch_learning_rate
+
+    settings = resolve_settings(PipelineConfig(recipe="fast", epochs=1, learning_rate=0.04))
+    steps = 20
+    progress = Progress(settings, steps_per_epoch=steps, epochs_planned=1, plan_fixed=True, budget_seconds=None)
+    rates = [learning_rate_at(settings, step, steps, 1) for step in range(steps)]
+    assert learning_rate_at(settings, steps, steps, 1) == 0  # the optimizer's rate once the only epoch ends
+    assert epoch_learning_rate(progress, 0) == pytest.approx(sum(rates) / steps) and min(rates) > 0
+    two = Progress(settings, steps_per_epoch=steps, epochs_planned=2, plan_fixed=True, budget_seconds=None)
+    assert epoch_learning_rate(two, 1) == pytest.approx(
+        sum(learning_rate_at(settings, step, steps, 2) for step in range(steps, 2 * steps)) / steps)
+
+
 def test_every_recipe_option_is_a_training_setting_and_overrides_the_recipe():
     import dataclasses
 

@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from alexnet_tasks.progress import report
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import CLASS_NAMES, IMAGE_SHAPE
 from alexnet_tasks.layout import ARCHIVE as ARCHIVE_NAME
@@ -123,12 +124,12 @@ def fetch(source_url: str, destination: Path) -> str:
             digest.update(block)
             received += len(block)
             fraction = received / total if total else None
-            if (fraction is not None and fraction >= next_report) or (
+            if (fraction is not None and (fraction >= next_report or received == total)) or (
                 fraction is None and received >= next_report
             ):
                 elapsed = max(time.monotonic() - started, 1e-6)
                 shown = f"{fraction:6.1%}" if fraction is not None else "   ?  "
-                log.info(
+                report(
                     "download %s %8.1f MB / %s  %6.1f MB/s",
                     shown,
                     received / 1e6,
@@ -486,7 +487,7 @@ def _download_locked(source_url: str, source_md5: str, layout: Layout, final: Pa
     if summary_path.is_file() and (final / ARCHIVE_NAME).is_file():
         if _file_md5(final / ARCHIVE_NAME) == source_md5:
             summary = json.loads(summary_path.read_text())
-            log.info("reusing verified archive %s", final / ARCHIVE_NAME)
+            report("download: reusing verified archive %s", final / ARCHIVE_NAME)
             return {**summary, "reused": True}
         log.warning("cached archive %s fails its checksum; fetching again", final / ARCHIVE_NAME)
     elif final.exists():
@@ -521,8 +522,8 @@ def _download_locked(source_url: str, source_md5: str, layout: Layout, final: Pa
             "class_names": list(data.class_names),
         }
         save_json(work / "source.json", summary)
-    log.info(
-        "verified %s: %d training and %d test images in %.1f s",
+    report(
+        "download: verified %s: %d training and %d test images in %.1f s",
         source_url, summary["train_images"], summary["test_images"], time.monotonic() - started,
     )
     return {**summary, "reused": False}

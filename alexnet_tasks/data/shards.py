@@ -29,11 +29,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from alexnet_tasks.progress import report
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import IMAGE_SHAPE, PREPROCESSING_VERSION, PipelineConfig
 from alexnet_tasks.layout import Layout, shard_name
 from alexnet_tasks.data.download import load_cifar10
-from alexnet_tasks.errors import PermanentError
+from alexnet_tasks.errors import SOURCE_PARAMS, SPLIT_PARAMS, PermanentError, require_input
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ def build_shards(
     first one's shards. Returns ``{"shards_dir", "<split>": path, "bytes",
     "reused"}``.
     """
+    require_input(Path(batch_dir), "download", SOURCE_PARAMS)
+    require_input(Path(manifest_path), "split", SPLIT_PARAMS)
     layout = Layout(Path(artifacts_root)) if artifacts_root else Layout()
     final = layout.shards(config)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +146,7 @@ def _build_locked(batch_dir: Path, manifest_path: Path, config: PipelineConfig, 
     if final.exists():
         try:
             verify_shards(final, config.source_md5)
-            log.info("reusing verified shards %s", final)
+            report("build_shards: reusing verified shards %s", final)
             return _summary(final, reused=True)
         except ShardError as error:
             log.warning("existing shards are unusable, rebuilding: %s", error)
@@ -177,8 +180,8 @@ def _build_locked(batch_dir: Path, manifest_path: Path, config: PipelineConfig, 
             )
         (work / "images_sha256.json").write_text(json.dumps(digests, indent=2) + "\n")
     summary = _summary(final, reused=False)
-    log.info(
-        "shards written to %s: %.1f MB in %.1f s",
+    report(
+        "build_shards: shards written to %s: %.1f MB in %.1f s",
         final, summary["bytes"] / 1e6, time.monotonic() - started,
     )
     return summary

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from alexnet_tasks.progress import report
 from alexnet_tasks.atomic import artifact_lock, atomic_directory, remove_stale_temps
 from alexnet_tasks.config import PipelineConfig
 from alexnet_tasks.jsonio import save_json
 from alexnet_tasks.layout import MANIFEST, Layout
 from alexnet_tasks.data.download import load_cifar10
+from alexnet_tasks.errors import SOURCE_PARAMS, require_input
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ def split(
     image count of each split. Concurrent calls for one split take turns on
     its lock: the second one reuses the first one's manifest.
     """
+    require_input(Path(batch_dir), "download", SOURCE_PARAMS)
     layout = Layout(Path(artifacts_root)) if artifacts_root else Layout()
     final = layout.split(config)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,7 @@ def _split_locked(batch_dir: Path, config: PipelineConfig, final: Path) -> dict:
     manifest_path = final / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        log.info("reusing split %s", final)
+        report("split: reusing %s", final)
         return _summary(manifest_path, manifest, reused=True)
 
     data = load_cifar10(batch_dir)
@@ -146,7 +149,7 @@ def _split_locked(batch_dir: Path, config: PipelineConfig, final: Path) -> dict:
     remove_stale_temps(final)
     with atomic_directory(final, replace=True) as work:
         save_json(work / MANIFEST, manifest)
-    log.info(
+    report(
         "split: %d train, %d validation, %d test images; no image shared between splits",
         len(train), len(validation), len(test),
     )

@@ -39,8 +39,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.errors import MissingInputError
 from alexnet_tasks.jsonio import load_json_object, save_json
 from alexnet_tasks.layout import DECISION, LATEST, METRICS, PLAIN_PREDICTIONS, PREDICTIONS
+from alexnet_tasks.progress import report
 from alexnet_tasks.release.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def paired_counts(challenger, champion, labels) -> dict:
 # --------------------------------------------------------------------------- reading
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {what}")
+        raise MissingInputError(f"{path}: missing; {what}")
     return load_json_object(path)
 
 
@@ -331,9 +333,9 @@ def _write(run: _Gate, decision: dict) -> None:
     """Write phase: ``decision.json`` and one log line."""
     save_json(run.run_dir / DECISION, decision)
     paired = run.paired
-    log.info("gate: %s %s (test accuracy %s, champion %s at %s%s): %s",
-             "blessed" if decision["blessed"] else "NOT blessed", decision["run_id"] or run.run_dir.name,
-             _fmt(run.accuracy), decision["champion"] or "none", _fmt(run.champion_accuracy),
+    report("gate: %s %s (test accuracy %s, champion %s at %s%s): %s",
+           "blessed" if decision["blessed"] else "NOT blessed", decision["run_id"] or run.run_dir.name,
+           _fmt(run.accuracy), decision["champion"] or "none", _fmt(run.champion_accuracy),
              "" if paired is None else f", only here {paired['only_challenger_right']} / only champion "
              f"{paired['only_champion_right']}, McNemar p={paired['mcnemar_p']:.3g}",
              "; ".join(decision["reasons"]))

@@ -61,6 +61,7 @@ from alexnet_tasks.layout import (
     TRAIN_SUMMARY,
     published_path,
 )
+from alexnet_tasks.progress import report
 from alexnet_tasks.release import retention
 from alexnet_tasks.release.registry import (  # noqa: F401  (INDEX_FIELDS, load_runs, read_index: for scripts)
     INDEX_FIELDS,
@@ -296,11 +297,11 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
     if action == "kept":
         pass
     elif run.promote:
-        log.info("%s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
-                 action, run.final, run.metrics["test_accuracy"], run.fingerprint or "unknown", run.final.name)
+        report("publish: %s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
+               action, run.final, run.metrics["test_accuracy"], run.fingerprint or "unknown", run.final.name)
     else:
-        log.info("%s %s without its model: not blessed (%s); latest stays on %s", action, run.final,
-                 "; ".join(run.reasons), run.registry.store.champion_path() or "nothing")
+        report("publish: %s %s without its model: not blessed (%s); latest stays on %s", action, run.final,
+               "; ".join(run.reasons), run.registry.store.champion_path() or "nothing")
     return {**_result(run, published_root, action), **retention.retain(run_dir, published_root, keep)}
 
 

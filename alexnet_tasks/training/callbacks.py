@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from alexnet_tasks.progress import report
 from alexnet_tasks.training.checkpoints import commit_epoch
 from alexnet_tasks.training.model import reseed_random_layers
 from alexnet_tasks.training.recipe import TrainSettings, learning_rate_at
@@ -83,13 +84,26 @@ class EpochLog(keras.callbacks.Callback):
         seconds = time.monotonic() - self._started
         logs["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
         logs["epoch_seconds"] = seconds
-        log.info(
-            "epoch %3d/%-3d  loss %7.4f  accuracy %6.4f  val_loss %7.4f  val_accuracy %6.4f"
+        report(
+            "train: epoch %3d/%-3d  loss %7.4f  accuracy %6.4f  val_loss %7.4f  val_accuracy %6.4f"
             "  lr %.5f  %7.1f s  %7.1f img/s",
             epoch + 1, self.progress.epochs_planned, logs.get("loss", math.nan), logs.get("accuracy", math.nan),
             logs.get("val_loss", math.nan), logs.get("val_accuracy", math.nan),
-            logs["learning_rate"], seconds, self.train_images / max(seconds, 1e-9),
+            epoch_learning_rate(self.progress, epoch), seconds, self.train_images / max(seconds, 1e-9),
         )
+
+
+def epoch_learning_rate(progress: Progress, epoch: int) -> float:
+    """The learning rate epoch ``epoch`` (0-based) trained at: the mean of its steps' scheduled rates.
+
+    The optimizer's rate after the epoch is the next step's, 0 at the end of a
+    decayed schedule; this is the figure the epoch's line shows.
+    """
+    steps = progress.steps_per_epoch
+    first = epoch * steps
+    rates = [learning_rate_at(progress.settings, step, steps, progress.epochs_planned)
+             for step in range(first, first + steps)]
+    return float(sum(rates) / len(rates)) if rates else 0.0
 
 
 # The plan sizes the schedule for epochs this much longer than the first one, so that a few slower

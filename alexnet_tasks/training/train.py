@@ -54,6 +54,7 @@ from pathlib import Path
 import keras
 
 from alexnet_tasks.atomic import exclusive_pid_lock
+from alexnet_tasks.errors import SPLIT_PARAMS, require_input
 from alexnet_tasks.training.callbacks import TIME_BUDGET, Progress, training_callbacks
 from alexnet_tasks.training.checkpoints import CHECKPOINTS, STATE, restore, resumable_state, save_model
 from alexnet_tasks.config import PipelineConfig
@@ -99,6 +100,7 @@ def train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: list
     (``seconds``: this attempt's training time). Refuses to run while another
     live process trains the same ``run_dir`` (a duplicate task delivery).
     """
+    require_input(Path(shards_dir), "build_shards", SPLIT_PARAMS)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_pid_lock(run_dir / LOCK, "training this run"):
