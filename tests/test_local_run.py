@@ -159,7 +159,7 @@ def test_a_step_whose_inputs_are_missing_fails_naming_them_and_the_step_that_mak
 
 
 def test_build_shards_before_split_names_the_manifest_the_split_step_and_the_params(small_archive, tmp_path):
-    from alexnet_tasks.config import Layout
+    from alexnet_tasks.layout import Layout
     from alexnet_tasks.data.download import download
     from alexnet_tasks.data.shards import build_shards
     from alexnet_tasks.errors import MissingInputError, is_permanent
