@@ -5,7 +5,8 @@ one op (the runtime), then ``images`` random 32x32x3 float32 images are made
 (as ``train`` loads the shards), the model is built and compiled as ``train``
 does (``resolve_settings``, ``build_alexnet``, ``compile_model``) and fitted
 for one epoch at ``batch``. The process reports its resident memory after
-the runtime started and its peak (``ru_maxrss``)::
+the runtime started and its peak (``VmHWM``: the high-water mark of this process image, which, unlike
+``ru_maxrss``, does not carry over the resident memory of the parent that forked it)::
 
     PYTHONPATH=. .venv/bin/python scripts/measure_train_memory.py 67:32 67:128 99:32
 
@@ -20,7 +21,7 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 import keras, tensorflow as tf
 
@@ -45,7 +46,7 @@ keras.mixed_precision.set_global_policy(settings.precision)
 model = build_alexnet(image_size, augment=settings.augment, seed=1, dropout=settings.dropout)
 compile_model(model, settings)
 model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print("RESULT", json.dumps({"runtime": runtime, "peak": peak, "precision": settings.precision,
                             "momentum": settings.momentum, "ema": settings.ema_momentum is not None}))
 """
