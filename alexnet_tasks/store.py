@@ -8,13 +8,22 @@ whose scheme has no installed filesystem is refused here, naming the value
 and the package to install, instead of being taken for a relative folder
 named ``s3:``.
 
-Nothing heavy is imported: the filesystem's package is looked up, not loaded.
+``ObjectStore`` keeps the data folders (source, split, shards) on a store:
+immutable and content-addressed, each trusted only through its manifest
+(``contents.json``), fetched into this host's cache (``$ALEXNET_CACHE``).
+
+Nothing heavy is imported at module level: the filesystem's package is looked
+up, not loaded, until a store is opened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +103,189 @@ def parse_location(value: str | Path, variable: str = "ALEXNET_ARTIFACTS") -> Lo
     if not rest:
         raise UnsupportedStoreError(f"{variable}={text}: the URL names no bucket; expected {scheme}://bucket/prefix")
     return Location(text, scheme, rest)
+
+
+# --------------------------------------------------------------------------- data folders on a store
+CACHE_ENV = "ALEXNET_CACHE"
+DEFAULT_CACHE = Path("~/.cache/alexnet-artifacts")
+CONTENTS = "contents.json"  # a data folder's store manifest: each file's size and SHA-256
+OBJECTS = "objects"  # a data folder's file contents on the store, each named by its SHA-256
+CONTENTS_FORMAT = 1
+CHUNK = 1 << 20
+
+CONTENTS_SCHEMA = {
+    "type": "object",
+    "required": ["format", "key", "files"],
+    "properties": {
+        "format": {"const": CONTENTS_FORMAT},
+        "key": {"type": "string", "minLength": 1},
+        "files": {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": {
+                "type": "object",
+                "required": ["size", "sha256"],
+                "properties": {"size": {"type": "integer", "minimum": 0},
+                               "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+            },
+        },
+    },
+}
+
+
+class StoreContentError(PermanentError):
+    """A store's data folder that contradicts its manifest, or a manifest that is not one: a rebuild cannot cure it."""
+
+
+def cache_root() -> Path:
+    """This host's cache of store files: ``$ALEXNET_CACHE`` or ``~/.cache/alexnet-artifacts``, absolute.
+
+    It only ever holds copies that were checked against their manifest, and
+    may be deleted at any time.
+    """
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve()
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """``(size in bytes, SHA-256 hex digest)`` of a local file."""
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256")
+        return handle.tell(), digest.hexdigest()
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"store key {key!r}: expected a relative path such as data/<source_md5>/shards-<key>")
+    return key
+
+
+class ObjectStore:
+    """The data folders of an object-store artifacts root, through fsspec.
+
+    ``location`` is a parsed URL (``parse_location("s3://bucket/prefix")``);
+    ``filesystem`` an fsspec filesystem for it (default: fsspec's, with the
+    library's usual credentials: for S3 the ``AWS_*`` variables, the shared
+    files or the instance role, ``AWS_ENDPOINT_URL`` for another S3 server).
+
+    A data folder ``<key>/`` on the store holds ``objects/<sha256>`` (every
+    file's content) and ``contents.json`` (each relative file name's size and
+    SHA-256), written last and only once (``If-None-Match: *``). Readers trust
+    a key only through its ``contents.json``.
+    """
+
+    def __init__(self, location: Location, filesystem=None):
+        if location.is_local:
+            raise ValueError(f"{location.value}: a local folder, not an object store")
+        if filesystem is None:
+            import fsspec
+
+            filesystem = fsspec.filesystem(location.scheme)
+        self.location = location
+        self.filesystem = filesystem
+
+    def path(self, key: str) -> str:
+        """The filesystem path of ``key`` under the root: ``bucket/prefix/<key>``."""
+        return f"{self.location.path}/{_check_key(key)}"
+
+    def url(self, key: str) -> str:
+        return f"{self.location.scheme}://{self.path(key)}"
+
+    # ----------------------------------------------------------------- manifests
+    def contents(self, key: str) -> dict | None:
+        """The manifest of data folder ``key`` (``{"format", "key", "files": {name: {"size", "sha256"}}}``), or None.
+
+        Raises ``StoreContentError`` naming its URL when it is not a manifest of ``key``.
+        """
+        import jsonschema
+
+        try:
+            raw = self.filesystem.cat_file(self.path(f"{key}/{CONTENTS}"))
+        except FileNotFoundError:
+            return None
+        where = self.url(f"{key}/{CONTENTS}")
+        try:
+            contents = json.loads(raw)
+            jsonschema.validate(contents, CONTENTS_SCHEMA)
+        except (ValueError, jsonschema.ValidationError) as error:
+            reason = getattr(error, "message", error)
+            raise StoreContentError(f"{where}: not a data folder's manifest ({reason})") from None
+        if contents["key"] != key:
+            raise StoreContentError(f"{where}: the manifest of {contents['key']!r}, expected {key!r}")
+        for name in contents["files"]:
+            _check_key(name)
+        return contents
+
+    def put_folder(self, folder: Path, key: str) -> dict:
+        """Upload every file under local ``folder`` as data folder ``key``; returns ``{"contents", "adopted"}``.
+
+        Each file goes to ``objects/<sha256>``, then the manifest is created
+        with a create-only write. When another builder created it first, its
+        manifest wins: ``adopted`` is True, the objects only this call uploaded
+        are removed again, and the caller must use the winner's files (for
+        example through ``fetch_folder``). Raises ValueError for an empty or
+        missing ``folder``.
+        """
+        folder = Path(folder)
+        files = sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
+        if not files:
+            raise ValueError(f"{folder}: expected a folder with files to put on the store as {key}")
+        listed = {}
+        for path in files:
+            size, sha256 = file_digest(path)
+            listed[path.relative_to(folder).as_posix()] = {"size": size, "sha256": sha256}
+        mine = {"format": CONTENTS_FORMAT, "key": _check_key(key), "files": listed}
+        uploaded = []
+        for name, entry in listed.items():
+            target = self.path(f"{key}/{OBJECTS}/{entry['sha256']}")
+            if not self.filesystem.exists(target):
+                self.filesystem.put_file(str(folder / name), target)
+                uploaded.append(entry["sha256"])
+        try:
+            with self.filesystem.open(self.path(f"{key}/{CONTENTS}"), "xb") as handle:
+                handle.write(json.dumps(mine, indent=1, sort_keys=True).encode())
+            return {"contents": mine, "adopted": False}
+        except FileExistsError:
+            pass
+        winner = self.contents(key)
+        if winner is None:  # a create refused for a manifest nobody can read: the store is inconsistent
+            raise StoreContentError(f"{self.url(f'{key}/{CONTENTS}')}: refused as existing, yet not readable")
+        needed = {entry["sha256"] for entry in winner["files"].values()}
+        for sha256 in set(uploaded) - needed:
+            self.filesystem.rm_file(self.path(f"{key}/{OBJECTS}/{sha256}"))
+        return {"contents": winner, "adopted": True}
+
+    def fetch_folder(self, key: str, cache: Path | None = None) -> Path:
+        """The local copy of data folder ``key`` under ``cache`` (default ``cache_root()``): ``<cache>/<key>``.
+
+        Every file is checked against the store's manifest: a cached file is
+        used only when its size and SHA-256 match, else it is fetched again
+        (into a temporary name, checked, then renamed into place). Raises
+        ``MissingInputError`` when the store has no manifest for ``key`` and
+        ``StoreContentError`` when a stored object does not match it.
+        """
+        from alexnet_tasks.errors import MissingInputError
+
+        contents = self.contents(key)
+        if contents is None:
+            raise MissingInputError(f"{self.url(key)}: no {CONTENTS} on the store; the step that builds it has not run")
+        local = Path(cache or cache_root()) / key
+        for name, entry in contents["files"].items():
+            target = local / name
+            if target.is_file() and file_digest(target) == (entry["size"], entry["sha256"]):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f"{target.name}.fetching-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                self.filesystem.get_file(self.path(f"{key}/{OBJECTS}/{entry['sha256']}"), str(temporary))
+                found = file_digest(temporary)
+                if found != (entry["size"], entry["sha256"]):
+                    raise StoreContentError(
+                        f"{self.url(f'{key}/{OBJECTS}/' + entry['sha256'])} ({name}): {found[0]} bytes with "
+                        f"SHA-256 {found[1]}, expected {entry['size']} bytes with SHA-256 {entry['sha256']} "
+                        f"as {self.url(f'{key}/{CONTENTS}')} lists"
+                    )
+                os.replace(temporary, target)
+            finally:
+                temporary.unlink(missing_ok=True)
+        return local

@@ -110,3 +110,113 @@ def test_the_s3_server_lets_one_of_several_racing_conditional_writes_win(s3_buck
                 thread.join()
             assert len(winners) == 1 and refused == ["PreconditionFailed"] * (len(clients) - 1), (condition, winners, refused)
             assert clients[0].get_object(Bucket=s3_bucket, Key=key)["Body"].read() == f"{condition} {winners[0]}".encode()
+
+
+# --------------------------------------------------------------------------- data folders on the store
+KEY = "data/0123456789abcdef0123456789abcdef/shards-abc"
+
+
+def _store(bucket):
+    from alexnet_tasks.store import ObjectStore, parse_location
+
+    return ObjectStore(parse_location(f"s3://{bucket}/artifacts"))
+
+
+def _folder(path: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    return path
+
+
+def test_a_data_folder_round_trips_through_the_store_and_is_listed_by_its_manifest(s3_bucket, tmp_path):
+    import hashlib
+
+    files = {"train.h5": os.urandom(3000), "nested/test.h5": b"t" * 10}
+    store = _store(s3_bucket)
+    assert store.contents(KEY) is None
+    result = store.put_folder(_folder(tmp_path / "built", files), KEY)
+    assert result["adopted"] is False
+    assert store.contents(KEY) == result["contents"]
+    assert result["contents"]["files"] == {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                                           for name, data in files.items()}
+    local = store.fetch_folder(KEY, tmp_path / "cache")
+    assert local == tmp_path / "cache" / KEY
+    assert {path.relative_to(local).as_posix(): path.read_bytes() for path in local.rglob("*") if path.is_file()} == files
+
+
+def test_the_cache_is_used_only_while_it_matches_the_manifest_and_may_be_deleted(s3_bucket, tmp_path):
+    import shutil
+
+    files = {"train.h5": b"a" * 100, "test.h5": b"b" * 100}
+    store = _store(s3_bucket)
+    store.put_folder(_folder(tmp_path / "built", files), KEY)
+    local = store.fetch_folder(KEY, tmp_path / "cache")
+    (local / "train.h5").write_bytes(b"A" * 100)  # same size, other content
+    (local / "test.h5").write_bytes(b"b" * 99)  # truncated
+    store.fetch_folder(KEY, tmp_path / "cache")
+    assert (local / "train.h5").read_bytes() == files["train.h5"] and (local / "test.h5").read_bytes() == files["test.h5"]
+    shutil.rmtree(tmp_path / "cache")
+    assert (store.fetch_folder(KEY, tmp_path / "cache") / "train.h5").read_bytes() == files["train.h5"]
+    assert sorted(path.name for path in local.iterdir()) == ["test.h5", "train.h5"]  # no temporary left
+
+
+def test_a_stored_object_that_contradicts_its_manifest_is_refused_and_not_cached(s3_bucket, tmp_path):
+    from alexnet_tasks.errors import MissingInputError
+    from alexnet_tasks.store import StoreContentError
+
+    store = _store(s3_bucket)
+    with pytest.raises(MissingInputError, match=f"s3://{s3_bucket}/artifacts/{KEY}: no contents.json"):
+        store.fetch_folder(KEY, tmp_path / "cache")
+    contents = store.put_folder(_folder(tmp_path / "built", {"train.h5": b"good"}), KEY)["contents"]
+    blob = store.path(f"{KEY}/objects/{contents['files']['train.h5']['sha256']}")
+    store.filesystem.pipe_file(blob, b"evil")
+    with pytest.raises(StoreContentError, match=r"\(train.h5\): 4 bytes with SHA-256 [0-9a-f]{64}, expected 4 bytes"):
+        store.fetch_folder(KEY, tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.h5*"))
+    store.filesystem.pipe_file(store.path(f"{KEY}/contents.json"), b'{"format": 1, "key": "x"}')
+    with pytest.raises(StoreContentError, match=r"contents.json: not a data folder's manifest \('files' is a required"):
+        store.contents(KEY)
+
+
+_BUILDER = """
+import json, os, sys, time
+from pathlib import Path
+from alexnet_tasks.store import ObjectStore, parse_location
+bucket, key, folder, start = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
+folder.mkdir(parents=True)
+(folder / "train.h5").write_bytes(f"built by process {os.getpid()}".encode() * 1000)  # as HDF5's timestamps differ
+(folder / "labels.txt").write_bytes(b"the same in every build")
+while time.time() < start:
+    time.sleep(0.001)
+result = ObjectStore(parse_location(f"s3://{bucket}/artifacts")).put_folder(folder, key)
+print(json.dumps(result))
+"""
+
+
+def test_two_processes_building_one_key_at_once_both_succeed_and_agree(s3_bucket, tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    start = time.time() + 5  # both processes import and build, then put at the same moment
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    builders = [subprocess.Popen([sys.executable, "-c", _BUILDER, s3_bucket, KEY, str(tmp_path / f"build{number}"),
+                                  str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                for number in (1, 2)]
+    results = []
+    for builder in builders:
+        out, err = builder.communicate(timeout=120)
+        assert builder.returncode == 0, err
+        results.append(json.loads(out))
+    assert sorted(result["adopted"] for result in results) == [False, True]
+    assert results[0]["contents"] == results[1]["contents"]
+    store = _store(s3_bucket)
+    assert store.contents(KEY) == results[0]["contents"]
+    winner = next(number for number, result in zip((1, 2), results) if not result["adopted"])
+    fetched = store.fetch_folder(KEY, tmp_path / "cache")
+    assert (fetched / "train.h5").read_bytes() == (tmp_path / f"build{winner}" / "train.h5").read_bytes()
+    # Only the winner's objects are left: the loser removed the one only it had uploaded.
+    objects = {path.rsplit("/", 1)[1] for path in store.filesystem.ls(store.path(f"{KEY}/objects"), detail=False)}
+    assert objects == {entry["sha256"] for entry in results[0]["contents"]["files"].values()}
