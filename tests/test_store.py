@@ -220,3 +220,51 @@ def test_two_processes_building_one_key_at_once_both_succeed_and_agree(s3_bucket
     # Only the winner's objects are left: the loser removed the one only it had uploaded.
     objects = {path.rsplit("/", 1)[1] for path in store.filesystem.ls(store.path(f"{KEY}/objects"), detail=False)}
     assert objects == {entry["sha256"] for entry in results[0]["contents"]["files"].values()}
+
+
+def test_the_data_steps_build_once_through_the_store_and_another_host_fetches_the_same_shards(
+        s3_bucket, small_archive, http_server, tmp_path):
+    """Host one builds source, split and shards into its cache and puts them on the store; host two only fetches."""
+    import shutil
+
+    from alexnet_tasks.config import PipelineConfig
+    from alexnet_tasks.data.download import download
+    from alexnet_tasks.data.shards import build_shards
+    from alexnet_tasks.data.split import split
+    from alexnet_tasks.data.stored import stored_folder
+
+    www, base_url = http_server
+    shutil.copy(small_archive[0], www / "cifar-10-python.tar.gz")
+    config = PipelineConfig(source_url=f"{base_url}/cifar-10-python.tar.gz", source_md5=small_archive[1],
+                            validation_size=50)
+    store = _store(s3_bucket)
+
+    def prepare(cache: Path, allow_build: bool) -> dict:
+        def step(function):
+            def build(root):
+                assert allow_build, f"{function.__name__} ran, though the store holds its output"
+                return function(root)
+            return build
+
+        layout = Layout(cache)
+        key = lambda path: path.relative_to(cache).as_posix()  # noqa: E731
+        return {
+            "source": stored_folder(store, key(layout.source(config.source_md5)), step(
+                lambda root: download(config.source_url, config.source_md5, root)), cache),
+            "split": stored_folder(store, key(layout.split(config)), step(
+                lambda root: split(layout.batches(config.source_md5), config, root)), cache),
+            "shards": stored_folder(store, key(layout.shards(config)), step(
+                lambda root: build_shards(layout.batches(config.source_md5), layout.manifest(config), config, root)),
+                cache),
+        }
+
+    first = prepare(tmp_path / "host-one-cache", allow_build=True)
+    assert all(folder["built"] and not folder["adopted"] for folder in first.values())
+    second = prepare(tmp_path / "host-two-cache", allow_build=False)
+    assert not any(folder["built"] for folder in second.values())
+    for name in first:
+        mine, theirs = first[name]["folder"], second[name]["folder"]
+        files = sorted(path.relative_to(mine) for path in mine.rglob("*") if path.is_file())
+        assert files == sorted(path.relative_to(theirs) for path in theirs.rglob("*") if path.is_file())
+        assert all((mine / path).read_bytes() == (theirs / path).read_bytes() for path in files), name
+    assert {path.name for path in second["shards"]["folder"].iterdir()} >= {"test.h5", "train.h5", "validation.h5"}
