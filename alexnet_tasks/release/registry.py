@@ -20,9 +20,9 @@ line. It is brought up to date from the bytes appended since it was last
 read, rebuilt whole when ``index.jsonl`` was replaced or rewritten, and may be deleted at
 any time. Where ``published/`` is not writable it is built in memory.
 
-Storage goes through ``LocalStore`` (a folder on a local disk); another store
-(an object store without rename, lock or symlink) implements the same few
-methods. Imports nothing heavy (no TensorFlow, NumPy or h5py).
+Storage goes through ``LocalStore`` (a folder on a local disk) or ``S3Store``
+(an S3 bucket, without rename, lock or symlink: conditional writes instead),
+which implement the same few methods. Imports nothing heavy (no TensorFlow, NumPy or h5py).
 """
 
 from __future__ import annotations
