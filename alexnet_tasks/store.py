@@ -133,6 +133,29 @@ CONTENTS_SCHEMA = {
 }
 
 
+CONNECTION_ENV = "ALEXNET_ARTIFACTS_CONN_ID"
+DEFAULT_CONNECTION = "aws_default"
+
+
+def connection_id() -> str:
+    """The Airflow connection of the store under Airflow: ``$ALEXNET_ARTIFACTS_CONN_ID`` or ``aws_default``."""
+    return os.environ.get(CONNECTION_ENV) or DEFAULT_CONNECTION
+
+
+def airflow_filesystem(location: Location, conn_id: str | None = None):
+    """The fsspec filesystem of ``location`` with the credentials of an Airflow connection.
+
+    Through Airflow's ``ObjectStoragePath`` (for ``s3://`` the Amazon
+    provider's, from an ``aws`` connection: login and password as the key
+    pair, ``endpoint_url`` and ``region_name`` in its extra). ``conn_id``
+    defaults to ``connection_id()``. For a DAG's tasks; a step called from
+    Python opens ``ObjectStore(location)`` with the library's own credentials.
+    """
+    from airflow.sdk import ObjectStoragePath
+
+    return ObjectStoragePath(location.url, conn_id=conn_id or connection_id()).fs
+
+
 class StoreContentError(PermanentError):
     """A store's data folder that contradicts its manifest, or a manifest that is not one: a rebuild cannot cure it."""
 

@@ -268,3 +268,32 @@ def test_the_data_steps_build_once_through_the_store_and_another_host_fetches_th
         assert files == sorted(path.relative_to(theirs) for path in theirs.rglob("*") if path.is_file())
         assert all((mine / path).read_bytes() == (theirs / path).read_bytes() for path in files), name
     assert {path.name for path in second["shards"]["folder"].iterdir()} >= {"test.h5", "train.h5", "validation.h5"}
+
+
+def test_under_airflow_the_store_takes_its_credentials_from_a_connection(s3_bucket, s3_server, monkeypatch, tmp_path):
+    """With no AWS_* variable at all, ObjectStore and S3Store reach the store through an Airflow connection."""
+    import json
+
+    from alexnet_tasks.layout import published_path
+    from alexnet_tasks.release.registry import Registry, S3Store
+    from alexnet_tasks.store import ObjectStore, airflow_filesystem, parse_location
+
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws either
+    monkeypatch.setenv("ALEXNET_ARTIFACTS_CONN_ID", "artifacts_store")
+    monkeypatch.setenv("AIRFLOW_CONN_ARTIFACTS_STORE", json.dumps({
+        "conn_type": "aws", "login": "testing", "password": "testing",
+        "extra": {"endpoint_url": s3_server, "region_name": "us-east-1"}}))
+    location = parse_location(f"s3://{s3_bucket}/artifacts")
+    store = ObjectStore(location, airflow_filesystem(location))
+    store.put_folder(_folder(tmp_path / "built", {"train.h5": b"through the connection"}), KEY)
+    assert (store.fetch_folder(KEY, tmp_path / "cache") / "train.h5").read_bytes() == b"through the connection"
+    registry = Registry(store=S3Store.from_connection(location, cache=tmp_path / "cache"))
+    registry.promote(published_path("run-1"))
+    assert registry.store.champion_path() == published_path("run-1")
+    from botocore.exceptions import NoCredentialsError
+
+    monkeypatch.setenv("ALEXNET_ARTIFACTS_CONN_ID", "no_such_connection")  # the hook then has no credentials
+    with pytest.raises(NoCredentialsError):
+        S3Store.from_connection(location).champion_path()

@@ -261,6 +261,18 @@ class S3Store:
         self.prefix = f"{prefix}/{PUBLISHED}" if prefix else PUBLISHED
         self.cache = Path(cache or cache_root())
 
+    @classmethod
+    def from_connection(cls, location, conn_id: str | None = None, cache: Path | None = None) -> S3Store:
+        """The store with the boto3 client of an Airflow ``aws`` connection (Airflow's S3 hook).
+
+        ``conn_id`` defaults to ``$ALEXNET_ARTIFACTS_CONN_ID`` or ``aws_default``.
+        """
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        from alexnet_tasks.store import connection_id
+
+        return cls(location, S3Hook(aws_conn_id=conn_id or connection_id()).get_conn(), cache)
+
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
 
