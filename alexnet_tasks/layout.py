@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alexnet_tasks.store import Location, UnsupportedStoreError, parse_location
+
 if TYPE_CHECKING:
     from alexnet_tasks.config import PipelineConfig
 
@@ -82,9 +84,29 @@ LATEST = "latest"
 RUN_NAME_LENGTH = 100  # readable part of a run folder's name, before its hash
 
 
+def artifacts_location() -> Location:
+    """``$ALEXNET_ARTIFACTS`` (or ``~/alexnet-artifacts``) parsed: a local folder or an object-store URL.
+
+    Raises ``store.UnsupportedStoreError`` (a ``PermanentError`` and a
+    ``ValueError``) for a URL whose scheme no installed filesystem serves.
+    """
+    return parse_location(os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS, ARTIFACTS_ENV)
+
+
 def artifacts_root() -> Path:
-    """The artifacts root: ``$ALEXNET_ARTIFACTS`` or ``~/alexnet-artifacts``, absolute."""
-    return Path(os.environ.get(ARTIFACTS_ENV) or DEFAULT_ARTIFACTS).expanduser().resolve()
+    """The local artifacts root: ``$ALEXNET_ARTIFACTS`` or ``~/alexnet-artifacts``, absolute.
+
+    Raises ``store.UnsupportedStoreError`` when ``$ALEXNET_ARTIFACTS`` is an
+    object-store URL: the steps read and write a local folder, and a URL is
+    never taken for a relative folder named ``s3:``.
+    """
+    location = artifacts_location()
+    if not location.is_local:
+        raise UnsupportedStoreError(
+            f"{ARTIFACTS_ENV}={location.value}: an object-store URL; the pipeline's steps "
+            f"read and write a local folder (set {ARTIFACTS_ENV} to a local path)"
+        )
+    return location.local_path
 
 
 def run_folder_name(run_id: str) -> str:

@@ -70,6 +70,45 @@ def http_server(tmp_path):
         server.server_close()
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 (the S3 REST protocol, conditional writes included) on a free 127.0.0.1 port (tests/s3_server.py).
+
+    Yields its endpoint URL (``http://127.0.0.1:<port>``); it serves one
+    request at a time, so conditional writes are atomic as on S3, keeps its
+    objects in memory and stops with the session.
+    """
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request) -> str:
+    """A new empty bucket on the test S3 server; returns its name.
+
+    The test's environment holds what the AWS libraries read by themselves
+    (endpoint, region, key pair), as a host configured for the store does, so
+    boto3, s3fs and subprocesses reach the test server unchanged.
+    """
+    import hashlib
+
+    import boto3
+
+    for name, value in {"AWS_ENDPOINT_URL": s3_server, "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    bucket = "test-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket
+
+
 def airflow_env(home: Path, artifacts: Path, **extra: str) -> dict[str, str]:
     """Environment for an isolated Airflow (SQLite) running this project's DAG."""
     env = dict(os.environ)

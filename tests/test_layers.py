@@ -10,7 +10,7 @@ PACKAGE = ROOT / "alexnet_tasks"
 
 # Lowest first. A module may import from its own layer and the layers before it.
 LAYERS = (
-    ("config", "validation", "recipes", "layout", "atomic", "jsonio", "errors", "progress"),
+    ("config", "validation", "recipes", "layout", "store", "atomic", "jsonio", "errors", "progress"),
     ("data",),
     ("training",),
     ("evaluate",),

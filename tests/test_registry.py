@@ -176,3 +176,74 @@ def test_publish_and_gate_agree_on_the_champion_through_the_registry(tmp_path):
     registry = Registry(published)
     assert registry.champion()["run_id"] == "second" == champion_of(published)["run_id"]
     assert os.readlink(published / "latest") == registry.find("second")["path"]
+
+
+# --------------------------------------------------------------------------- published/ on S3
+def s3_registry(bucket: str, cache: Path) -> Registry:
+    from alexnet_tasks.release.registry import S3Store
+    from alexnet_tasks.store import parse_location
+
+    return Registry(store=S3Store(parse_location(f"s3://{bucket}/artifacts"), cache=cache))
+
+
+def test_the_registry_on_s3_finds_pages_and_follows_the_champion_like_the_local_one(s3_bucket, tmp_path):
+    lines = [entry(f"run-{number:02d}", blessed=number % 3 != 0) for number in range(12)]
+    local = registry_with(tmp_path / "local", lines)
+    remote = s3_registry(s3_bucket, tmp_path / "cache")
+    assert not remote.store.exists() and remote.champion() is None and remote.entries() == []
+    for line in lines:
+        assert remote.record(line)
+    again = entry("run-11", fingerprint="f" * 16)
+    assert remote.record(again) and local.record(again)
+    assert not remote.record(dict(again))  # the same publish again: nothing appended
+    assert remote.entries() == local.entries()
+    assert remote.page(size=5, blessed=True).runs == local.page(size=5, blessed=True).runs
+    assert remote.find("run-07") == local.find("run-07")
+    remote.promote(published_path("run-04"))
+    remote.promote(published_path("run-05"))
+    assert remote.champion()["run_id"] == "run-05" and remote.champion()["entry"] == remote.find("run-05")
+    # Another host, another cache, the same store: the same runs; the table there is built from the store.
+    other = s3_registry(s3_bucket, tmp_path / "other-cache")
+    assert other.entries() == remote.entries() and other.champion()["path"] == published_path("run-05")
+    assert other.record(entry("run-12"))
+    assert remote.find("run-12") is not None and remote.page(size=1).runs[0]["run_id"] == "run-12"
+
+
+_PUBLISHER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[5])
+from test_registry import entry, s3_registry
+from alexnet_tasks.layout import published_path
+bucket, name, cache, start = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
+registry = s3_registry(bucket, cache)
+while time.time() < start:
+    time.sleep(0.001)
+for number in range(10):
+    run_id = f"{name}-{number}"
+    registry.record(entry(run_id))
+    registry.promote(published_path(run_id))
+"""
+
+
+def test_two_publishes_racing_on_s3_keep_every_index_line_and_one_consistent_champion(s3_bucket, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    tests = Path(__file__).resolve().parent
+    start = time.time() + 5
+    env = {**os.environ, "PYTHONPATH": str(tests.parent)}
+    publishers = [subprocess.Popen([sys.executable, "-c", _PUBLISHER, s3_bucket, name, str(tmp_path / name),
+                                    str(start), str(tests)], env=env, stderr=subprocess.PIPE, text=True)
+                  for name in ("first", "second")]
+    for publisher in publishers:
+        assert publisher.wait(timeout=300) == 0, publisher.stderr.read()
+    registry = s3_registry(s3_bucket, tmp_path / "reader")
+    run_ids = [line["run_id"] for line in registry.entries()]
+    assert sorted(run_ids) == sorted(f"{name}-{number}" for name in ("first", "second") for number in range(10))
+    for name in ("first", "second"):  # each publisher's lines in its own order
+        assert [run_id for run_id in run_ids if run_id.startswith(name)] == [f"{name}-{number}" for number in range(10)]
+    champion = registry.champion()
+    assert champion["path"] in {published_path("first-9"), published_path("second-9")}
+    assert champion["entry"]["run_id"] in {"first-9", "second-9"}

@@ -20,9 +20,9 @@ line. It is brought up to date from the bytes appended since it was last
 read, rebuilt whole when ``index.jsonl`` was replaced or rewritten, and may be deleted at
 any time. Where ``published/`` is not writable it is built in memory.
 
-Storage goes through ``LocalStore`` (a folder on a local disk); another store
-(an object store without rename, lock or symlink) implements the same few
-methods. Imports nothing heavy (no TensorFlow, NumPy or h5py).
+Storage goes through ``LocalStore`` (a folder on a local disk) or ``S3Store``
+(an S3 bucket, without rename, lock or symlink: conditional writes instead),
+which implement the same few methods. Imports nothing heavy (no TensorFlow, NumPy or h5py).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alexnet_tasks.atomic import file_lock, temp_sibling
-from alexnet_tasks.layout import INDEX, INDEX_TABLE, LATEST, METRICS, RUNS, data_key, published_path
+from alexnet_tasks.layout import INDEX, INDEX_TABLE, LATEST, METRICS, PUBLISHED, RUNS, data_key, published_path
 
 if TYPE_CHECKING:
     from alexnet_tasks.config import PipelineConfig
@@ -140,8 +140,8 @@ class LocalStore:
     """``published/`` on a local disk: an appended file, a lock, a symlink, a lookup table beside them.
 
     The registry's only storage calls; another store provides the same
-    methods. On an object store (no append, lock, rename or symlink) they map
-    to: ``index_version`` the index object's ETag and size, ``read_index`` a
+    methods. On an object store (no append, lock, rename or symlink; ``S3Store``) they map
+    to: ``index_version`` the index object's name and size, ``read_index`` a
     ranged GET, ``append_index`` a rewrite of the object conditional on the
     ETag read (``If-Match``, retried on conflict) with ``index_lock`` doing
     nothing, ``champion_path``/``point_champion`` a pointer object moved the
@@ -227,6 +227,158 @@ class LocalStore:
         return self.root / INDEX_TABLE
 
 
+class S3Store:
+    """``published/`` on an S3 bucket: the same methods as ``LocalStore``, on conditional writes.
+
+    ``location`` is a parsed ``s3://bucket/prefix`` (``store.parse_location``);
+    ``client`` a boto3 S3 client (default: boto3's, with its usual
+    credentials and ``AWS_ENDPOINT_URL``). There is no append, lock, rename or
+    symlink: ``index.jsonl`` is one object that each append rewrites as
+    itself plus the new lines, conditional on the ETag it read
+    (``If-Match``; ``If-None-Match: *`` for the first line), and ``latest`` an
+    object holding the champion's path (``runs/<run>``), moved the same way;
+    a conflict (HTTP 412, or 409 while another write is in progress) reads
+    again and retries. A reader sees the index and the pointer before or
+    after a write, never half of one. The lookup table lives in this host's
+    cache (``$ALEXNET_CACHE``).
+    """
+
+    CONFLICTS = ("PreconditionFailed", "ConditionalRequestConflict")
+    ATTEMPTS = 100
+
+    def __init__(self, location, client=None, cache: Path | None = None):
+        from alexnet_tasks.store import cache_root
+
+        if location.scheme != "s3":
+            raise ValueError(f"{location.value}: S3Store needs an s3://bucket/prefix URL")
+        if client is None:
+            import boto3
+
+            client = boto3.client("s3")
+        self.location = location
+        self.client = client
+        self.bucket, _, prefix = location.path.partition("/")
+        self.prefix = f"{prefix}/{PUBLISHED}" if prefix else PUBLISHED
+        self.cache = Path(cache or cache_root())
+
+    @classmethod
+    def from_connection(cls, location, conn_id: str | None = None, cache: Path | None = None) -> S3Store:
+        """The store with the boto3 client of an Airflow ``aws`` connection (Airflow's S3 hook).
+
+        ``conn_id`` defaults to ``$ALEXNET_ARTIFACTS_CONN_ID`` or ``aws_default``.
+        """
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        from alexnet_tasks.store import connection_id
+
+        return cls(location, S3Hook(aws_conn_id=conn_id or connection_id()).get_conn(), cache)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def _head(self, name: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+        except ClientError as error:
+            if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+
+    def _get(self, name: str, **ranged) -> tuple[bytes, str] | None:
+        """The object's bytes (a ``Range`` if given) and its ETag, or None when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.key(name), **ranged)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return answer["Body"].read(), answer["ETag"]
+
+    def _swap(self, name: str, change) -> None:
+        """Replace object ``name`` with ``change(current bytes or None)``, conditional on what was read; retried."""
+        from botocore.exceptions import ClientError
+
+        for _ in range(self.ATTEMPTS):
+            current = self._get(name)
+            condition = {"IfNoneMatch": "*"} if current is None else {"IfMatch": current[1]}
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.key(name),
+                                       Body=change(None if current is None else current[0]), **condition)
+                return
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") not in self.CONFLICTS:
+                    raise
+        raise TimeoutError(f"s3://{self.bucket}/{self.key(name)}: still changed by other writers after "
+                           f"{self.ATTEMPTS} attempts")
+
+    def exists(self) -> bool:
+        return self._head(INDEX) is not None
+
+    def index_name(self) -> str:
+        return f"s3://{self.bucket}/{self.key(INDEX)}"
+
+    def index_version(self) -> tuple[str, int] | None:
+        """(the index's URL, its size): every append changes the ETag, so the table tells a rewrite by its tail."""
+        head = self._head(INDEX)
+        return None if head is None else (self.index_name(), head["ContentLength"])
+
+    def read_index(self, start: int, end: int | None = None) -> bytes:
+        """The index's bytes from ``start`` (to ``end``), by a ranged GET (an appended index keeps its prefix)."""
+        from botocore.exceptions import ClientError
+
+        if end is not None and end <= start:
+            return b""
+        try:
+            found = self._get(INDEX, Range=f"bytes={start}-{'' if end is None else end - 1}")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "InvalidRange":  # start at the end: nothing more
+                return b""
+            raise
+        return b"" if found is None else found[0]
+
+    @contextlib.contextmanager
+    def index_lock(self) -> Iterator[None]:
+        """No lock: each append is a conditional rewrite."""
+        yield
+
+    def append_index(self, text: bytes) -> None:
+        """Append complete lines: a rewrite conditional on the ETag read, retried on conflict."""
+        self._swap(INDEX, lambda current: (current or b"") + text)
+
+    def champion_path(self) -> str | None:
+        """The path the ``latest`` object holds (``runs/<run>``), or None."""
+        found = self._get(LATEST)
+        return None if found is None else found[0].decode().strip() or None
+
+    def point_champion(self, path: str) -> None:
+        """Point ``latest`` at ``path``: a write conditional on the ETag read (compare-and-swap), retried."""
+        self._swap(LATEST, lambda current: path.encode())
+
+    def read_json(self, path: str, name: str) -> dict | None:
+        """A JSON object of a published run folder on the store, or None if missing or unreadable."""
+        found = self._get(f"{path}/{name}")
+        try:
+            payload = None if found is None else json.loads(found[0])
+        except ValueError:
+            return None
+        return payload if isinstance(payload, dict) else None
+
+    def folder(self, path: str) -> Path:
+        """Where this host's cache keeps a fetched copy of the published folder ``path``."""
+        return self.cache / PUBLISHED / path
+
+    def table_path(self) -> Path:
+        """The lookup table: a file in this host's cache, one per store."""
+        digest = hashlib.sha256(self.index_name().encode()).hexdigest()[:16]
+        folder = self.cache / PUBLISHED
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{INDEX_TABLE}.{digest}"
+
+
 # --------------------------------------------------------------------------- the registry
 @dataclass
 class Page:
@@ -249,7 +401,7 @@ class Page:
 class Registry:
     """The published runs of one ``published/`` folder."""
 
-    def __init__(self, published_root: Path | str, store: LocalStore | None = None):
+    def __init__(self, published_root: Path | str | None = None, store: LocalStore | S3Store | None = None):
         self.store = store or LocalStore(Path(published_root))
 
     # ---- the lookup table

@@ -1,0 +1,314 @@
+"""Where the artifacts root lives: a local folder (the default) or an object-store URL.
+
+``$ALEXNET_ARTIFACTS`` holds either a local path (``~/alexnet-artifacts``,
+``/srv/artifacts``; ``file:///srv/artifacts`` is the same folder) or a URL
+``<scheme>://<bucket>/<prefix>`` served by an fsspec filesystem (``s3://``
+through s3fs; ``gs://``, ``az://``... through theirs once installed). A URL
+whose scheme has no installed filesystem is refused here, naming the value
+and the package to install, instead of being taken for a relative folder
+named ``s3:``.
+
+``ObjectStore`` keeps the data folders (source, split, shards) on a store:
+immutable and content-addressed, each trusted only through its manifest
+(``contents.json``), fetched into this host's cache (``$ALEXNET_CACHE``).
+
+Nothing heavy is imported at module level: the filesystem's package is looked
+up, not loaded, until a store is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from alexnet_tasks.errors import PermanentError
+
+# RFC 3986's scheme followed by "://": "s3://bucket/prefix", "gs://b", "file:///srv".
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
+LOCAL_SCHEMES = ("file", "local")
+
+
+class UnsupportedStoreError(PermanentError, ValueError):
+    """An artifacts location this installation cannot reach: no filesystem for its scheme."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed artifacts location: ``scheme`` is None for a local folder, else the URL's scheme.
+
+    ``path`` is the local folder (absolute, ``~`` expanded) or the URL's part
+    after ``://`` without trailing slashes (``bucket/prefix``).
+    """
+
+    value: str
+    scheme: str | None
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.scheme is None
+
+    @property
+    def url(self) -> str:
+        """``s3://bucket/prefix`` for a store; the folder itself for a local location."""
+        return self.path if self.is_local else f"{self.scheme}://{self.path}"
+
+    @property
+    def local_path(self) -> Path:
+        if not self.is_local:
+            raise ValueError(f"{self.value} is an object-store URL, not a local folder")
+        return Path(self.path)
+
+
+def filesystem_package(scheme: str) -> str | None:
+    """The module that serves ``scheme`` through fsspec (``s3`` -> ``s3fs``), or None when fsspec has none."""
+    from fsspec.registry import known_implementations, registry
+
+    if scheme in registry:  # registered at run time by an installed package
+        return registry[scheme].__module__.split(".")[0]
+    known = known_implementations.get(scheme)
+    return known["class"].split(".")[0] if known else None
+
+
+def parse_location(value: str | Path, variable: str = "ALEXNET_ARTIFACTS") -> Location:
+    """Parse an artifacts location; raises ``UnsupportedStoreError`` for a URL no installed filesystem serves.
+
+    ``variable`` names the setting in the error. An empty URL path
+    (``s3://``) is refused too: the store needs at least a bucket.
+    """
+    text = str(value)
+    match = _URL.match(text)
+    if not match:
+        return Location(text, None, str(Path(text).expanduser().resolve()))
+    scheme, rest = match.group(1).lower(), match.group(2).rstrip("/")
+    if scheme in LOCAL_SCHEMES:
+        return Location(text, None, str(Path(rest or "/").expanduser().resolve()))
+    package = filesystem_package(scheme)
+    if package is None:
+        raise UnsupportedStoreError(
+            f"{variable}={text}: fsspec knows no filesystem for the scheme {scheme!r}; "
+            f"use a local path or a URL such as s3://bucket/prefix"
+        )
+    if importlib.util.find_spec(package) is None:
+        raise UnsupportedStoreError(
+            f"{variable}={text}: the filesystem for {scheme}:// ({package}) is not installed; "
+            f"pip install {package}, or use a local path or s3://bucket/prefix"
+        )
+    if not rest:
+        raise UnsupportedStoreError(f"{variable}={text}: the URL names no bucket; expected {scheme}://bucket/prefix")
+    return Location(text, scheme, rest)
+
+
+# --------------------------------------------------------------------------- data folders on a store
+CACHE_ENV = "ALEXNET_CACHE"
+DEFAULT_CACHE = Path("~/.cache/alexnet-artifacts")
+CONTENTS = "contents.json"  # a data folder's store manifest: each file's size and SHA-256
+OBJECTS = "objects"  # a data folder's file contents on the store, each named by its SHA-256
+CONTENTS_FORMAT = 1
+CHUNK = 1 << 20
+
+CONTENTS_SCHEMA = {
+    "type": "object",
+    "required": ["format", "key", "files"],
+    "properties": {
+        "format": {"const": CONTENTS_FORMAT},
+        "key": {"type": "string", "minLength": 1},
+        "files": {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": {
+                "type": "object",
+                "required": ["size", "sha256"],
+                "properties": {"size": {"type": "integer", "minimum": 0},
+                               "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+            },
+        },
+    },
+}
+
+
+CONNECTION_ENV = "ALEXNET_ARTIFACTS_CONN_ID"
+DEFAULT_CONNECTION = "aws_default"
+
+
+def connection_id() -> str:
+    """The Airflow connection of the store under Airflow: ``$ALEXNET_ARTIFACTS_CONN_ID`` or ``aws_default``."""
+    return os.environ.get(CONNECTION_ENV) or DEFAULT_CONNECTION
+
+
+def airflow_filesystem(location: Location, conn_id: str | None = None):
+    """The fsspec filesystem of ``location`` with the credentials of an Airflow connection.
+
+    Through Airflow's ``ObjectStoragePath`` (for ``s3://`` the Amazon
+    provider's, from an ``aws`` connection: login and password as the key
+    pair, ``endpoint_url`` and ``region_name`` in its extra). ``conn_id``
+    defaults to ``connection_id()``. For a DAG's tasks; a step called from
+    Python opens ``ObjectStore(location)`` with the library's own credentials.
+    """
+    from airflow.sdk import ObjectStoragePath
+
+    return ObjectStoragePath(location.url, conn_id=conn_id or connection_id()).fs
+
+
+class StoreContentError(PermanentError):
+    """A store's data folder that contradicts its manifest, or a manifest that is not one: a rebuild cannot cure it."""
+
+
+def cache_root() -> Path:
+    """This host's cache of store files: ``$ALEXNET_CACHE`` or ``~/.cache/alexnet-artifacts``, absolute.
+
+    It only ever holds copies that were checked against their manifest, and
+    may be deleted at any time.
+    """
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().resolve()
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """``(size in bytes, SHA-256 hex digest)`` of a local file."""
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256")
+        return handle.tell(), digest.hexdigest()
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"store key {key!r}: expected a relative path such as data/<source_md5>/shards-<key>")
+    return key
+
+
+class ObjectStore:
+    """The data folders of an object-store artifacts root, through fsspec.
+
+    ``location`` is a parsed URL (``parse_location("s3://bucket/prefix")``);
+    ``filesystem`` an fsspec filesystem for it (default: fsspec's, with the
+    library's usual credentials: for S3 the ``AWS_*`` variables, the shared
+    files or the instance role, ``AWS_ENDPOINT_URL`` for another S3 server).
+
+    A data folder ``<key>/`` on the store holds ``objects/<sha256>`` (every
+    file's content) and ``contents.json`` (each relative file name's size and
+    SHA-256), written last and only once (``If-None-Match: *``). Readers trust
+    a key only through its ``contents.json``.
+    """
+
+    def __init__(self, location: Location, filesystem=None):
+        if location.is_local:
+            raise ValueError(f"{location.value}: a local folder, not an object store")
+        if filesystem is None:
+            import fsspec
+
+            filesystem = fsspec.filesystem(location.scheme)
+        self.location = location
+        self.filesystem = filesystem
+
+    def path(self, key: str) -> str:
+        """The filesystem path of ``key`` under the root: ``bucket/prefix/<key>``."""
+        return f"{self.location.path}/{_check_key(key)}"
+
+    def url(self, key: str) -> str:
+        return f"{self.location.scheme}://{self.path(key)}"
+
+    # ----------------------------------------------------------------- manifests
+    def contents(self, key: str) -> dict | None:
+        """The manifest of data folder ``key`` (``{"format", "key", "files": {name: {"size", "sha256"}}}``), or None.
+
+        Raises ``StoreContentError`` naming its URL when it is not a manifest of ``key``.
+        """
+        import jsonschema
+
+        try:
+            raw = self.filesystem.cat_file(self.path(f"{key}/{CONTENTS}"))
+        except FileNotFoundError:
+            return None
+        where = self.url(f"{key}/{CONTENTS}")
+        try:
+            contents = json.loads(raw)
+            jsonschema.validate(contents, CONTENTS_SCHEMA)
+        except (ValueError, jsonschema.ValidationError) as error:
+            reason = getattr(error, "message", error)
+            raise StoreContentError(f"{where}: not a data folder's manifest ({reason})") from None
+        if contents["key"] != key:
+            raise StoreContentError(f"{where}: the manifest of {contents['key']!r}, expected {key!r}")
+        for name in contents["files"]:
+            _check_key(name)
+        return contents
+
+    def put_folder(self, folder: Path, key: str) -> dict:
+        """Upload every file under local ``folder`` as data folder ``key``; returns ``{"contents", "adopted"}``.
+
+        Each file goes to ``objects/<sha256>``, then the manifest is created
+        with a create-only write. When another builder created it first, its
+        manifest wins: ``adopted`` is True, the objects only this call uploaded
+        are removed again, and the caller must use the winner's files (for
+        example through ``fetch_folder``). Raises ValueError for an empty or
+        missing ``folder``.
+        """
+        folder = Path(folder)
+        files = sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
+        if not files:
+            raise ValueError(f"{folder}: expected a folder with files to put on the store as {key}")
+        listed = {}
+        for path in files:
+            size, sha256 = file_digest(path)
+            listed[path.relative_to(folder).as_posix()] = {"size": size, "sha256": sha256}
+        mine = {"format": CONTENTS_FORMAT, "key": _check_key(key), "files": listed}
+        uploaded = []
+        for name, entry in listed.items():
+            target = self.path(f"{key}/{OBJECTS}/{entry['sha256']}")
+            if not self.filesystem.exists(target):
+                self.filesystem.put_file(str(folder / name), target)
+                uploaded.append(entry["sha256"])
+        try:
+            with self.filesystem.open(self.path(f"{key}/{CONTENTS}"), "xb") as handle:
+                handle.write(json.dumps(mine, indent=1, sort_keys=True).encode())
+            return {"contents": mine, "adopted": False}
+        except FileExistsError:
+            pass
+        winner = self.contents(key)
+        if winner is None:  # a create refused for a manifest nobody can read: the store is inconsistent
+            raise StoreContentError(f"{self.url(f'{key}/{CONTENTS}')}: refused as existing, yet not readable")
+        needed = {entry["sha256"] for entry in winner["files"].values()}
+        for sha256 in set(uploaded) - needed:
+            self.filesystem.rm_file(self.path(f"{key}/{OBJECTS}/{sha256}"))
+        return {"contents": winner, "adopted": True}
+
+    def fetch_folder(self, key: str, cache: Path | None = None) -> Path:
+        """The local copy of data folder ``key`` under ``cache`` (default ``cache_root()``): ``<cache>/<key>``.
+
+        Every file is checked against the store's manifest: a cached file is
+        used only when its size and SHA-256 match, else it is fetched again
+        (into a temporary name, checked, then renamed into place). Raises
+        ``MissingInputError`` when the store has no manifest for ``key`` and
+        ``StoreContentError`` when a stored object does not match it.
+        """
+        from alexnet_tasks.errors import MissingInputError
+
+        contents = self.contents(key)
+        if contents is None:
+            raise MissingInputError(f"{self.url(key)}: no {CONTENTS} on the store; the step that builds it has not run")
+        local = Path(cache or cache_root()) / key
+        for name, entry in contents["files"].items():
+            target = local / name
+            if target.is_file() and file_digest(target) == (entry["size"], entry["sha256"]):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f"{target.name}.fetching-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                self.filesystem.get_file(self.path(f"{key}/{OBJECTS}/{entry['sha256']}"), str(temporary))
+                found = file_digest(temporary)
+                if found != (entry["size"], entry["sha256"]):
+                    raise StoreContentError(
+                        f"{self.url(f'{key}/{OBJECTS}/' + entry['sha256'])} ({name}): {found[0]} bytes with "
+                        f"SHA-256 {found[1]}, expected {entry['size']} bytes with SHA-256 {entry['sha256']} "
+                        f"as {self.url(f'{key}/{CONTENTS}')} lists"
+                    )
+                os.replace(temporary, target)
+            finally:
+                temporary.unlink(missing_ok=True)
+        return local
