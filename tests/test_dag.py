@@ -36,6 +36,16 @@ def test_tasks_edges_and_queues(dag):
     assert dag.get_task("train").execution_timeout is not None
 
 
+def test_approve_asks_airflow_s_approval_question_and_publish_runs_whatever_it_answers(dag):
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    approve = dag.get_task("approve")
+    assert isinstance(approve, ApprovalOperator) and approve.options == ["Approve", "Reject"]
+    assert approve.defaults == ["Reject"]  # no answer before approval_timeout: the champion stays
+    assert list(approve.serialized_params) == ["comment"]  # the answer's "why", not the pipeline's params
+    assert dag.get_task("publish").trigger_rule == "none_failed"  # after an approve that was skipped too
+
+
 def test_schedule_and_run_policy(dag):
     assert dag.timetable.expression == "0 2 * * *" and str(dag.timetable.timezone) == "UTC"
     assert dag.catchup is False and dag.max_active_runs == 1
