@@ -51,9 +51,9 @@ RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
 }
 # The sections of the DAG's form, in the order it shows them; every param is in one.
 DATA, TRAINING, EVALUATION, GATE = SECTIONS = ("Data", "Training", "Evaluation", "Gate and publish")
-PUBLISH_MODES = ("gated", "always")
+PUBLISH_MODES = ("gated", "always", "approval")
 # Settings of the gate alone: they decide what is published, not what is trained.
-GATE_SETTINGS = ("accuracy_floor", "gate_tolerance", "publish_mode")
+GATE_SETTINGS = ("accuracy_floor", "gate_tolerance", "publish_mode", "approval_timeout")
 
 # Bump when the stored shard content changes meaning; it is part of the shard key.
 PREPROCESSING_VERSION = 1
@@ -187,7 +187,14 @@ class PipelineConfig:
     publish_mode: str = _setting(
         "gated", section=GATE, kind="string", enum=list(PUBLISH_MODES), title="Publish mode",
         description="gated: publish only what the gate blesses, otherwise record the run and keep the "
-        "champion. always: publish this run whatever the gate finds (its checks are still recorded).",
+        "champion. always: publish this run whatever the gate finds (its checks are still recorded). "
+        "approval: a run the gate blesses waits for a person to approve it (Browse -> Required actions); "
+        "Approve makes it the champion, Reject or no answer within approval_timeout keeps the champion.",
+    )
+    approval_timeout: float = _setting(
+        24.0, section=GATE, kind="number", exclusiveMinimum=0, maximum=24 * 30, title="Approval timeout (hours)",
+        description="With publish_mode approval: how long the run waits for Approve or Reject; without an "
+        "answer by then the champion stays (the run is recorded as not approved).",
     )
 
     @classmethod

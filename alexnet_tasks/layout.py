@@ -62,6 +62,7 @@ HISTORY = "history.json"
 CONFIG = "config.json"
 TRAIN_SUMMARY = "train_summary.json"
 DECISION = "decision.json"
+APPROVAL = "approval.json"  # publish_mode approval: who approved or rejected the gate's blessing, when, why
 PREDICTIONS = "predictions.npy"
 PLAIN_PREDICTIONS = "predictions_plain.npy"  # with test-time augmentation: the image alone
 CONFUSION_MATRIX = "confusion_matrix.png"
@@ -73,13 +74,14 @@ TRAIN_LOCK = "train.lock"
 
 # What a published run holds; the first two are required, the rest copied when present.
 PUBLISHED_REQUIRED = (MODEL, METRICS)
-PUBLISHED_OPTIONAL = (CONFIG, HISTORY, TRAIN_SUMMARY, PREDICTIONS, PLAIN_PREDICTIONS, DECISION,
+PUBLISHED_OPTIONAL = (CONFIG, HISTORY, TRAIN_SUMMARY, PREDICTIONS, PLAIN_PREDICTIONS, DECISION, APPROVAL,
                       CONFUSION_MATRIX, TEST_SAMPLES, TENSORBOARD)
 
 # published/
 INDEX = "index.jsonl"
 INDEX_TABLE = "index.sqlite"
 LATEST = "latest"
+PROMOTIONS = "promotions.jsonl"  # every change of champion, appended, never rewritten
 
 RUN_NAME_LENGTH = 100  # readable part of a run folder's name, before its hash
 

@@ -5,7 +5,7 @@ Downloads CIFAR-10, splits it, builds standardized HDF5 shards, trains AlexNet
 (TensorFlow/Keras) on the `gpu` Celery queue, evaluates it on the official
 test split and publishes the model, metrics and TensorBoard logs.
 
-`download >> split >> build_shards >> train >> evaluate >> gate >> publish`
+`download >> split >> build_shards >> train >> evaluate >> gate >> approve >> publish`
 
 * Artifacts live under `$ALEXNET_ARTIFACTS` (default `~/alexnet-artifacts`).
   Data steps are content-addressed (source MD5 + the settings that shape
@@ -22,6 +22,15 @@ test split and publishes the model, metrics and TensorBoard logs.
   becomes `latest` and `publish` emits an event on the asset
   `alexnet_cifar10_model`; a run that is not blessed is recorded in the
   index and `publish` ends skipped, with the DAG run successful.
+* With `publish_mode=approval`, a run the gate blesses waits in `approve`
+  (a human-in-the-loop task: Browse -> Required actions, or the REST API)
+  for Approve or Reject; its body carries the gate's figures and links to
+  the run's page and to its comparison with the champion. Approve promotes;
+  Reject, or no answer within `approval_timeout` hours, keeps the champion
+  (the run is recorded as not blessed, with who rejected it). Who answered,
+  when and why goes into `approval.json`, the index line and, when the
+  champion changes, `published/promotions.jsonl`. In the other modes, and
+  for a run the gate refused, `approve` is skipped.
 * Every step is a plain function in `alexnet_tasks/`; this file only wires
   them. A single step runs alone with
   `airflow tasks test alexnet_cifar10 <task_id> <date>`: it finds its inputs
@@ -58,6 +67,7 @@ import os
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
 from airflow.sdk import Asset, ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
 
 from alexnet_tasks.config import PipelineConfig, param_specs, settings_for_run
@@ -143,7 +153,8 @@ def _settings(context) -> tuple[PipelineConfig, Layout, str]:
     A scheduled (or backfill) run trains with a seed derived from its logical
     date; a manual or triggered run with the form's ``seed``.
     """
-    form = PipelineConfig.from_dict(dict(context["params"]))
+    # The run's params; a task's own params (approve's form) are not pipeline settings.
+    form = PipelineConfig.from_dict({name: value for name, value in context["params"].items() if name in PARAMS})
     dag_run = context.get("dag_run")
     run_type = getattr(dag_run, "run_type", None)
     config = settings_for_run(form, run_type, context.get("logical_date"))
@@ -157,6 +168,67 @@ def _settings(context) -> tuple[PipelineConfig, Layout, str]:
         # params find each other's outputs, and steps tested with other params never do.
         run_id = f"tasks_test__{context['logical_date'].isoformat()}__{config.settings_digest()[:8]}"
     return config, Layout(), run_id
+
+
+class PromotionApproval(ApprovalOperator):
+    """Asks a person whether a blessed run may become the champion (``publish_mode=approval``).
+
+    Skipped (only itself: publish still runs) in the other publish modes and
+    for a run the gate did not bless. Otherwise the question's body comes
+    from the run's ``decision.json`` and the wait lasts ``approval_timeout``
+    hours; no answer by then takes ``Reject`` (the scheduler's timeout). The
+    answer is written to the run's ``approval.json`` and never skips publish:
+    publish records the run either way and promotes it only when approved.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(subject="Make this run the champion?", defaults=self.REJECT, **kwargs)
+
+    def execute(self, context):
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from alexnet_tasks.release import approval
+        from alexnet_tasks.release.publish import read_decision
+
+        config, layout, run_id = _settings(context)
+        if config.publish_mode != "approval":
+            raise AirflowSkipException(f"publish_mode {config.publish_mode}: no approval asked")
+        decision = read_decision(layout.run(run_id))
+        if decision is None or not decision["blessed"]:
+            raise AirflowSkipException("the gate did not bless the run: nothing to approve")
+        self.response_timeout = timedelta(hours=config.approval_timeout)
+        self.subject, self.body = approval.request(decision, run_id, config.approval_timeout, _ui_base_path())
+        report("approve: waiting up to %g h for Approve or Reject (Browse -> Required actions)",
+               config.approval_timeout)
+        return super().execute(context)
+
+    def execute_complete(self, context, event):
+        from alexnet_tasks.release import approval
+        from alexnet_tasks.release.publish import read_decision
+
+        answer = HITLOperator.execute_complete(self, context=context, event=event)  # checks it; never skips
+        chosen = answer["chosen_options"][0]
+        outcome = "timed_out" if event.get("timedout") else "approved" if chosen == self.APPROVE else "rejected"
+        user = answer["responded_by_user"]
+        _, layout, run_id = _settings(context)
+        run_dir = layout.run(run_id)
+        decision = read_decision(run_dir) or {}
+        recorded = approval.record(
+            run_dir, outcome, decided_at=answer["responded_at"].isoformat(timespec="seconds"),
+            user=user.get("name") or user.get("id") if user else None,
+            comment=(answer["params_input"] or {}).get("comment"), fingerprint=decision.get("fingerprint"),
+            dag_id=context["dag"].dag_id, dag_run_id=context["run_id"])
+        report("approve: %s", approval.in_words(recorded, decision.get("approval_timeout")))
+        return recorded
+
+
+def _ui_base_path() -> str:
+    """The path Airflow's UI is served under (``[api] base_url``), for relative links."""
+    from urllib.parse import urlparse
+
+    from airflow.configuration import conf
+
+    return urlparse(conf.get("api", "base_url", fallback="/") or "/").path or "/"
 
 
 @dag(
@@ -236,21 +308,22 @@ def alexnet_cifar10():
         config, layout, run_id = _settings(context)
         return gate(layout.run(run_id), layout.published, config, layout.shards(config), run_id)
 
-    @task(outlets=[MODEL_ASSET])
+    # Runs after approve whether it asked (approved or not) or was skipped.
+    @task(outlets=[MODEL_ASSET], trigger_rule="none_failed")
     def publish(outlet_events=None, **context) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
         from alexnet_tasks.release.publish import publish
 
         config, layout, run_id = _settings(context)
-        result = publish(layout.run(run_id), run_id, layout.published, config)
+        result = publish(layout.run(run_id), run_id, layout.published, config, dag_id=context["dag"].dag_id)
         if result["blessed"] is False:
             # Recorded in the index, latest left on the champion: an expected outcome, not a failure,
             # that the alert channels (when configured) are told of.
             from alexnet_tasks.ops.alerts import notify_not_blessed
-            from alexnet_tasks.release.publish import read_decision
+            from alexnet_tasks.release.publish import effective_decision
 
-            notify_not_blessed(read_decision(layout.run(run_id)), run_id)
+            notify_not_blessed(effective_decision(layout.run(run_id)), run_id)
             raise AirflowSkipException(f"not blessed, so not published as latest: {'; '.join(result['reasons'])}")
         outlet_events[MODEL_ASSET].extra = {
             "run_id": run_id,
@@ -260,7 +333,12 @@ def alexnet_cifar10():
         }
         return result
 
-    download() >> split() >> build_shards() >> train() >> evaluate() >> gate() >> publish()
+    approve = PromotionApproval(
+        task_id="approve",
+        params={"comment": Param("", type="string", maxLength=2000, title="Why (optional)",
+                                 description="Your reason; it is recorded with the run.")},
+    )
+    download() >> split() >> build_shards() >> train() >> evaluate() >> gate() >> approve >> publish()
 
 
 alexnet_cifar10()

@@ -7,8 +7,10 @@ An Airflow 3 plugin with:
   ``[api] base_url`` sub-path):
   ``runs`` (the published runs, newest first, a page at a time:
   ``?page=2&size=50``, filtered with ``?blessed=true`` and ``?recipe=fast``),
-  ``runs/<run_id>`` (one run's results), ``runs/<run_id>/files/<name>`` (a
-  named artifact of that run) and ``dags/<dag_id>/runs/<run_id>`` (the
+  ``runs/<run_id>`` (one run's results, its approval and a "make champion"
+  link to the ``alexnet_cifar10_promote`` DAG), ``runs/<run_id>/files/<name>`` (a
+  named artifact of that run), ``history`` (every change of champion, newest
+  first, from ``published/promotions.jsonl``) and ``dags/<dag_id>/runs/<run_id>`` (the
   "Results" tab of a DAG run);
 - a Browse nav entry "AlexNet runs" and a "Results" tab on DAG runs (both
   external views, shown by Airflow's UI in an iframe);
@@ -50,6 +52,7 @@ from alexnet_tasks.ui.runs import ARTIFACTS, RunView, artifact_path, find_run, l
 log = logging.getLogger(__name__)
 
 DAG_ID = "alexnet_cifar10"
+PROMOTE_DAG_ID = "alexnet_cifar10_promote"  # dags/alexnet_cifar10_promote.py: makes a published run the champion
 URL_PREFIX = "/alexnet"  # where Airflow mounts the app
 LIST_ROUTE = "alexnet-runs"  # UI route of the nav entry: /plugin/alexnet-runs
 TAB_ROUTE = "alexnet-results"  # UI route of the DAG run tab: /dags/<dag>/runs/<run>/plugin/alexnet-results
@@ -91,11 +94,14 @@ def _run_page(root: Path, run: RunView, plugin_root: str) -> HTMLResponse:
     loss_chart, accuracy_chart = training_curves(run.history)
     per_class = run.metrics.get("per_class_accuracy")
     files = {name: artifact_path(run, root, name) is not None for name in ARTIFACTS}
+    approval = run.entry.get("approval")
     return _page(
         "alexnet_run.html", run=run, plugin_root=plugin_root, airflow_root=plugin_root + "../",
         files=files, loss_chart=loss_chart, accuracy_chart=accuracy_chart,
         per_class=per_class if isinstance(per_class, dict) else {},
         tensorboard=tensorboard_url(), folder_name=run.folder.name if run.folder else None,
+        approval=approval if isinstance(approval, dict) else None, promote_dag=PROMOTE_DAG_ID,
+        promote_conf=json.dumps({"run_id": run.run_id, "reason": ""}),
     )
 
 
@@ -160,6 +166,14 @@ def run_page(run_id: str) -> HTMLResponse:
     if run is None:
         return _message("Unknown run", f"No published run {run_id!r} in the index.", "../", 404)
     return _run_page(root, run, "../")
+
+
+@app.get("/history", response_class=HTMLResponse)
+def history_page() -> HTMLResponse:
+    """Every change of champion, newest first: when, from which run to which, why, who, which Airflow run."""
+    root = published_root()
+    return _page("alexnet_history.html", changes=Registry(root).history(), plugin_root="", airflow_root="../",
+                 root=str(root), quote=lambda text: quote(text, safe=""))
 
 
 @app.get("/runs/{run_id}/files/{name}")

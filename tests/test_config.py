@@ -140,8 +140,9 @@ def test_gate_settings_change_neither_the_run_folder_key_nor_the_training():
     from alexnet_tasks.training.recipe import resolve_settings
 
     a = PipelineConfig(image_size=67, epochs=1)
-    gated = PipelineConfig(image_size=67, epochs=1, accuracy_floor=0.6, gate_tolerance=0.02, publish_mode="always")
-    assert set(GATE_SETTINGS) == {"accuracy_floor", "gate_tolerance", "publish_mode"}
+    gated = PipelineConfig(image_size=67, epochs=1, accuracy_floor=0.6, gate_tolerance=0.02, publish_mode="approval",
+                           approval_timeout=0.5)
+    assert set(GATE_SETTINGS) == {"accuracy_floor", "gate_tolerance", "publish_mode", "approval_timeout"}
     # A step tested alone finds the same run folder whatever the gate's settings...
     assert gated.settings_digest() == a.settings_digest()
     # ...and the fingerprint hashes the resolved training settings, which do not hold them: no retraining.

@@ -15,7 +15,7 @@ from alexnet_tasks.release.publish import read_index
 from conftest import ROOT, airflow_bin, airflow_env
 from test_train import scalar_tags
 
-TASKS = ["download", "split", "build_shards", "train", "evaluate", "gate", "publish"]
+TASKS = ["download", "split", "build_shards", "train", "evaluate", "gate", "approve", "publish"]
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +28,22 @@ def dag():
 
 
 def test_tasks_edges_and_queues(dag):
-    assert [task.task_id for task in dag.tasks] == TASKS
+    assert sorted(task.task_id for task in dag.tasks) == sorted(TASKS)
     for upstream, downstream in zip(TASKS, TASKS[1:]):
         assert dag.get_task(upstream).downstream_task_ids == {downstream}
     assert dag.get_task("train").queue == "gpu"
     assert all(dag.get_task(t).queue != "gpu" for t in TASKS if t != "train")
     assert dag.get_task("train").execution_timeout is not None
+
+
+def test_approve_asks_airflow_s_approval_question_and_publish_runs_whatever_it_answers(dag):
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    approve = dag.get_task("approve")
+    assert isinstance(approve, ApprovalOperator) and approve.options == ["Approve", "Reject"]
+    assert approve.defaults == ["Reject"]  # no answer before approval_timeout: the champion stays
+    assert list(approve.serialized_params) == ["comment"]  # the answer's "why", not the pipeline's params
+    assert dag.get_task("publish").trigger_rule == "none_failed"  # after an approve that was skipped too
 
 
 def test_schedule_and_run_policy(dag):
@@ -48,6 +58,7 @@ def test_params_have_titles_descriptions_and_bounds(dag):
         "source_url", "source_md5", "recipe", "epochs", "batch_size", "learning_rate",
         "image_size", "validation_size", "split_seed", "seed", "train_limit", "max_train_minutes",
         "test_time_augmentation", "recipe_options", "accuracy_floor", "gate_tolerance", "publish_mode",
+        "approval_timeout",
     }
     assert set(dag.params.keys()) == expected
     for name in expected:
@@ -71,7 +82,8 @@ def test_params_have_titles_descriptions_and_bounds(dag):
             options.resolve(bad)
     assert dag.params["accuracy_floor"] == 0.25 and schema["accuracy_floor"]["maximum"] == 1
     assert dag.params["gate_tolerance"] == 0 and dag.params["publish_mode"] == "gated"
-    assert schema["publish_mode"]["enum"] == ["gated", "always"]
+    assert schema["publish_mode"]["enum"] == ["gated", "always", "approval"]
+    assert dag.params["approval_timeout"] == 24 and schema["approval_timeout"]["exclusiveMinimum"] == 0
 
 
 def test_publish_emits_the_model_asset_and_nothing_else_does(dag):

@@ -167,7 +167,9 @@ def test_native_cluster_runs_the_dag_with_train_on_the_gpu_worker(served_archive
         for run_id in run_ids:
             instances = api.get(f"/api/v2/dags/alexnet_cifar10/dagRuns/{urllib.parse.quote(run_id)}/taskInstances")
             by_task = {ti["task_id"]: ti for ti in instances["task_instances"]}
-            assert set(by_task) == {"download", "split", "build_shards", "train", "evaluate", "gate", "publish"}
+            assert set(by_task) == {"download", "split", "build_shards", "train", "evaluate", "gate", "approve",
+                                    "publish"}
+            assert by_task.pop("approve")["state"] == "skipped"  # publish_mode always: no approval asked
             for task_id, ti in by_task.items():
                 assert ti["state"] == "success", (task_id, ti)
                 expected = "worker-gpu" if task_id == "train" else "worker"

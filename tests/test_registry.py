@@ -178,6 +178,58 @@ def test_publish_and_gate_agree_on_the_champion_through_the_registry(tmp_path):
     assert os.readlink(published / "latest") == registry.find("second")["path"]
 
 
+# --------------------------------------------------------------------------- the promotion history
+def test_every_change_of_champion_is_appended_to_the_history_newest_first(tmp_path):
+    published = tmp_path / "published"
+    registry = registry_with(tmp_path, [entry("a", fingerprint="fa"), entry("b", fingerprint="fb")])
+    assert registry.history() == []
+    first = registry.promote(published_path("a"))
+    assert first["run_id"] == "a" and first["previous_run_id"] is None and first["reason"] == "gate"
+    assert registry.promote(published_path("a")) is None, "latest already on a, same training: no change"
+    registry.promote(published_path("b"), "approved", user="alice", comment="looks good",
+                     dag_id="alexnet_cifar10", dag_run_id="manual__b")
+    registry.promote(published_path("a"), "by_hand", user="bob", comment="rollback",
+                     dag_id="alexnet_cifar10_promote", dag_run_id="manual__rollback")
+    history = registry.history()
+    assert [(line["run_id"], line["previous_run_id"], line["reason"], line["user"]) for line in history] == [
+        ("a", "b", "by_hand", "bob"), ("b", "a", "approved", "alice"), ("a", None, "gate", None)]
+    assert history[0]["comment"] == "rollback" and history[0]["dag_run_id"] == "manual__rollback"
+    assert history[1]["fingerprint"] == "fb" and history[1]["previous_path"] == published_path("a")
+    assert registry.champion()["run_id"] == "a"
+    # Appended only: the earlier lines are the same bytes, in the same order.
+    lines = (published / "promotions.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["run_id"] == "a" and json.loads(lines[1])["run_id"] == "b"
+
+
+def test_a_promotion_by_a_person_needs_their_name_and_a_known_reason(tmp_path):
+    registry = registry_with(tmp_path, [entry("a")])
+    with pytest.raises(ValueError, match="needs the name of the user"):
+        registry.promote(published_path("a"), "by_hand")
+    with pytest.raises(ValueError, match="promotion reason 'whim'"):
+        registry.promote(published_path("a"), "whim", user="bob")
+    assert registry.champion() is None and registry.history() == []
+
+
+def test_a_malformed_history_line_is_skipped_with_a_warning_as_in_the_index(tmp_path, caplog):
+    published = tmp_path / "published"
+    registry = registry_with(tmp_path, [entry("a"), entry("b")])
+    registry.promote(published_path("a"))
+    with open(published / "promotions.jsonl", "a") as handle:
+        handle.write("not json\n[1, 2]\n")
+    registry.promote(published_path("b"), "by_hand", user="bob", comment="why not")
+    with open(published / "promotions.jsonl", "a") as handle:
+        handle.write('{"run_id": "half')  # a writer killed mid-line
+    with caplog.at_level(logging.WARNING):
+        history = registry.history()
+    assert [line["run_id"] for line in history] == ["b", "a"]
+    warnings = [record.getMessage() for record in caplog.records]
+    assert any("promotions.jsonl:2: not valid JSON" in text for text in warnings)
+    assert any("promotions.jsonl:3: not a promotion line" in text for text in warnings)
+    registry.promote(published_path("a"), "by_hand", user="carol", comment="back")
+    assert [line["run_id"] for line in registry.history()] == ["a", "b", "a"]
+    assert '"half' not in (published / "promotions.jsonl").read_text(), "the partial line was cut before appending"
+
+
 # --------------------------------------------------------------------------- published/ on S3
 def s3_registry(bucket: str, cache: Path) -> Registry:
     from alexnet_tasks.release.registry import S3Store

@@ -27,7 +27,9 @@ figures (``test_accuracy_plain`` and ``predictions_plain.npy``; a run without
 augmentation has only plain ones); ``compared_as`` in the decision says which.
 
 ``publish_mode="always"`` blesses the run whatever the checks say, and still
-records what they found.
+records what they found ``publish_mode="approval"`` decides as ``gated``;
+a blessed run then waits for a person's approval before publish
+(``alexnet_tasks.release.approval``).
 """
 
 from __future__ import annotations
@@ -314,6 +316,7 @@ def _decide(run: _Gate, config: PipelineConfig, run_id: str | None) -> dict:
         "checks": checks,
         "accuracy_floor": config.accuracy_floor,
         "gate_tolerance": config.gate_tolerance,
+        "approval_timeout": config.approval_timeout if mode == "approval" else None,
         "test_accuracy": _number(metrics.get("test_accuracy")),
         "test_time_augmentation": augmentation_kind(metrics),
         "compared_as": run.compared_as,

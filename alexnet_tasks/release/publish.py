@@ -1,7 +1,9 @@
 """Publish a finished run as the gate decided: copy, then index, then move ``latest``.
 
 A run the gate blessed (``decision.json``; a run without one is treated as
-blessed) is published whole and becomes ``latest``. A run it did not bless is
+blessed) is published whole and becomes ``latest`` (with
+``publish_mode=approval`` only when a person approved it too: ``approval.json``,
+``alexnet_tasks.release.approval``). A run it did not bless is
 recorded: its copy holds everything but ``model.keras`` (the model stays in
 ``runs/<run>/``; publishing it later with ``publish_mode=always`` copies it),
 its index line says ``blessed: false`` and why, and ``latest`` stays on the
@@ -51,6 +53,7 @@ from alexnet_tasks.atomic import (
 from alexnet_tasks.config import PipelineConfig
 from alexnet_tasks.jsonio import load_json_object
 from alexnet_tasks.layout import (
+    APPROVAL,
     DECISION,
     INDEX,
     LATEST,
@@ -62,6 +65,7 @@ from alexnet_tasks.layout import (
     published_path,
 )
 from alexnet_tasks.progress import report
+from alexnet_tasks.release import approval as approvals
 from alexnet_tasks.release import retention
 from alexnet_tasks.release.registry import (  # noqa: F401  (INDEX_FIELDS, load_runs, read_index: for scripts)
     INDEX_FIELDS,
@@ -139,6 +143,17 @@ def read_decision(run_dir: Path) -> dict | None:
     return decision
 
 
+def effective_decision(run_dir: Path) -> dict | None:
+    """The decision publish follows: the gate's ``decision.json`` with a person's approval applied.
+
+    Outside ``publish_mode=approval`` the gate's decision as it is; in it, a
+    blessed run stays blessed only when ``approval.json`` approved it
+    (``alexnet_tasks.release.approval.apply``). None when the run has no decision.
+    """
+    run_dir = Path(run_dir)
+    return approvals.apply(read_decision(run_dir), approvals.read(run_dir), run_dir)
+
+
 def _fingerprint_part(run_dir: Path, name: str):
     """A part of the fingerprint train recorded in ``train_summary.json``; None if unknown.
 
@@ -186,7 +201,9 @@ class _Publish:
     registry: Registry
     final: Path  # published/runs/<run>
     metrics: dict
-    decision: dict | None
+    decision: dict | None  # the gate's, with the approval applied (effective_decision)
+    approval: dict | None = None  # approval.json, publish_mode approval only
+    dag_id: str | None = None  # the Airflow DAG publishing (None outside Airflow)
 
     @property
     def blessed(self) -> bool | None:
@@ -211,8 +228,10 @@ def _read(run_dir: Path, run_id: str, published_root: Path) -> _Publish:
     metrics = _read_metrics(run_dir)
     decision = read_decision(run_dir)
     _check_decision(decision, metrics, run_dir)
+    approval = approvals.read(run_dir) if decision is not None and decision.get("publish_mode") == "approval" else None
+    decision = approvals.apply(decision, approval, run_dir)
     final = published_root / published_path(run_id)
-    return _Publish(run_dir, run_id, Registry(published_root), final, metrics, decision)
+    return _Publish(run_dir, run_id, Registry(published_root), final, metrics, decision, approval)
 
 
 def _check(run: _Publish) -> None:
@@ -236,7 +255,9 @@ def _write_copy(run: _Publish) -> str:
         return "published" if run.promote else "recorded"
     if same_run(previous, run.fingerprint) and (not run.promote or (final / MODEL).is_file()):
         if run.decision is not None:  # the same training gated again: the copy carries the new decision
-            atomic_write_bytes(final / DECISION, (run.run_dir / DECISION).read_bytes())
+            for name in (DECISION, APPROVAL):
+                if (run.run_dir / name).is_file():
+                    atomic_write_bytes(final / name, (run.run_dir / name).read_bytes())
         return "unchanged"
     # Another training, or this one recorded without its model and now blessed.
     _replace_directory(_build_copy(run.run_dir, final, with_model=run.promote), final)
@@ -251,14 +272,18 @@ def _write_index(run: _Publish, config: PipelineConfig | None) -> None:
     """Write phase: the run's index line, then (blessed) the champion."""
     entry = index_line(run.run_id, run.metrics, datetime.now(timezone.utc).isoformat(timespec="seconds"), config,
                        _fingerprint_part(run.run_dir, "code_version"), run.decision,
-                       _fingerprint_part(run.run_dir, "settings"))
+                       _fingerprint_part(run.run_dir, "settings"), run.approval)
     run.registry.record(entry)
     if run.promote:
-        run.registry.promote(published_path(run.run_id))
+        approved = run.approval is not None and run.approval["approved"]
+        run.registry.promote(published_path(run.run_id), "approved" if approved else "gate",
+                             user=run.approval["user"] if approved else None,
+                             comment=run.approval["comment"] if approved else None,
+                             dag_id=run.dag_id, dag_run_id=run.run_id if run.dag_id else None)
 
 
 def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineConfig | None = None,
-            keep_runs: int | None = None) -> dict:
+            keep_runs: int | None = None, dag_id: str | None = None) -> dict:
     """Publish ``run_dir`` as ``run_id`` as the gate decided; returns the published path and headline metrics.
 
     ``config``, the run's pipeline settings, goes into the index line with the
@@ -276,13 +301,19 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
 
     Then retention (``alexnet_tasks.release.retention.retain``) drops the run's
     checkpoints and prunes ``runs/`` beyond the newest ``keep_runs``
-    (default ``$ALEXNET_KEEP_RUNS`` or 10). Raises FileNotFoundError when the
+    (default ``$ALEXNET_KEEP_RUNS`` or 10). A change of champion goes into
+    the promotion history (``published/promotions.jsonl``) with ``dag_id``
+    and ``run_id`` as the Airflow run that made it (none when ``dag_id`` is
+    None). With ``publish_mode=approval`` a blessed run is promoted only when
+    its ``approval.json`` approves it; otherwise it is recorded as not blessed,
+    with who rejected it or that no answer came. Raises FileNotFoundError when the
     model or metrics are missing and ValueError when they or the decision
     belong to another training.
     """
     run_dir, published_root = Path(run_dir), Path(published_root)
     keep = retention.keep_runs(keep_runs)  # a bad setting is refused before anything is published
     run = _read(run_dir, run_id, published_root)
+    run.dag_id = dag_id
     _check(run)
     run.final.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(published_root / f".{run.final.name}.lock"):

@@ -11,7 +11,12 @@ warning naming the file and line, by every reader (publish, gate, retention,
 the UI), and never stops a publish.
 
 ``published/latest`` (a relative symlink ``runs/<run>``) names the champion;
-``promote`` moves it in one atomic rename.
+``promote`` moves it in one atomic rename and appends the change to
+``published/promotions.jsonl``, the promotion history: one JSON object per
+change of champion (``PROMOTION_FIELDS``: when, the new and the previous run,
+why, who and the Airflow run that made it), appended and never rewritten. A
+malformed history line is skipped with one warning naming the file and line,
+as an index line is.
 
 ``published/index.sqlite`` is a lookup table derived from ``index.jsonl``:
 one row per run (its entry, its position and the columns a page filters on),
@@ -35,12 +40,13 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from alexnet_tasks.atomic import file_lock, temp_sibling
-from alexnet_tasks.layout import INDEX, INDEX_TABLE, LATEST, METRICS, PUBLISHED, RUNS, data_key, published_path
+from alexnet_tasks.layout import INDEX, INDEX_TABLE, LATEST, METRICS, PROMOTIONS, PUBLISHED, RUNS, data_key, published_path
 
 if TYPE_CHECKING:
     from alexnet_tasks.config import PipelineConfig
@@ -53,7 +59,7 @@ TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_plann
 # Every field of an index line. The first five are in every line ever written; lines written
 # before the others existed lack them, and reading fills them with None.
 INDEX_FIELDS = ("run_id", "published_at", "test_accuracy", "test_loss", "path") + TRAINING_INDEX_FIELDS + (
-    "config", "data_key", "code_version", "blessed", "reasons", "train_settings",
+    "config", "data_key", "code_version", "blessed", "reasons", "train_settings", "approval",
 )
 # Lines written before ``reasons`` held the decision's reasons joined by "; " as ``blessed_reason``.
 _OLD_REASONS = "blessed_reason"
@@ -67,6 +73,14 @@ FILTERS = {
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 _SCHEMA_VERSION = "2"
+# Why a run became the champion: the gate blessed it (publish_mode gated or always), a named user
+# approved the gate's blessing (publish_mode approval), or a named user promoted it by hand
+# (the alexnet_cifar10_promote DAG).
+PROMOTION_REASONS = ("gate", "approved", "by_hand")
+# Every field of a promotion history line. ``changed_at`` is ISO 8601 UTC; ``previous_*`` are None
+# for the first champion; ``user`` is None for the gate; ``comment`` is the user's words (or None).
+PROMOTION_FIELDS = ("changed_at", "run_id", "path", "fingerprint", "previous_run_id", "previous_path", "reason",
+                    "user", "comment", "dag_id", "dag_run_id")
 
 
 # --------------------------------------------------------------------------- one line
@@ -78,12 +92,14 @@ def index_line(
     code_version: dict | str | None = None,
     decision: dict | None = None,
     train_settings: dict | None = None,
+    approval: dict | None = None,
 ) -> dict:
     """The index line of a publish: every field of ``INDEX_FIELDS`` (README, "Artifacts").
 
     ``metrics`` is the run's ``metrics.json`` (``test_accuracy`` and
     ``test_loss`` required), ``published_at`` an ISO 8601 UTC time,
-    ``decision`` the gate's ``decision.json`` (None: blessed and its reasons null).
+    ``decision`` the gate's ``decision.json`` (None: blessed and its reasons null),
+    ``approval`` the run's ``approval.json`` (publish_mode approval; None otherwise).
     """
     return {
         "run_id": run_id,
@@ -98,6 +114,7 @@ def index_line(
         "blessed": None if decision is None else decision["blessed"],
         "reasons": None if decision is None else list(decision.get("reasons", [])),
         "train_settings": train_settings,
+        "approval": approval,
     }
 
 
@@ -116,6 +133,23 @@ def parse_line(text: str | bytes, where: str) -> dict | None:
         log.warning("%s: not an index line (a JSON object with a string run_id and path); skipped", where)
         return None
     return _with_every_field(line)
+
+
+def parse_history_line(text: str | bytes, where: str) -> dict | None:
+    """A promotion history line with every field of ``PROMOTION_FIELDS``; None (and a warning) when malformed.
+
+    Malformed, as for the index: not JSON, not an object, or no string
+    ``run_id`` and ``path``. ``where`` names the line in the warning.
+    """
+    try:
+        line = json.loads(text)
+    except ValueError as error:
+        log.warning("%s: not valid JSON (%s); skipped", where, error)
+        return None
+    if not isinstance(line, dict) or not isinstance(line.get("run_id"), str) or not isinstance(line.get("path"), str):
+        log.warning("%s: not a promotion line (a JSON object with a string run_id and path); skipped", where)
+        return None
+    return {key: line.get(key) for key in PROMOTION_FIELDS}
 
 
 def _with_every_field(line: dict) -> dict:
@@ -199,17 +233,44 @@ class LocalStore:
         except OSError:
             return None
 
-    def point_champion(self, path: str) -> None:
-        """Point ``latest`` at ``path`` in one atomic rename."""
+    @contextlib.contextmanager
+    def champion_lock(self) -> Iterator[None]:
+        """Held by one writer of ``latest`` and the promotion history at a time."""
+        self.root.mkdir(parents=True, exist_ok=True)
         with file_lock(self.root / f".{LATEST}.lock"):
-            link = self.root / LATEST
-            tmp = temp_sibling(link)
-            os.symlink(path, tmp)
-            try:
-                os.replace(tmp, link)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            yield
+
+    def point_champion(self, path: str) -> None:
+        """Point ``latest`` at ``path`` in one atomic rename. Called with ``champion_lock`` held."""
+        link = self.root / LATEST
+        tmp = temp_sibling(link)
+        os.symlink(path, tmp)
+        try:
+            os.replace(tmp, link)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def history_name(self) -> str:
+        return str(self.root / PROMOTIONS)
+
+    def read_history(self) -> bytes:
+        """The promotion history's bytes (empty when there is none yet)."""
+        try:
+            return (self.root / PROMOTIONS).read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def append_history(self, text: bytes) -> None:
+        """Append complete lines to the promotion history, durably. Called with ``champion_lock`` held."""
+        with open(self.root / PROMOTIONS, "a+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            complete = _complete_length(handle, size)
+            if complete != size:  # a writer killed mid-line: that line was never complete, nor read
+                handle.truncate(complete)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def read_json(self, path: str, name: str) -> dict | None:
         """A JSON object of a published run folder (``path`` as in its index line), or None if unreadable."""
@@ -354,9 +415,26 @@ class S3Store:
         found = self._get(LATEST)
         return None if found is None else found[0].decode().strip() or None
 
+    @contextlib.contextmanager
+    def champion_lock(self) -> Iterator[None]:
+        """No lock: ``latest`` and the history each move by a conditional rewrite (compare-and-swap)."""
+        yield
+
     def point_champion(self, path: str) -> None:
         """Point ``latest`` at ``path``: a write conditional on the ETag read (compare-and-swap), retried."""
         self._swap(LATEST, lambda current: path.encode())
+
+    def history_name(self) -> str:
+        return f"s3://{self.bucket}/{self.key(PROMOTIONS)}"
+
+    def read_history(self) -> bytes:
+        """The promotion history's bytes (empty when there is none yet)."""
+        found = self._get(PROMOTIONS)
+        return b"" if found is None else found[0]
+
+    def append_history(self, text: bytes) -> None:
+        """Append complete lines to the history: a rewrite conditional on the ETag read, retried on conflict."""
+        self._swap(PROMOTIONS, lambda current: (current or b"") + text)
 
     def read_json(self, path: str, name: str) -> dict | None:
         """A JSON object of a published run folder on the store, or None if missing or unreadable."""
@@ -601,11 +679,69 @@ class Registry:
             self.store.append_index((text + "\n").encode())
         return True
 
-    def promote(self, path: str) -> None:
-        """Make the published folder ``path`` (``runs/<run>``) the champion."""
+    def promote(self, path: str, reason: str = "gate", *, user: str | None = None, comment: str | None = None,
+                dag_id: str | None = None, dag_run_id: str | None = None) -> dict | None:
+        """Make the published folder ``path`` (``runs/<run>``) the champion and append the change to the history.
+
+        ``reason`` is one of ``PROMOTION_REASONS``; ``approved`` and
+        ``by_hand`` need the ``user`` who decided. ``dag_id`` and
+        ``dag_run_id`` name the Airflow run that made the change. Returns the
+        history line appended, or None when ``latest`` already pointed at
+        ``path`` with the training the history last recorded there (no
+        change of champion). Raises ValueError for a path outside ``runs/``,
+        an unknown reason or a missing user.
+        """
         if not path.startswith(f"{RUNS}/"):
             raise ValueError(f"champion path {path!r}: expected {RUNS}/<run>")
-        self.store.point_champion(path)
+        if reason not in PROMOTION_REASONS:
+            raise ValueError(f"promotion reason {reason!r}: expected one of {', '.join(PROMOTION_REASONS)}")
+        if reason != "gate" and not (isinstance(user, str) and user):
+            raise ValueError(f"a promotion for the reason {reason!r} needs the name of the user who decided")
+        entry = self.find_path(path)
+        run_id = entry["run_id"] if entry else Path(path).name
+        fingerprint = entry["fingerprint"] if entry else None
+        with self.store.champion_lock():
+            previous = self.store.champion_path()
+            history = self.history()
+            last = history[0] if history else None
+            if (previous == path and last is not None and last["path"] == path
+                    and last["fingerprint"] == fingerprint):
+                return None
+            previous_entry = self.find_path(previous) if previous else None
+            line = {
+                "changed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "run_id": run_id,
+                "path": path,
+                "fingerprint": fingerprint,
+                "previous_run_id": (previous_entry["run_id"] if previous_entry else Path(previous).name)
+                if previous else None,
+                "previous_path": previous,
+                "reason": reason,
+                "user": user,
+                "comment": comment,
+                "dag_id": dag_id,
+                "dag_run_id": dag_run_id,
+            }
+            self.store.point_champion(path)
+            self.store.append_history((json.dumps(line, sort_keys=True) + "\n").encode())
+        return line
+
+    def history(self) -> list[dict]:
+        """Every change of champion, newest first: dicts with every field of ``PROMOTION_FIELDS``.
+
+        A line that is not a JSON object with a string ``run_id`` and
+        ``path`` is skipped with one warning naming the file and line; a
+        last line without its newline (a writer killed mid-line) is not read.
+        """
+        data = self.store.read_history()
+        name = self.store.history_name()
+        lines = []
+        for number, text in enumerate(data[: data.rfind(b"\n") + 1].split(b"\n")[:-1], start=1):
+            if text.strip():
+                line = parse_history_line(text, f"{name}:{number}")
+                if line is not None:
+                    lines.append(line)
+        return lines[::-1]
 
 
 def _as_text(text: bytes, line: dict) -> str:

@@ -1,0 +1,179 @@
+"""Promotions by hand and rollbacks: the alexnet_cifar10_promote DAG, the promotion history, the plugin's pages.
+
+The published runs are written by the pipeline's own evaluate, gate and
+publish from one tiny real training; the promote DAG runs through
+``airflow dags test`` on SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import airflow_bin, airflow_env
+from test_plugin import links, load_plugin_module, quoted, tokens  # noqa: F401  (tokens: a fixture)
+
+FIRST = "manual__2026-11-20T10:00:00+00:00"
+SECOND = "manual__2026-11-21T10:00:00+00:00"
+REFUSED = "manual__2026-11-22T10:00:00+00:00"
+
+
+
+def test_the_promote_dag_takes_a_run_id_and_a_reason_and_never_retries():
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    from conftest import ROOT
+
+    bag = DagBag(str(ROOT / "dags" / "alexnet_cifar10_promote.py"))
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.dags["alexnet_cifar10_promote"]
+    assert type(dag.timetable).__name__ == "NullTimetable" and [task.task_id for task in dag.tasks] == ["promote"]
+    task = dag.get_task("promote")
+    assert task.retries == 0 and [outlet.name for outlet in task.outlets] == ["alexnet_cifar10_model"]
+    import copy
+
+    def checked(conf: dict) -> dict:
+        params = copy.deepcopy(dag.params)
+        params.update(conf)
+        return params.validate()
+
+    assert checked({"run_id": "manual__x", "reason": "rollback"}) == {"run_id": "manual__x", "reason": "rollback"}
+    for bad in ({"run_id": "", "reason": "rollback"}, {"run_id": "manual__x", "reason": " "}, {"run_id": "manual__x"}):
+        with pytest.raises(ParamValidationError):
+            checked(bad)
+
+
+@pytest.fixture(scope="module")
+def published(trained_run, tmp_path_factory) -> Path:
+    """Artifacts where FIRST was blessed, then SECOND (the champion), and REFUSED was recorded without its model."""
+    from alexnet_tasks.evaluate import evaluate
+    from alexnet_tasks.layout import Layout
+    from alexnet_tasks.release.gate import gate
+    from alexnet_tasks.release.publish import publish
+
+    config, shards_dir, trained_dir, _ = trained_run
+    root = tmp_path_factory.mktemp("promote") / "artifacts"
+    layout = Layout(root)
+    for run_id in (FIRST, SECOND, REFUSED):
+        run_dir = layout.run(run_id)
+        shutil.copytree(trained_dir, run_dir)
+        evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5, test_time_augmentation="none")
+        gated = replace(config, accuracy_floor=1.0 if run_id == REFUSED else 0.0)
+        gate(run_dir, layout.published, gated, shards_dir, run_id)
+        publish(run_dir, run_id, layout.published, gated, dag_id="alexnet_cifar10")
+    return root
+
+
+def copy_of(published: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "artifacts"
+    shutil.copytree(published, root, symlinks=True)
+    return root
+
+
+def promote_dag(root: Path, home: Path, conf: dict) -> subprocess.CompletedProcess:
+    env = airflow_env(home, root)
+    subprocess.run([airflow_bin(), "db", "migrate"], env=env, check=True, capture_output=True)
+    return subprocess.run([airflow_bin(), "dags", "test", "alexnet_cifar10_promote", "-c", json.dumps(conf)],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_publish_records_each_blessed_run_in_the_history(published):
+    from alexnet_tasks.release.registry import Registry
+
+    registry = Registry(published / "published")
+    history = registry.history()
+    assert [(line["run_id"], line["previous_run_id"], line["reason"]) for line in history] == [
+        (SECOND, FIRST, "gate"), (FIRST, None, "gate")]
+    assert all(line["dag_id"] == "alexnet_cifar10" and line["user"] is None for line in history)
+    assert history[0]["dag_run_id"] == SECOND and registry.champion()["run_id"] == SECOND
+
+
+@pytest.mark.slow
+def test_a_rollback_through_the_promote_dag_moves_the_champion_back_and_appends_to_the_history(published, tmp_path):
+    from alexnet_tasks.release.registry import Registry
+
+    root = copy_of(published, tmp_path)
+    registry = Registry(root / "published")
+    before = (root / "published" / "promotions.jsonl").read_bytes()
+    run = promote_dag(root, tmp_path / "home", {"run_id": FIRST, "reason": "second misbehaves in production"})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert registry.champion()["run_id"] == FIRST
+    after = (root / "published" / "promotions.jsonl").read_bytes()
+    assert after.startswith(before) and after.count(b"\n") == before.count(b"\n") + 1, "appended, not rewritten"
+    newest = registry.history()[0]
+    assert (newest["run_id"], newest["previous_run_id"], newest["reason"]) == (FIRST, SECOND, "by_hand")
+    assert newest["comment"] == "second misbehaves in production" and newest["user"]
+    assert newest["dag_id"] == "alexnet_cifar10_promote" and newest["dag_run_id"].startswith("manual__")
+    # The model asset's event, with the extra the main DAG's publish gives it.
+    with sqlite3.connect(tmp_path / "home" / "airflow.db") as database:
+        rows = database.execute("SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id").fetchall()
+    assert [name for name, _ in rows] == ["alexnet_cifar10_model"]
+    extra = json.loads(rows[0][1])
+    assert extra["run_id"] == FIRST and extra["published"].endswith(registry.find(FIRST)["path"])
+    assert set(extra) >= {"run_id", "test_accuracy", "published", "fingerprint"}
+
+
+@pytest.mark.slow
+def test_an_unknown_run_fails_at_once_naming_it(published, tmp_path):
+    root = copy_of(published, tmp_path)
+    run = promote_dag(root, tmp_path / "home", {"run_id": "manual__no-such-run", "reason": "typo"})
+    assert run.returncode != 0
+    output = run.stdout + run.stderr
+    assert "run 'manual__no-such-run' is not in" in output and "index.jsonl" in output, output[-4000:]
+    assert (root / "published" / "promotions.jsonl").read_bytes() == \
+        (published / "published" / "promotions.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_run_recorded_without_its_model_cannot_become_the_champion(published, tmp_path):
+    from alexnet_tasks.errors import PermanentError
+    from alexnet_tasks.release.promote import promote_run
+    from alexnet_tasks.release.registry import Registry
+
+    root = copy_of(published, tmp_path)
+    with pytest.raises(PermanentError, match=rf"run '{REFUSED}' has no model in .*not blessed|run '{REFUSED}' has no model"):
+        promote_run(root / "published", REFUSED, "override the gate", "alice")
+    with pytest.raises(ValueError, match="reason must be a non-empty string"):
+        promote_run(root / "published", FIRST, "  ", "alice")
+    assert Registry(root / "published").champion()["run_id"] == SECOND
+
+
+@pytest.mark.slow
+def test_the_history_page_and_the_make_champion_link(published, tmp_path, tokens, monkeypatch):  # noqa: F811
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from alexnet_tasks.release.promote import promote_run
+
+    root = copy_of(published, tmp_path)
+    promote_run(root / "published", FIRST, "rollback <after> an incident", "alice", "alexnet_cifar10_promote",
+                "manual__rollback")
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(root))
+    module = load_plugin_module()
+    parent = FastAPI()
+    parent.mount(module.URL_PREFIX, module.app)
+    with TestClient(parent, base_url="http://airflow.test") as client:
+        client.cookies.set("_token", tokens["viewer"])
+        page = client.get("/alexnet/history")
+        assert page.status_code == 200
+        rows = page.text.split('<tr class="change"')[1:]
+        assert [row.split('data-run-id="')[1].split('"')[0] for row in rows] == [FIRST, SECOND, FIRST]
+        assert 'data-reason="by_hand"' in rows[0] and "rollback &lt;after&gt; an incident" in rows[0]
+        assert ">alice<" in rows[0] and f"runs/{quoted(SECOND)}" in rows[0]
+        assert "../dags/alexnet_cifar10_promote/runs/manual__rollback" in rows[0]
+        assert "blessed by the gate" in rows[1]
+        assert "history" in links(client.get("/alexnet/runs").text)
+
+        second = client.get(f"/alexnet/runs/{quoted(SECOND)}").text  # not the champion, has its model
+        assert 'id="make-champion"' in second and "../../dags/alexnet_cifar10_promote" in links(second)
+        assert json.loads(second.split('id="promote-conf">')[1].split("<")[0].replace("&#34;", '"'))["run_id"] == SECOND
+        assert 'id="make-champion"' not in client.get(f"/alexnet/runs/{quoted(FIRST)}").text  # the champion
+        assert 'id="make-champion"' not in client.get(f"/alexnet/runs/{quoted(REFUSED)}").text  # no model
