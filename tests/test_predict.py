@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 import json
 import os
 import shutil
@@ -110,3 +111,60 @@ def test_without_a_champion_or_a_folder_it_fails_naming_what_is_missing(tmp_path
     assert not (tmp_path / "out").exists(), "nothing written"
     with pytest.raises(MissingInputError, match="nowhere"):
         list_images(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.cluster
+def test_on_the_cluster_a_late_run_is_mailed_a_blessed_publish_triggers_predict_and_a_refused_one_does_not(
+        served_archive, smtp, monkeypatch):
+    """The native cluster with a 3-second run deadline: every run is late and mailed; the blessed one triggers
+    alexnet_cifar10_predict on the model asset, which scores the inbox; the refused one triggers nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import native_cluster, wait_for_runs
+
+    url, md5, artifacts = served_archive
+    inbox = artifacts / "inbox"
+    inbox.mkdir(parents=True)
+    Image.fromarray(np.full((40, 50, 3), 200, dtype=np.uint8)).save(inbox / "plain.png")
+    (inbox / "broken.jpg").write_bytes(b"not a jpeg")
+    monkeypatch.setenv("ALEXNET_RUN_DEADLINE_MINUTES", "0.05")
+    monkeypatch.setenv("AIRFLOW_CONN_ALEXNET_TEST_SMTP", json.dumps(
+        {"conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
+         "extra": {"disable_ssl": True, "disable_tls": True, "timeout": 10, "retry_limit": 0}}))
+    monkeypatch.setenv("ALEXNET_ALERT_SMTP_CONN", "alexnet_test_smtp")
+    monkeypatch.setenv("ALEXNET_ALERT_EMAIL", "oncall@example.com")
+    conf = {"source_url": url, "source_md5": md5, "image_size": 67, "epochs": 1, "validation_size": 50,
+            "batch_size": 16, "recipe": "reference", "accuracy_floor": 0.0}
+    with native_cluster(artifacts.parent / "cluster", "predict", redis_db=7) as (state, api):
+        api.patch("/api/v2/dags/alexnet_cifar10_predict", {"is_paused": False})
+        blessed = api.post("/api/v2/dags/alexnet_cifar10/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
+        [run] = wait_for_runs(api, [blessed], 900)
+        assert run["state"] == "success", run
+        deadline = time.monotonic() + 300
+        while True:
+            predicted = api.get("/api/v2/dags/alexnet_cifar10_predict/dagRuns")["dag_runs"]
+            if predicted and predicted[0]["state"] in ("success", "failed"):
+                break
+            assert time.monotonic() < deadline, f"no finished predict run: {predicted}"
+            time.sleep(2)
+        assert [item["state"] for item in predicted] == ["success"] and predicted[0]["run_type"] == "asset_triggered"
+        [folder] = (artifacts / "scored").iterdir()
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["scored"] == 1 and [Path(item["file"]).name for item in summary["skipped"]] == ["broken.jpg"]
+        assert summary["champion"] == blessed
+        def subjects() -> list[str]:
+            return [" ".join(str(received.message["Subject"]).split()) for received in smtp.messages]
+
+        deadline = time.monotonic() + 120  # the scheduler finds the missed deadline, the triggerer mails it
+        while not any(blessed in subject for subject in subjects()) and time.monotonic() < deadline:
+            time.sleep(2)
+        late = [subject for subject in subjects() if blessed in subject]
+        assert late and "has not finished by its deadline" in late[0], subjects()
+
+        refused = api.post("/api/v2/dags/alexnet_cifar10/dagRuns",
+                           {"logical_date": None, "conf": {**conf, "accuracy_floor": 1.0}})["dag_run_id"]
+        [run] = wait_for_runs(api, [refused], 900)
+        assert run["state"] == "success", run
+        time.sleep(20)  # what an asset event would have queued by now
+        assert len(api.get("/api/v2/dags/alexnet_cifar10_predict/dagRuns")["dag_runs"]) == 1, "nothing triggered"
