@@ -487,10 +487,10 @@ def test_compare_page_shows_what_differs_the_deltas_the_paired_table_curves_and_
         src = re.search(rf'id="confusion-matrix-{label}"[^>]*src="([^"]+)"', page).group(1)
         picture = client.get(urljoin(url, src))
         assert picture.status_code == 200 and picture.content == (runs / folder / "confusion_matrix.png").read_bytes()
-    for href in links(page) + links(page, "src"):
+    for href in map(html.unescape, links(page) + links(page, "src")):
         assert not href.startswith(("/", "http")), f"absolute link {href}"
         assert client.get(urljoin(url, href)).status_code == 200, href
-    swapped = client.get(urljoin(url, re.search(r'id="swap" href="([^"]+)"', page).group(1).replace("&amp;", "&")))
+    swapped = client.get(urljoin(url, html.unescape(re.search(r'id="swap" href="([^"]+)"', page).group(1))))
     assert cells(swapped.text, "headline")["test accuracy"][:2] == headline["test accuracy"][1::-1]
 
 

@@ -81,10 +81,13 @@ def differing_settings(first: RunView, second: RunView) -> list[tuple[str, Any, 
 
 
 def per_class_rows(first: RunView, second: RunView) -> list[Row]:
-    """Per-class test accuracy of both runs, in the first run's class order."""
+    """Per-class test accuracy of both runs, in the first run's class order (``class_names``)."""
     ours, theirs = (run.metrics.get("per_class_accuracy") for run in (first, second))
     ours, theirs = (value if isinstance(value, dict) else {} for value in (ours, theirs))
-    names = list(ours) + [name for name in theirs if name not in ours]
+    ordered = [name for run in (first, second) for name in (run.metrics.get("class_names") or [])
+               if isinstance(name, str)]
+    names = list(dict.fromkeys(ordered + list(ours) + list(theirs)))
+    names = [name for name in names if name in ours or name in theirs]
     return [Row(name, _number(ours.get(name)), _number(theirs.get(name))) for name in names]
 
 
