@@ -42,6 +42,8 @@ DEFAULT_ARTIFACTS = Path("~/alexnet-artifacts")
 DATA = "data"
 RUNS = "runs"  # also the folder of the published copies under published/
 PUBLISHED = "published"
+INBOX = "inbox"  # images the predict DAG scores when its form names no folder
+SCORED = "scored"  # scored/<predict run>/: the predict DAG's predictions.csv and summary.json
 
 # Under data/<source_md5>/.
 SOURCE = "source"  # the verified archive and, under EXTRACTED, its batches
@@ -164,6 +166,15 @@ class Layout:
     @property
     def published(self) -> Path:
         return self.root / PUBLISHED
+
+    @property
+    def inbox(self) -> Path:
+        """The predict DAG's default folder of images to score."""
+        return self.root / INBOX
+
+    def scored(self, run_id: str) -> Path:
+        """Where a predict run writes its predictions by default: ``scored/<run folder name>``."""
+        return self.root / SCORED / run_folder_name(run_id)
 
 
 def data_key(config: PipelineConfig) -> str:

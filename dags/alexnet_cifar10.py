@@ -73,7 +73,7 @@ from airflow.sdk import Asset, ExceptionRetryPolicy, Param, RetryAction, RetryRu
 from alexnet_tasks.config import PipelineConfig, param_specs, settings_for_run
 from alexnet_tasks.errors import PERMANENT, RETRYABLE, SETTINGS, SourceUnavailableError
 from alexnet_tasks.layout import MODEL, Layout
-from alexnet_tasks.ops.alerts import failure_notifier
+from alexnet_tasks.ops.alerts import failure_notifier, run_deadline
 from alexnet_tasks.progress import report
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,9 @@ def _ui_base_path() -> str:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=int(os.environ.get("ALEXNET_MAX_ACTIVE_RUNS", "1")),
+    # Alerts (the channels above) when a run has not finished in time: the recent average runtime plus
+    # ALEXNET_RUN_DEADLINE_MARGIN_MINUTES, or ALEXNET_RUN_DEADLINE_MINUTES after it was queued.
+    deadline=run_deadline(),
     default_args={
         "owner": "ml",
         "retries": 2,

@@ -10,7 +10,8 @@ An Airflow 3 plugin with:
   ``runs/<run_id>`` (one run's results, its approval and a "make champion"
   link to the ``alexnet_cifar10_promote`` DAG), ``runs/<run_id>/files/<name>`` (a
   named artifact of that run), ``history`` (every change of champion, newest
-  first, from ``published/promotions.jsonl``) and ``dags/<dag_id>/runs/<run_id>`` (the
+  first, from ``published/promotions.jsonl``), ``compare?a=<run_id>&b=<run_id>`` (two runs
+  side by side) and ``dags/<dag_id>/runs/<run_id>`` (the
   "Results" tab of a DAG run);
 - a Browse nav entry "AlexNet runs" and a "Results" tab on DAG runs (both
   external views, shown by Airflow's UI in an iframe);
@@ -44,9 +45,10 @@ from airflow.plugins_manager import AirflowPlugin
 from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
 from airflow.sdk import BaseOperatorLink
 
-from alexnet_tasks.layout import MODEL
+from alexnet_tasks.layout import CONFUSION_MATRIX, MODEL
 from alexnet_tasks.release.registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry
-from alexnet_tasks.ui.charts import accuracy_over_time, training_curves
+from alexnet_tasks.ui.charts import accuracy_over_time, compared_curves, training_curves
+from alexnet_tasks.ui.compare import compare_runs
 from alexnet_tasks.ui.runs import ARTIFACTS, RunView, artifact_path, find_run, load_details, published_root, runs_page
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ def _run_page(root: Path, run: RunView, plugin_root: str) -> HTMLResponse:
     per_class = run.metrics.get("per_class_accuracy")
     files = {name: artifact_path(run, root, name) is not None for name in ARTIFACTS}
     approval = run.entry.get("approval")
+    champion = Registry(root).champion()
+    champion_id = champion["run_id"] if champion and champion["entry"] else None
     return _page(
         "alexnet_run.html", run=run, plugin_root=plugin_root, airflow_root=plugin_root + "../",
         files=files, loss_chart=loss_chart, accuracy_chart=accuracy_chart,
@@ -102,7 +106,13 @@ def _run_page(root: Path, run: RunView, plugin_root: str) -> HTMLResponse:
         tensorboard=tensorboard_url(), folder_name=run.folder.name if run.folder else None,
         approval=approval if isinstance(approval, dict) else None, promote_dag=PROMOTE_DAG_ID,
         promote_conf=json.dumps({"run_id": run.run_id, "reason": ""}),
+        compare=compare_link(run.run_id, champion_id) if champion_id and champion_id != run.run_id else None,
     )
+
+
+def compare_link(first: str, second: str) -> str:
+    """The compare page of two runs, relative to the plugin's root: ``compare?a=<first>&b=<second>``."""
+    return "compare?" + urlencode({"a": first, "b": second})
 
 
 async def require_run_reader(request: Request) -> None:
@@ -150,9 +160,13 @@ def list_page(page: int = 1, size: int = DEFAULT_PAGE_SIZE, blessed: bool = Fals
     recipe = recipe or None
     runs, found = runs_page(root, (page - 1) * size, size, blessed=True if blessed else None, recipe=recipe)
     pages = max(1, -(-found.total // size))
+    # The compare form starts on the newest run that is not the champion (A) and the champion (B).
+    others = [run.run_id for run in runs if not run.champion]
+    champions = [run.run_id for run in runs if run.champion]
+    picked = (others + champions + [None])[0], (champions + others[1:] + [None])[0]
     return _page(
         "alexnet_runs.html", runs=runs, chart=accuracy_over_time(runs), plugin_root="", airflow_root="../",
-        root=str(root), page=page, pages=pages, total=found.total, blessed=blessed, recipe=recipe,
+        root=str(root), page=page, pages=pages, picked=picked, total=found.total, blessed=blessed, recipe=recipe,
         recipes=Registry(root).values("recipe"),
         newer=_list_link(page - 1, size, blessed, recipe) if found.has_newer else None,
         older=_list_link(page + 1, size, blessed, recipe) if found.has_older else None,
@@ -174,6 +188,27 @@ def history_page() -> HTMLResponse:
     root = published_root()
     return _page("alexnet_history.html", changes=Registry(root).history(), plugin_root="", airflow_root="../",
                  root=str(root), quote=lambda text: quote(text, safe=""))
+
+
+@app.get("/compare", response_class=HTMLResponse)
+def compare_page(a: str = "", b: str = "") -> HTMLResponse:
+    if not a or not b:
+        return _message("Pick two runs", "The compare page needs two runs: compare?a=<run id>&b=<run id>.", "", 400)
+    root = published_root()
+    comparison = compare_runs(root, a, b)
+    if comparison is None:
+        unknown = [run_id for run_id in (a, b) if find_run(root, run_id) is None]
+        return _message("Unknown run", f"No published run {unknown[0]!r} in the index.", "", 404)
+    first, second = comparison.first, comparison.second
+    loss_chart, accuracy_chart = compared_curves(first.history, second.history)
+    matrices = [(label, run, artifact_path(run, root, CONFUSION_MATRIX) is not None)
+                for label, run in (("A", first), ("B", second))]
+    return _page(
+        "alexnet_compare.html", plugin_root="", airflow_root="../", first=first, second=second,
+        settings=comparison.settings, headline=comparison.headline, per_class=comparison.per_class,
+        paired=comparison.paired, paired_missing=comparison.paired_missing, compared_as=comparison.compared_as,
+        loss_chart=loss_chart, accuracy_chart=accuracy_chart, matrices=matrices, swap=compare_link(b, a),
+    )
 
 
 @app.get("/runs/{run_id}/files/{name}")

@@ -311,3 +311,41 @@ def test_a_slow_mail_server_and_a_slow_webhook_together_hold_the_alert_one_deadl
         time.sleep(0.1)
     assert slow_smtp.closed_at is not None and slow_smtp.closed_at - returned < 2
     assert server.closed_at is not None and server.closed_at - returned < 2
+
+
+# --------------------------------------------------------------------------- the run deadline
+def test_run_deadline_is_the_average_runtime_plus_a_margin_unless_a_fixed_limit_is_set():
+    from datetime import timedelta
+
+    from airflow.sdk import AsyncCallback
+    from airflow.sdk.definitions.deadline import AverageRuntimeDeadline, DagRunQueuedAtDeadline
+
+    average = alerts.run_deadline({})
+    assert isinstance(average.reference, AverageRuntimeDeadline)
+    assert (average.reference.max_runs, average.reference.min_runs) == (alerts.AVERAGE_RUNS, alerts.MIN_AVERAGE_RUNS)
+    assert average.interval == timedelta(minutes=alerts.DEFAULT_RUN_DEADLINE_MARGIN_MINUTES)
+    assert alerts.run_deadline({alerts.RUN_DEADLINE_MARGIN_ENV: "15"}).interval == timedelta(minutes=15)
+    fixed = alerts.run_deadline({alerts.RUN_DEADLINE_ENV: "90", alerts.RUN_DEADLINE_MARGIN_ENV: "15"})
+    assert isinstance(fixed.reference, DagRunQueuedAtDeadline) and fixed.interval == timedelta(minutes=90)
+    assert isinstance(fixed.callback, AsyncCallback)
+    assert fixed.callback.path == "alexnet_tasks.ops.alerts.run_deadline_missed"
+    for bad in ("ten", "0", "-5", "inf", "nan"):
+        with pytest.raises(ValueError, match=rf"{alerts.RUN_DEADLINE_ENV}='{bad}'"):
+            alerts.run_deadline({alerts.RUN_DEADLINE_ENV: bad})
+
+
+def test_the_dag_carries_the_run_deadline_as_the_scheduler_reads_it(monkeypatch):
+    code = (
+        "import json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "from airflow.serialization.serialized_objects import DagSerialization\n"
+        f"dag = DagBag({str(Path(__file__).resolve().parent.parent / 'dags')!r}).dags['alexnet_cifar10']\n"
+        "print(json.dumps(DagSerialization.to_dict(dag)['dag']['deadline']))\n"
+    )
+    env = {**__import__("os").environ, alerts.RUN_DEADLINE_ENV: "0.5"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [deadline] = json.loads(run.stdout.splitlines()[-1])
+    assert deadline["reference"]["reference_type"] == "DagRunQueuedAtDeadline"
+    assert deadline["interval"]["__data__"] == 30.0
+    assert deadline["callback"]["__data__"]["path"] == "alexnet_tasks.ops.alerts.run_deadline_missed"

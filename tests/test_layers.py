@@ -15,6 +15,7 @@ LAYERS = (
     ("training",),
     ("evaluate",),
     ("release",),
+    ("serving",),
     ("ops",),
     ("ui",),
 )

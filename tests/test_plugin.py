@@ -173,6 +173,7 @@ def published(trained_run, tmp_path_factory) -> Path:
         gated = config if run_id == OLD_RUN else replace(config, accuracy_floor=1.0)
         gate(run_dir, layout.published, gated, shards_dir, run_id)
         publish(run_dir, run_id, layout.published, gated)
+    shutil.copytree(shards_dir, layout.shards(config))  # where a run's shards are: the compare page reads the test labels
     return root
 
 
@@ -434,3 +435,95 @@ def test_list_page_without_published_runs_says_so(client, tmp_path, monkeypatch)
     response = client.get("/alexnet/runs")
     assert response.status_code == 200 and "No published runs yet" in response.text
     assert client.get(f"/alexnet/dags/alexnet_cifar10/runs/{quoted(OLD_RUN)}").status_code == 404
+
+
+# --------------------------------------------------------------------------- compare two runs
+def cells(page: str, table: str) -> dict[str, list[str]]:
+    """``{row header: [cell texts]}`` of the table with id ``table``."""
+    body = re.search(rf'<table id="{table}">(.*?)</table>', page, re.S).group(1)
+    rows = re.findall(r"<tr><th>([^<]*)</th>(.*?)</tr>", body, re.S)
+    return {html.unescape(name): [html.unescape(re.sub(r"<[^>]+>", "", cell)).strip()
+                                  for cell in re.findall(r"<td[^>]*>(.*?)</td>", rest, re.S)] for name, rest in rows}
+
+
+@pytest.mark.slow
+def test_compare_page_shows_what_differs_the_deltas_the_paired_table_curves_and_both_matrices(client, published):
+    from alexnet_tasks.release.gate import mcnemar_p
+
+    url = f"http://airflow.test/alexnet/compare?a={quoted(NEW_RUN)}&b={quoted(OLD_RUN)}"
+    response = client.get(url)
+    assert response.status_code == 200, response.text[-2000:]
+    page = response.text
+    runs = published / "published" / "runs"
+    new, old = (json.loads((runs / folder / "metrics.json").read_text()) for folder in (new_folder(), old_folder()))
+    # Only the settings that differ: the gate's floor (the new run was gated with 1.0), not the shared image size.
+    settings = cells(page, "settings")
+    assert settings["accuracy_floor"] == ["1.0", str(index_entry(OLD_RUN)["config"]["accuracy_floor"])]
+    assert "image_size" not in settings and "recipe" not in settings
+    headline = cells(page, "headline")
+    assert headline["test accuracy"][:2] == [f"{new['test_accuracy']:.2%}", f"{old['test_accuracy']:.2%}"]
+    assert headline["test accuracy"][2] == f"{(new['test_accuracy'] - old['test_accuracy']) * 100:+.2f} pt"
+    assert headline["test loss"][2] == f"{new['test_loss'] - old['test_loss']:+.4f}"
+    per_class = cells(page, "per-class")
+    assert list(per_class) == new["class_names"]
+    for name in new["class_names"]:
+        a, b = new["per_class_accuracy"][name], old["per_class_accuracy"][name]
+        assert per_class[name] == [f"{a:.2%}", f"{b:.2%}", f"{(a - b) * 100:+.2f} pt"]
+    # The paired table is the gate's own comparison of the new run with the champion (plain predictions of both).
+    paired = json.loads((runs / new_folder() / "decision.json").read_text())["paired"]
+    shown = {name: int(re.search(rf'id="{name}">(\d+)<', page).group(1))
+             for name in ("both-right", "only-a", "only-b", "both-wrong")}
+    assert shown == {"both-right": paired["both_right"], "only-a": paired["only_challenger_right"],
+                     "only-b": paired["only_champion_right"], "both-wrong": paired["both_wrong"]}
+    assert sum(shown.values()) == new["test_images"]
+    p_value = mcnemar_p(paired["only_challenger_right"], paired["only_champion_right"])
+    assert re.search(r'id="mcnemar-p">([^<]+)<', page).group(1) == f"{p_value:.4f}"
+    assert "plain predictions" in page
+    # Both runs' curves on one loss and one accuracy chart; both confusion matrices, served.
+    curves = re.search(r'<div class="charts" id="curves">(.*?)</div>', page, re.S).group(1)
+    assert curves.count('<polyline class="series"') == 8
+    assert set(re.findall(r'data-series="([^"]+)"', curves)) == {"A train", "A validation", "B train", "B validation"}
+    for label, folder in (("a", new_folder()), ("b", old_folder())):
+        src = re.search(rf'id="confusion-matrix-{label}"[^>]*src="([^"]+)"', page).group(1)
+        picture = client.get(urljoin(url, src))
+        assert picture.status_code == 200 and picture.content == (runs / folder / "confusion_matrix.png").read_bytes()
+    for href in map(html.unescape, links(page) + links(page, "src")):
+        assert not href.startswith(("/", "http")), f"absolute link {href}"
+        assert client.get(urljoin(url, href)).status_code == 200, href
+    swapped = client.get(urljoin(url, html.unescape(re.search(r'id="swap" href="([^"]+)"', page).group(1))))
+    assert cells(swapped.text, "headline")["test accuracy"][:2] == headline["test accuracy"][1::-1]
+
+
+@pytest.mark.slow
+def test_run_page_links_to_the_comparison_with_the_champion_and_the_list_picks_two(client):
+    page = client.get(f"/alexnet/runs/{quoted(NEW_RUN)}").text
+    href = html.unescape(re.search(r'id="compare-with-champion" href="([^"]+)"', page).group(1))
+    url = urljoin(f"http://airflow.test/alexnet/runs/{quoted(NEW_RUN)}", href)
+    assert url == f"http://airflow.test/alexnet/compare?a={quoted(NEW_RUN)}&b={quoted(OLD_RUN)}"
+    assert client.get(url).status_code == 200
+    assert 'id="compare-with-champion"' not in client.get(f"/alexnet/runs/{quoted(OLD_RUN)}").text, "the champion itself"
+    # The list is a plain GET form: radio buttons a and b, the newest other run against the champion to start with.
+    listing = client.get("/alexnet/runs").text
+    form = re.search(r'<form id="compare" method="get" action="([^"]+)">(.*?)</form>', listing, re.S)
+    assert form.group(1) == "compare" and "<script" not in listing
+    checked = dict(re.findall(r'<input type="radio" name="(a|b)" value="([^"]+)"[^>]* checked>', form.group(2)))
+    assert checked == {"a": NEW_RUN, "b": OLD_RUN}
+    submitted = client.get(urljoin("http://airflow.test/alexnet/runs", form.group(1)),
+                           params={"a": OLD_RUN, "b": NEW_RUN})
+    assert submitted.status_code == 200 and re.search(r'id="run-a"[^>]*>([^<]+)<', submitted.text).group(1) == OLD_RUN
+
+
+@pytest.mark.slow
+def test_compare_page_names_an_unknown_run_and_says_why_there_is_no_paired_table(client, published, tmp_path,
+                                                                                  monkeypatch):
+    unknown = client.get(f"/alexnet/compare?a={quoted(NEW_RUN)}&b=nope")
+    assert unknown.status_code == 404 and "nope" in unknown.text
+    assert client.get(f"/alexnet/compare?a={quoted(NEW_RUN)}").status_code == 400
+    # Without the runs' shards (only published/ copied elsewhere) the figures are there, the paired table says why not.
+    elsewhere = tmp_path / "artifacts"
+    shutil.copytree(published / "published", elsewhere / "published", symlinks=True)
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(elsewhere))
+    page = client.get(f"/alexnet/compare?a={quoted(NEW_RUN)}&b={quoted(OLD_RUN)}")
+    assert page.status_code == 200 and 'id="headline"' in page.text
+    reason = re.search(r'<p id="paired" class="empty">(.*?)</p>', page.text, re.S).group(1)
+    assert "test shard" in reason and str(elsewhere / "data") in html.unescape(reason)

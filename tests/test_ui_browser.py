@@ -253,6 +253,23 @@ def browse_the_results(browser, base: str, line: dict, folder: Path) -> None:
     browser.switch_to.default_content()
     screenshot(browser, folder, "ui-run.png", frame_height=True)
 
+    # The compare page, picked in the list's plain form (the one run against itself: its A is checked already).
+    enter_plugin_frame(browser)
+    browser.find_element(By.CSS_SELECTOR, "nav.crumbs a").click()  # All AlexNet runs
+    wait_for(lambda: browser.find_element(By.ID, "compare-button"), message="the list's compare form")
+    browser.find_element(By.CSS_SELECTOR, "input[name='b']").click()
+    browser.find_element(By.ID, "compare-button").click()
+    loaded = wait_for(lambda: browser.execute_script(
+        "const images = Array.from(document.querySelectorAll('#confusion-matrices img'));"
+        "const curves = document.querySelectorAll('svg.curves polyline.series').length;"
+        "return images.length == 2 && images.every(image => image.complete && image.naturalWidth > 0)"
+        "  && curves == 8 ? curves : 0;"), message="the compare page's two confusion matrices and curves")
+    assert loaded == 8
+    assert browser.find_element(By.ID, "run-a").text == browser.find_element(By.ID, "run-b").text == run_id
+    assert browser.find_element(By.ID, "only-a").text == browser.find_element(By.ID, "only-b").text == "0"
+    assert browser.find_element(By.ID, "mcnemar-p").text == "1.0000"
+    browser.switch_to.default_content()
+
     # The DAG run's Results tab.
     browser.get(base + f"dags/alexnet_cifar10/runs/{quote(run_id, safe='')}")
     wait_for(lambda: browser.find_element(By.XPATH, "//a[normalize-space()='Results']"),

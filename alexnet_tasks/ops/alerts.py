@@ -336,3 +336,84 @@ def notify_not_blessed(decision: dict, run_id: str, *, dag_id: str | None = None
     notifier = _notifier_class()(alert=alert, settings=settings)
     notifier({"run_id": run_id})
     return notifier.outcome
+
+
+# --------------------------------------------------------------------------- the run deadline
+# A fixed limit for a whole DAG run, in minutes from when it was queued (fractions allowed); unset:
+# the recent average runtime plus RUN_DEADLINE_MARGIN_ENV minutes.
+RUN_DEADLINE_ENV = "ALEXNET_RUN_DEADLINE_MINUTES"
+RUN_DEADLINE_MARGIN_ENV = "ALEXNET_RUN_DEADLINE_MARGIN_MINUTES"
+DEFAULT_RUN_DEADLINE_MARGIN_MINUTES = 60.0
+# The average is taken over the last AVERAGE_RUNS finished runs, and only once MIN_AVERAGE_RUNS have finished.
+AVERAGE_RUNS = 10
+MIN_AVERAGE_RUNS = 3
+
+
+def _minutes(environ, name: str, default: float | None) -> float | None:
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}={text!r}: expected a number of minutes above 0")
+    return value
+
+
+def run_deadline(environ: dict | None = None):
+    """The DAG's ``DeadlineAlert``: alert when a run has not finished in time.
+
+    With ``ALEXNET_RUN_DEADLINE_MINUTES`` set, a run is late that many
+    minutes after it was queued. Otherwise it is late
+    ``ALEXNET_RUN_DEADLINE_MARGIN_MINUTES`` (default 60) after the average
+    runtime of the DAG's last ``AVERAGE_RUNS`` finished runs (counted from
+    when it was created); while fewer than ``MIN_AVERAGE_RUNS`` have finished
+    a run has no deadline. The scheduler checks deadlines; the triggerer
+    runs ``run_deadline_missed``. Raises ValueError naming the variable for a
+    value that is not a positive number of minutes.
+    """
+    from datetime import timedelta
+
+    from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    env = os.environ if environ is None else environ
+    fixed = _minutes(env, RUN_DEADLINE_ENV, None)
+    callback = AsyncCallback(run_deadline_missed)
+    if fixed is not None:
+        return DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(minutes=fixed),
+                             callback=callback, name="run deadline (fixed)")
+    margin = _minutes(env, RUN_DEADLINE_MARGIN_ENV, DEFAULT_RUN_DEADLINE_MARGIN_MINUTES)
+    return DeadlineAlert(reference=DeadlineReference.AVERAGE_RUNTIME(max_runs=AVERAGE_RUNS, min_runs=MIN_AVERAGE_RUNS),
+                         interval=timedelta(minutes=margin), callback=callback, name="run deadline (average runtime)")
+
+
+def deadline_alert(context: dict) -> Alert:
+    """The alert for a run past its deadline, from the context Airflow gives a deadline callback.
+
+    ``context["dag_run"]`` is the run as the REST API describes it,
+    ``context["deadline"]["deadline_time"]`` when it was due.
+    """
+    dag_run = context.get("dag_run") or {}
+    deadline = context.get("deadline") or {}
+    dag_id = dag_run.get("dag_id") or DEFAULT_DAG_ID
+    run_id = dag_run.get("dag_run_id") or dag_run.get("run_id")
+    due = deadline.get("deadline_time")
+    facts = {"DAG": dag_id, "run": run_id, "state": dag_run.get("state"), "due": due,
+             "queued": dag_run.get("queued_at"), "started": dag_run.get("start_date")}
+    return Alert(
+        subject=_subject(f"[{dag_id}] run {run_id} has not finished by its deadline {due}"),
+        text=f"The run {run_id} of {dag_id} was still {dag_run.get('state')} at its deadline.\n\n{_lines(facts)}\n",
+        payload={"event": "deadline_missed", "dag_id": dag_id, "run_id": run_id, "state": dag_run.get("state"),
+                 "deadline": None if due is None else str(due), "queued_at": dag_run.get("queued_at"),
+                 "start_date": dag_run.get("start_date")},
+    )
+
+
+async def run_deadline_missed(context: dict | None = None, **kwargs) -> dict[str, str]:
+    """The deadline's callback (run by the triggerer): send ``deadline_alert`` on the alert channels."""
+    import asyncio
+
+    alert = deadline_alert(context or {})
+    return await asyncio.to_thread(deliver, alert)

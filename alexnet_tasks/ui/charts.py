@@ -97,7 +97,7 @@ def line_chart(
                 f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{radius}" fill="{color}">'
                 f"<title>{html.escape(label)}: {html.escape(y_format(y))} at {html.escape(x_format(x))}</title></circle>"
             )
-        legend_x = left + 150 * number  # one row of legend entries between the title and the plot
+        legend_x = left + min(150, plot_w // len(series)) * number  # one row of legend entries above the plot
         parts.append(f'<line x1="{legend_x}" x2="{legend_x + 18}" y1="28" y2="28" stroke="{color}" stroke-width="3"/>')
         parts.append(f'<text x="{legend_x + 24}" y="32" class="legend">{html.escape(label)}</text>')
     parts.append("</svg>")
@@ -140,3 +140,20 @@ def training_curves(history: list) -> tuple[Markup, Markup]:
         "Accuracy per epoch", "epoch", "accuracy", y_format=lambda value: f"{value:.0%}", css_class="chart curves",
     )
     return loss, accuracy
+
+
+def compared_curves(first: list, second: list, first_label: str = "A", second_label: str = "B") -> tuple[Markup, Markup]:
+    """Loss and accuracy per epoch of two runs on one chart each: training and validation of both."""
+    def series(history, key):
+        entries = [entry for entry in history if isinstance(entry, dict)]
+        return [(float(entry.get("epoch", index + 1)), _number(entry.get(key))) for index, entry in enumerate(entries)]
+
+    def chart(key, title, y_label, **formats):
+        return line_chart(
+            [(f"{first_label} train", series(first, key)), (f"{first_label} validation", series(first, f"val_{key}")),
+             (f"{second_label} train", series(second, key)), (f"{second_label} validation", series(second, f"val_{key}"))],
+            title, "epoch", y_label, css_class="chart curves", **formats,
+        )
+
+    return (chart("loss", "Loss per epoch", "loss"),
+            chart("accuracy", "Accuracy per epoch", "accuracy", y_format=lambda value: f"{value:.0%}"))

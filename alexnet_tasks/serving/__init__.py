@@ -1,0 +1,1 @@
+"""The published model put to use: scoring images with the champion (``predict``)."""

@@ -1,0 +1,155 @@
+"""Two published runs side by side: what differs, by how much, and image by image.
+
+``compare_runs(root, first, second)`` builds the ``Comparison`` the compare
+page shows: the settings that differ, the headline figures and the per-class
+test accuracies of both with their deltas (first minus second), and the
+paired table of the gate (both right, only the first, only the second, both
+wrong, and the McNemar p-value) from the runs' per-image predictions and the
+test shard's labels.
+
+The paired table compares accuracies of the same kind, as the gate does: the
+headline predictions when both runs used the same test-time augmentation,
+otherwise the plain ones. It needs both runs scored on the same test images
+(``test_images_sha256``) and the test shard the runs name
+(``$ALEXNET_ARTIFACTS/data/<data_key>/test.h5``); without them the page says
+why there is no table. NumPy and h5py are imported only when a comparison is
+made (the gate's ``paired_counts``), never when the plugin loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alexnet_tasks.layout import DATA
+from alexnet_tasks.release.gate import _read_predictions, _test_labels, augmentation_kind, figures_of_kind, paired_counts
+from alexnet_tasks.ui.runs import RunView, _inside, _number, find_run, load_details
+
+log = logging.getLogger(__name__)
+
+# The headline figures: (label, how to read it from a RunView, "percent", "number" or "count").
+HEADLINE = (
+    ("test accuracy", lambda run: run.test_accuracy, "percent"),
+    ("plain test accuracy", lambda run: run.test_accuracy_plain, "percent"),
+    ("test loss", lambda run: run.test_loss, "number"),
+    ("validation accuracy", lambda run: run.validation_accuracy, "percent"),
+    ("epochs run", lambda run: _number(run.entry["epochs_run"]), "count"),
+    ("training seconds", lambda run: _number(run.entry["seconds"]), "count"),
+)
+
+
+@dataclass
+class Row:
+    """One figure of both runs and its delta (first minus second; None where either is unknown)."""
+
+    name: str
+    first: Any
+    second: Any
+    kind: str = "percent"  # how the page formats the values: percent, number or count
+
+    @property
+    def delta(self) -> float | None:
+        first, second = _number(self.first), _number(self.second)
+        return None if first is None or second is None else first - second
+
+
+@dataclass
+class Comparison:
+    """What the compare page shows of two runs (``first`` is A, ``second`` is B)."""
+
+    first: RunView
+    second: RunView
+    settings: list[tuple[str, Any, Any]] = field(default_factory=list)  # (setting, A's value, B's value), differing only
+    headline: list[Row] = field(default_factory=list)
+    per_class: list[Row] = field(default_factory=list)
+    compared_as: str = "none"  # the predictions the paired table compares: a test-time augmentation or none (plain)
+    paired: dict | None = None  # paired_counts() of A against B: only_challenger_right is "only A"
+    paired_missing: str | None = None  # why there is no paired table
+
+
+def _settings(run: RunView) -> dict:
+    return {name: value for name, value, _ in run.resolved_config}
+
+
+def differing_settings(first: RunView, second: RunView) -> list[tuple[str, Any, Any]]:
+    """``(setting, first's value, second's value)`` for every setting that differs, in the run page's order."""
+    ours, theirs = _settings(first), _settings(second)
+    names = list(ours) + [name for name in theirs if name not in ours]
+    return [(name, ours.get(name), theirs.get(name)) for name in names if ours.get(name) != theirs.get(name)]
+
+
+def per_class_rows(first: RunView, second: RunView) -> list[Row]:
+    """Per-class test accuracy of both runs, in the first run's class order (``class_names``)."""
+    ours, theirs = (run.metrics.get("per_class_accuracy") for run in (first, second))
+    ours, theirs = (value if isinstance(value, dict) else {} for value in (ours, theirs))
+    ordered = [name for run in (first, second) for name in (run.metrics.get("class_names") or [])
+               if isinstance(name, str)]
+    names = list(dict.fromkeys(ordered + list(ours) + list(theirs)))
+    names = [name for name in names if name in ours or name in theirs]
+    return [Row(name, _number(ours.get(name)), _number(theirs.get(name))) for name in names]
+
+
+def shards_of(root: Path, run: RunView) -> Path | None:
+    """The shard folder a run was trained and scored on, if it is a folder under the artifacts' ``data/``."""
+    key = run.entry.get("data_key")
+    if not isinstance(key, str) or not key or Path(key).is_absolute():
+        return None
+    data = (Path(root).parent / DATA).resolve()
+    folder = _inside(data, data / key)
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def _paired(root: Path, comparison: Comparison) -> None:
+    """Fill in the paired table, or the reason there is none."""
+    first, second = comparison.first, comparison.second
+    kind = augmentation_kind(first.metrics)
+    comparison.compared_as = kind if augmentation_kind(second.metrics) == kind else "none"
+    ours, theirs = (run.metrics.get("test_images_sha256") for run in (first, second))
+    if ours is None or theirs is None or ours != theirs:
+        comparison.paired_missing = ("the runs were scored on other test images" if ours and theirs else
+                                     "a run does not record which test images it was scored on")
+        return
+    if first.folder is None or second.folder is None:
+        comparison.paired_missing = "a run's published folder is missing"
+        return
+    paths = [figures_of_kind(run.metrics, run.folder, comparison.compared_as)[1] for run in (first, second)]
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        comparison.paired_missing = f"a run has no per-image predictions ({', '.join(missing)})"
+        return
+    shards = shards_of(root, first)
+    if shards is None:
+        comparison.paired_missing = (f"the test shard of data {first.entry.get('data_key')!r} is not under "
+                                     f"{Path(root).parent / DATA}")
+        return
+    try:
+        labels = _test_labels(shards, ours)
+        comparison.paired = paired_counts(*(_read_predictions(path) for path in paths), labels)
+    except (OSError, ValueError) as error:  # ShardError is a ValueError
+        log.warning("comparing %s with %s: %s", first.run_id, second.run_id, error)
+        comparison.paired_missing = str(error)
+
+
+def compare_runs(root: Path, first_id: str, second_id: str) -> Comparison | None:
+    """The comparison of two published runs (A = ``first_id``, B = ``second_id``); None when either is unknown.
+
+    ``root`` is ``published/``. Never raises for what the runs' files hold:
+    a missing or unreadable file leaves its part empty and, for the paired
+    table, sets ``paired_missing``.
+    """
+    first, second = find_run(root, first_id), find_run(root, second_id)
+    if first is None or second is None:
+        return None
+    for run in (first, second):
+        load_details(root, run)
+    comparison = Comparison(
+        first=first,
+        second=second,
+        settings=differing_settings(first, second),
+        headline=[Row(name, read(first), read(second), kind) for name, read, kind in HEADLINE],
+        per_class=per_class_rows(first, second),
+    )
+    _paired(root, comparison)
+    return comparison
