@@ -10,13 +10,14 @@ PACKAGE = ROOT / "alexnet_tasks"
 
 # Lowest first. A module may import from its own layer and the layers before it.
 LAYERS = (
-    ("config", "validation", "recipes", "layout", "atomic", "jsonio", "errors", "progress"),
+    ("config", "validation", "recipes", "layout", "atomic", "jsonio", "errors", "progress", "sweeps"),
     ("data",),
     ("training",),
     ("evaluate",),
     ("release",),
     ("ops",),
     ("ui",),
+    ("dag_tasks",),
 )
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 
