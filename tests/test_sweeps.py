@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,9 +27,51 @@ from alexnet_tasks.sweeps import (
     trial_label,
     trial_run_id,
 )
-from conftest import airflow_bin, airflow_env
+from alexnet_tasks.ui.charts import setting_chart
+from alexnet_tasks.ui.sweeps import load_sweep
+from conftest import ROOT, airflow_bin, airflow_env
+from test_plugin import load_plugin_module
 
 DAG_ID = "alexnet_cifar10_sweep"
+
+
+# --------------------------------------------------------------------------- the DAG
+@pytest.fixture(scope="module")
+def sweep_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags[DAG_ID]
+
+
+def test_the_sweep_dag_runs_the_data_steps_once_then_one_train_per_trial_on_the_gpu_queue(sweep_dag):
+    tasks = {task.task_id: task for task in sweep_dag.tasks}
+    assert set(tasks) == {"plan", "download", "split", "build_shards", "train", "select", "evaluate", "gate",
+                          "publish"}
+    assert tasks["download"].upstream_task_ids == {"plan"}
+    assert tasks["train"].upstream_task_ids == {"plan", "build_shards"}
+    assert tasks["train"].queue == "gpu" and tasks["train"].max_active_tis_per_dagrun == 1  # ALEXNET_GPU_WORKERS
+    assert "trial_name" in tasks["train"].map_index_template
+    assert tasks["select"].trigger_rule == "all_done" and "train" in tasks["select"].upstream_task_ids
+    assert type(sweep_dag.timetable).__name__ == "NullTimetable"  # manual trigger only
+    params = sweep_dag.params
+    for name in ("trials", "max_trials", "parallel", "image_size", "learning_rate", "source_url"):
+        assert name in params
+    assert params["parallel"] == 1
+    assert plan_trials(dict(params))  # the form's defaults make a sweep
+
+
+def test_the_sweep_dag_parses_without_tensorflow_numpy_or_h5py():
+    code = (
+        "import sys, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('d', {str(ROOT / 'dags' / 'alexnet_cifar10_sweep.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'h5py', 'numpy'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.splitlines()
+    assert out[-1] == ""
 
 
 # --------------------------------------------------------------------------- the grid
@@ -130,6 +174,13 @@ def test_the_best_trial_has_the_highest_validation_accuracy_then_the_lower_loss_
     assert best_trial([]) is None
 
 
+def test_a_setting_chart_puts_numbers_on_a_scale_and_words_one_tick_each():
+    numeric = setting_chart("learning_rate", [(0.01, 0.3), (0.04, 0.5), (0.02, None)], chosen=1)
+    assert numeric.count("<circle") == 2 and 'r="5"' in numeric and "polyline" not in numeric
+    words = setting_chart("recipe_options.decay", [("cosine", 0.4), ("linear", 0.45), ("cosine", 0.42)])
+    assert words.count("<circle") == 3 and ">cosine<" in words and ">linear<" in words
+
+
 # --------------------------------------------------------------------------- whole sweeps
 def _sweep(tmp_path: Path, archive, trials, **params) -> tuple[subprocess.CompletedProcess, Path, Path]:
     path, md5 = archive
@@ -156,7 +207,8 @@ def _last_epoch(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_sweep_trains_every_trial_tests_only_the_best_on_validation_and_publishes_it(small_archive, tmp_path):
+def test_a_sweep_trains_every_trial_tests_only_the_best_on_validation_and_publishes_it(
+        small_archive, tmp_path, monkeypatch):
     trials = {"learning_rate": [0.001, 0.01, 0.05]}
     run, artifacts, home = _sweep(tmp_path, small_archive, trials)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
@@ -186,6 +238,23 @@ def test_a_sweep_trains_every_trial_tests_only_the_best_on_validation_and_publis
     assert (layout.published / "latest").resolve() == (layout.published / line["path"]).resolve()
     assert Registry(layout.published).page(sweep=sweep_run_id).total == 1
     assert Registry(layout.published).page(sweep="another sweep").total == 0
+
+    # The sweep page: the trials best first, the chosen one marked, a chart per swept setting; it is the
+    # sweep run's Results tab.
+    view = load_sweep(layout.published, sweep_run_id)
+    order = sorted(range(3), key=lambda index: (-epochs[index]["val_accuracy"], epochs[index]["val_loss"], index))
+    assert [trial.number - 1 for trial in view.trials] == order and view.chosen.number - 1 == expected
+    assert [trial.settings for trial in sorted(view.trials, key=lambda trial: trial.number)] == [
+        {"learning_rate": 0.001}, {"learning_rate": 0.01}, {"learning_rate": 0.05}]
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(artifacts))
+    plugin = load_plugin_module()
+    tab = plugin.run_tab(DAG_ID, sweep_run_id).body.decode()
+    assert tab.count('<tr class="trial') == 3 and tab.count('<tr class="trial chosen"') == 1
+    assert f'data-trial="{expected + 1}"' in tab.split('<tr class="trial chosen"')[1].split(">")[0]
+    assert "Validation accuracy against learning_rate" in tab and tab.count("<circle") == 3
+    assert plugin.sweep_page(sweep_run_id).body.decode().count('<tr class="trial') == 3
+    listed = plugin.list_page(sweep=sweep_run_id).body.decode()
+    assert listed.count('<tr class="run"') == 1 and trial_run_id(sweep_run_id, expected) in listed
 
 
 @pytest.mark.slow
