@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from alexnet_tasks.sweeps import (
 )
 from alexnet_tasks.ui.charts import setting_chart
 from alexnet_tasks.ui.sweeps import load_sweep
-from conftest import ROOT, airflow_bin, airflow_env
+from conftest import ROOT, airflow_bin, airflow_env, native_cluster, wait_for_runs
 from test_plugin import load_plugin_module
 
 DAG_ID = "alexnet_cifar10_sweep"
@@ -299,3 +300,31 @@ def test_bad_trials_through_dags_test_are_refused_before_the_data_steps(small_ar
     assert "trial 2 (dropout=0.5): 'dropout' is not a training setting" in run.stdout + run.stderr
     assert [state for _, state, _, _ in _task_instances(home, "download")] != ["success"]
     assert not (artifacts / "data").exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_two_gpu_workers_train_two_trials_at_once(served_archive):
+    from urllib.parse import quote
+
+    url, md5, artifacts = served_archive
+    with native_cluster(artifacts.parent / "cluster", "sweep", redis_db=12, gpu_workers=2, dag_id=DAG_ID) as (
+            state, api):
+        conf = {"source_url": url, "source_md5": md5, "image_size": 67, "epochs": 2, "validation_size": 50,
+                "batch_size": 16, "recipe": "reference", "publish_mode": "always",
+                "trials": {"learning_rate": [0.001, 0.01]}, "parallel": 2}
+        run_id = api.post(f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
+        [run] = wait_for_runs(api, [run_id], 1200, dag_id=DAG_ID)
+        instances = api.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{quote(run_id)}/taskInstances")["task_instances"]
+        assert run["state"] == "success", [(ti["task_id"], ti["map_index"], ti["state"]) for ti in instances]
+        trains = sorted((ti for ti in instances if ti["task_id"] == "train"), key=lambda ti: ti["map_index"])
+        assert [ti["state"] for ti in trains] == ["success", "success"]
+        assert {ti["hostname"] for ti in trains} == {"worker-gpu", "worker-gpu-2"}
+        assert [ti["rendered_map_index"] for ti in trains] == ["1: learning_rate=0.001", "2: learning_rate=0.01"]
+        starts = [datetime.fromisoformat(ti["start_date"].replace("Z", "+00:00")) for ti in trains]
+        ends = [datetime.fromisoformat(ti["end_date"].replace("Z", "+00:00")) for ti in trains]
+        overlap = (min(ends) - max(starts)).total_seconds()
+        print(f"two trials' training intervals overlap by {overlap:.1f} s")
+        assert overlap > 0, list(zip(starts, ends))
+        [line] = read_index(artifacts / "published")
+        assert line["sweep"] == run_id
