@@ -115,15 +115,11 @@ def alexnet_cifar10_sweep():
 
     @task(trigger_rule="all_done")
     def select(trials: list[dict], **context) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from alexnet_tasks.release.sweeps import NoTrialFinishedError, select_trial
+        from alexnet_tasks.release.sweeps import select_trial
 
         _, layout, run_id = _pipeline_settings(context)
-        try:
-            return select_trial(layout, run_id, trials, context["dag"].dag_id)
-        except NoTrialFinishedError as error:
-            raise AirflowFailException(str(error)) from error
+        # No finished trial: NoTrialFinishedError, a PermanentError, fails the task at once (retry_policy).
+        return select_trial(layout, run_id, trials, context["dag"].dag_id)
 
     @task
     def evaluate(chosen: dict, **context) -> dict:
