@@ -114,11 +114,15 @@ def alexnet_cifar10_sweep():
             return train_step(config, layout, trial_run_id(run_id, trial["index"]))
 
     @task(trigger_rule="all_done")
-    def select(trials: list[dict], **context) -> dict:
+    def select(**context) -> dict:
         from alexnet_tasks.release.sweeps import select_trial
+        from alexnet_tasks.sweeps import plan_trials
 
+        # The trials again from the params, not from plan's XCom: when plan refused them there is none,
+        # and the same ValueError fails this task at once (retry_policy). No finished trial:
+        # NoTrialFinishedError, a PermanentError, fails it at once too.
+        trials = plan_trials(dict(context["params"]), GPU_WORKERS)
         _, layout, run_id = _pipeline_settings(context)
-        # No finished trial: NoTrialFinishedError, a PermanentError, fails the task at once (retry_policy).
         return select_trial(layout, run_id, trials, context["dag"].dag_id)
 
     @task
@@ -142,8 +146,8 @@ def alexnet_cifar10_sweep():
     trials >> download() >> split() >> shards
     trained = train.expand(trial=trials)
     shards >> trained
-    chosen = select(trials)
-    trained >> chosen
+    chosen = select()
+    [trials, trained] >> chosen
     evaluate(chosen) >> gate(chosen) >> publish(chosen)
 
 

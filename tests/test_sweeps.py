@@ -183,7 +183,7 @@ def test_a_setting_chart_puts_numbers_on_a_scale_and_words_one_tick_each():
 
 
 # --------------------------------------------------------------------------- whole sweeps
-def _sweep(tmp_path: Path, archive, trials, **params) -> tuple[subprocess.CompletedProcess, Path, Path]:
+def _sweep(tmp_path: Path, archive, trials, timeout: float = 1500, **params) -> tuple[subprocess.CompletedProcess, Path, Path]:
     path, md5 = archive
     artifacts, home = tmp_path / "artifacts", tmp_path / "home"
     env = airflow_env(home, artifacts)
@@ -193,7 +193,7 @@ def _sweep(tmp_path: Path, archive, trials, **params) -> tuple[subprocess.Comple
         "batch_size": 16, "recipe": "reference", "publish_mode": "always", "trials": trials, **params,
     }
     run = subprocess.run([airflow_bin(), "dags", "test", DAG_ID, "-c", json.dumps(conf)],
-                         env=env, capture_output=True, text=True, timeout=1500)
+                         env=env, capture_output=True, text=True, timeout=timeout)
     return run, artifacts, home
 
 
@@ -295,10 +295,11 @@ def test_a_sweep_in_which_every_trial_failed_fails_and_records_them(small_archiv
 
 @pytest.mark.slow
 def test_bad_trials_through_dags_test_are_refused_before_the_data_steps(small_archive, tmp_path):
-    run, artifacts, home = _sweep(tmp_path, small_archive, [{"learning_rate": 0.01}, {"dropout": 0.5}])
+    run, artifacts, home = _sweep(tmp_path, small_archive, [{"learning_rate": 0.01}, {"dropout": 0.5}], timeout=300)
     assert run.returncode != 0 or _task_instances(home, "plan")[0][1] == "failed"
     assert "trial 2 (dropout=0.5): 'dropout' is not a training setting" in run.stdout + run.stderr
     assert [state for _, state, _, _ in _task_instances(home, "download")] != ["success"]
+    assert [state for _, state, _, _ in _task_instances(home, "select")] == ["failed"]  # at once, not retried
     assert not (artifacts / "data").exists()
 
 
