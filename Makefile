@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONF ?= {}
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: setup run test test-prerequisites test-fast bench clean constraints-gpu
+.PHONY: setup run sweep test test-prerequisites test-fast bench clean constraints-gpu
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: requirements.txt requirements-base.txt constraints.txt pypro
 
 run: setup
 	CONF='$(CONF)' scripts/run_local.sh
+
+# `make sweep CONF='{..., "trials": {"learning_rate": [0.02, 0.04]}}'`: the sweep DAG in process (docs/sweeps.md).
+sweep: setup
+	ALEXNET_DAG=alexnet_cifar10_sweep CONF='$(CONF)' scripts/run_local.sh
 
 # Chromium and its driver (apt-get, through sudo when not root), PostgreSQL and Redis started.
 test-prerequisites:

@@ -292,3 +292,37 @@ def exclusive_pid_lock(path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+@contextlib.contextmanager
+def slot_lock(folder: Path, slots: int, poll_seconds: float = 2.0) -> Iterator[int]:
+    """Hold one of ``slots`` numbered locks in ``folder`` (``slot-0.lock``...) while the block runs; yields its number.
+
+    At most ``slots`` holders run the block at once, on every host sharing
+    ``folder``; the others wait, polling every ``poll_seconds``. A holder
+    that dies frees its slot. Raises ValueError when ``slots`` is below 1.
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be 1 or more, got {slots}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    started, announced = time.monotonic(), False
+    while True:
+        for number in range(slots):
+            handle = open(folder / f"slot-{number}.lock", "a+b")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            if announced:
+                log.info("waited %.1f s for one of %d slots in %s", time.monotonic() - started, slots, folder)
+            try:
+                yield number
+            finally:
+                handle.close()
+            return
+        if not announced:
+            log.info("all %d slots in %s are taken; waiting for one", slots, folder)
+            announced = True
+        time.sleep(poll_seconds)

@@ -7,10 +7,12 @@ Every artifact lives under one root (``$ALEXNET_ARTIFACTS``, default
     data/<source_md5>/split-<key>/         manifest.json (exact source indices)
     data/<source_md5>/shards-<key>/        train.h5, validation.h5, test.h5
     runs/<run>/                            a run: the files named below
+    sweeps/<run>/slots/                    a sweep run's locks: at most ``parallel`` trials train at once
     published/runs/<run>/                  the published copy of a finished run
     published/latest -> runs/<run>         the champion, moved atomically once a run is complete
     published/index.jsonl                  one line per publish (alexnet_tasks.release.registry)
     published/index.sqlite                 a lookup table rebuilt from index.jsonl (may be deleted)
+    published/sweeps/<run>.json            a sweep's record: every trial, its validation figures, the chosen one
 
 A run's folder ``<run>`` is its id made safe for a folder name plus a short
 hash of the raw id (``run_folder_name``), so two run ids never share a folder.
@@ -84,6 +86,7 @@ INDEX = "index.jsonl"
 INDEX_TABLE = "index.sqlite"
 LATEST = "latest"
 PROMOTIONS = "promotions.jsonl"  # every change of champion, appended, never rewritten
+SWEEPS = "sweeps"  # published/sweeps/<run>.json: one record per sweep run
 
 RUN_NAME_LENGTH = 100  # readable part of a run folder's name, before its hash
 
@@ -175,6 +178,19 @@ class Layout:
     def scored(self, run_id: str) -> Path:
         """Where a predict run writes its predictions by default: ``scored/<run folder name>``."""
         return self.root / SCORED / run_folder_name(run_id)
+
+    def sweep_slots(self, run_id: str) -> Path:
+        """The lock files that cap how many trials of the sweep run ``run_id`` train at once."""
+        return self.root / SWEEPS / run_folder_name(run_id) / "slots"
+
+    def sweep_record(self, run_id: str) -> Path:
+        """The record of the sweep run ``run_id``: ``published/sweeps/<run>.json``."""
+        return sweep_record_path(self.published, run_id)
+
+
+def sweep_record_path(published_root: Path, run_id: str) -> Path:
+    """``<published_root>/sweeps/<run>.json``, the record of the sweep run ``run_id``."""
+    return Path(published_root) / SWEEPS / f"{run_folder_name(run_id)}.json"
 
 
 def data_key(config: PipelineConfig) -> str:

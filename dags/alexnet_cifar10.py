@@ -62,112 +62,41 @@ test split and publishes the model, metrics and TensorBoard logs.
 
 from __future__ import annotations
 
-import logging
 import os
 from datetime import timedelta
 
 import pendulum
 from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
-from airflow.sdk import Asset, ExceptionRetryPolicy, Param, RetryAction, RetryRule, dag, task
+from airflow.sdk import Asset, Param, dag, task
 
-from alexnet_tasks.config import PipelineConfig, param_specs, settings_for_run
-from alexnet_tasks.errors import PERMANENT, RETRYABLE, SETTINGS, SourceUnavailableError
-from alexnet_tasks.layout import MODEL, Layout
-from alexnet_tasks.ops.alerts import failure_notifier, run_deadline
+from alexnet_tasks.config import param_specs
+from alexnet_tasks.dag_tasks import (  # noqa: F401  (retry_policy, task_settings as _settings: for tests and scripts)
+    GPU_QUEUE,
+    TRAIN_TIMEOUT,
+    build_shards_step,
+    default_args,
+    download_step,
+    evaluate_step,
+    gate_step,
+    publish_step,
+    retry_policy,
+    split_step,
+    task_settings,
+    train_step,
+)
+from alexnet_tasks.ops.alerts import run_deadline
 from alexnet_tasks.progress import report
 
-log = logging.getLogger(__name__)
+_settings = task_settings
 
-GPU_QUEUE = os.environ.get("ALEXNET_GPU_QUEUE", "gpu")
 # Nightly at 02:00 UTC; ALEXNET_SCHEDULE sets another cron expression, or "none" for manual runs only.
 SCHEDULE = os.environ.get("ALEXNET_SCHEDULE", "0 2 * * *")
-TRAIN_TIMEOUT = timedelta(hours=int(os.environ.get("ALEXNET_TRAIN_TIMEOUT_HOURS", "12")))
-# A run someone watches on a terminal (`make run` sets it): a source that cannot be reached fails at
-# once, with the way to use a local copy, instead of keeping the run alive through retries.
-LOCAL_RUN = os.environ.get("ALEXNET_LOCAL_RUN", "") not in ("", "0")
 
 # The form is generated from PipelineConfig's fields: defaults, bounds, titles and
 # descriptions live there once (alexnet_tasks.config imports nothing heavy).
 PARAMS = {name: Param(**spec) for name, spec in param_specs().items()}
 # Every blessed model is an event on this asset; a downstream DAG runs on it with schedule=[MODEL_ASSET].
 MODEL_ASSET = Asset("alexnet_cifar10_model")
-
-
-def retry_policy(local_run: bool = False) -> ExceptionRetryPolicy:
-    """Which failures the task's retries may cure, in the order of ``alexnet_tasks.errors.is_permanent``.
-
-    The first matching rule wins: a ``PermanentError`` fails at once; any
-    other ``OSError`` (network, disk, a failed read) takes the task's retries;
-    a ``ValueError`` (settings that cannot fit the data) fails at once;
-    everything else takes the retries. With ``local_run``, a source that
-    cannot be reached (``SourceUnavailableError``) fails at once as well.
-    """
-    rules = [RetryRule(exception=list(PERMANENT), action=RetryAction.FAIL,
-                       reason="fails the same way on every try (alexnet_tasks.errors.PermanentError)")]
-    if local_run:
-        rules.append(RetryRule(exception=SourceUnavailableError, action=RetryAction.FAIL,
-                               reason="local run: a source that cannot be reached is not retried"))
-    rules += [
-        RetryRule(exception=list(RETRYABLE), action=RetryAction.DEFAULT),
-        RetryRule(exception=list(SETTINGS), action=RetryAction.FAIL,
-                  reason="settings that cannot fit the data fail the same way on every try"),
-    ]
-    return ExceptionRetryPolicy(rules=rules)
-
-
-# Progress lines of every task (alexnet_tasks.progress): `make run` shows them on the terminal.
-def _try(context) -> str:
-    number = context["ti"].try_number
-    return f" (try {number})" if number else ""  # `tasks test` runs try 0
-
-
-def _error(context) -> str:
-    error = context.get("exception")
-    return f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-
-
-def _step_started(context) -> None:
-    report("%s: started%s", context["ti"].task_id, _try(context))
-
-
-def _step_succeeded(context) -> None:
-    report("%s: done", context["ti"].task_id)
-
-
-def _step_skipped(context) -> None:
-    reason = context.get("exception")
-    report("%s: skipped%s", context["ti"].task_id, f": {reason}" if reason else "")
-
-
-def _step_failed(context) -> None:
-    report("%s: FAILED%s: %s", context["ti"].task_id, _try(context), _error(context))
-
-
-def _step_retried(context) -> None:
-    report("%s: failed%s, to be retried: %s", context["ti"].task_id, _try(context), _error(context))
-
-
-def _settings(context) -> tuple[PipelineConfig, Layout, str]:
-    """The validated config, the artifact layout and the run id of the running task, from its context.
-
-    A scheduled (or backfill) run trains with a seed derived from its logical
-    date; a manual or triggered run with the form's ``seed``.
-    """
-    # The run's params; a task's own params (approve's form) are not pipeline settings.
-    form = PipelineConfig.from_dict({name: value for name, value in context["params"].items() if name in PARAMS})
-    dag_run = context.get("dag_run")
-    run_type = getattr(dag_run, "run_type", None)
-    config = settings_for_run(form, run_type, context.get("logical_date"))
-    if config.seed != form.seed:
-        log.info("%s run: training seed %d, derived from the logical date %s",
-                 getattr(run_type, "value", run_type), config.seed, context.get("logical_date"))
-    run_id = context["run_id"]
-    if run_id.startswith("__airflow_temporary_run_"):
-        # `airflow tasks test` makes a new temporary run id per call; key its outputs by the
-        # logical date and the settings instead, so that steps tested one by one with the same
-        # params find each other's outputs, and steps tested with other params never do.
-        run_id = f"tasks_test__{context['logical_date'].isoformat()}__{config.settings_digest()[:8]}"
-    return config, Layout(), run_id
 
 
 class PromotionApproval(ApprovalOperator):
@@ -190,7 +119,7 @@ class PromotionApproval(ApprovalOperator):
         from alexnet_tasks.release import approval
         from alexnet_tasks.release.publish import read_decision
 
-        config, layout, run_id = _settings(context)
+        config, layout, run_id = task_settings(context)
         if config.publish_mode != "approval":
             raise AirflowSkipException(f"publish_mode {config.publish_mode}: no approval asked")
         decision = read_decision(layout.run(run_id))
@@ -210,7 +139,7 @@ class PromotionApproval(ApprovalOperator):
         chosen = answer["chosen_options"][0]
         outcome = "timed_out" if event.get("timedout") else "approved" if chosen == self.APPROVE else "rejected"
         user = answer["responded_by_user"]
-        _, layout, run_id = _settings(context)
+        _, layout, run_id = task_settings(context)
         run_dir = layout.run(run_id)
         decision = read_decision(run_dir) or {}
         recorded = approval.record(
@@ -237,24 +166,12 @@ def _ui_base_path() -> str:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=int(os.environ.get("ALEXNET_MAX_ACTIVE_RUNS", "1")),
-    # Alerts (the channels above) when a run has not finished in time: the recent average runtime plus
+    # Alerts (the alert channels) when a run has not finished in time: the recent average runtime plus
     # ALEXNET_RUN_DEADLINE_MARGIN_MINUTES, or ALEXNET_RUN_DEADLINE_MINUTES after it was queued.
     deadline=run_deadline(),
-    default_args={
-        "owner": "ml",
-        "retries": 2,
-        "retry_delay": timedelta(seconds=int(os.environ.get("ALEXNET_RETRY_DELAY_SECONDS", "120"))),
-        "retry_exponential_backoff": True,
-        # Permanent errors fail on their first try; the rest take the retries above.
-        "retry_policy": retry_policy(LOCAL_RUN),
-        "on_execute_callback": _step_started,
-        "on_success_callback": _step_succeeded,
-        "on_skipped_callback": _step_skipped,
-        "on_retry_callback": _step_retried,
-        # Mails and/or posts the failure after the last try (ALEXNET_ALERT_EMAIL, ALEXNET_ALERT_WEBHOOK);
-        # a logged no-op when neither is set.
-        "on_failure_callback": [_step_failed, failure_notifier()],
-    },
+    # Two retries with backoff under the retry policy (permanent errors fail at once), progress lines,
+    # failure alerts (alexnet_tasks.dag_tasks.default_args).
+    default_args=default_args(),
     params=PARAMS,
     tags=["ml", "cifar10", "alexnet", "tensorflow"],
     doc_md=__doc__,
@@ -262,79 +179,35 @@ def _ui_base_path() -> str:
 def alexnet_cifar10():
     @task
     def download(**context) -> dict:
-        from alexnet_tasks.data.download import download
-
-        config, layout, _ = _settings(context)
-        result = download(config.source_url, config.source_md5, layout.root)
-        config.check_against_source(result["train_images"])
-        return result
+        config, layout, _ = task_settings(context)
+        return download_step(config, layout)
 
     @task
     def split(**context) -> dict:
-        from alexnet_tasks.data.split import split
-
-        config, layout, _ = _settings(context)
-        return split(layout.batches(config.source_md5), config, layout.root)
+        config, layout, _ = task_settings(context)
+        return split_step(config, layout)
 
     @task
     def build_shards(**context) -> dict:
-        from alexnet_tasks.data.shards import build_shards
-
-        config, layout, _ = _settings(context)
-        return build_shards(
-            layout.batches(config.source_md5),
-            layout.manifest(config),
-            config,
-            layout.root,
-        )
+        config, layout, _ = task_settings(context)
+        return build_shards_step(config, layout)
 
     @task(queue=GPU_QUEUE, execution_timeout=TRAIN_TIMEOUT)
     def train(**context) -> dict:
-        from alexnet_tasks.training.train import train
-
-        config, layout, run_id = _settings(context)
-        return train(layout.shards(config), layout.run(run_id), config)
+        return train_step(*task_settings(context))
 
     @task
     def evaluate(**context) -> dict:
-        from alexnet_tasks.evaluate import evaluate
-
-        config, layout, run_id = _settings(context)
-        run_dir = layout.run(run_id)
-        return evaluate(run_dir / MODEL, layout.shards(config), run_dir, config.source_md5,
-                        test_time_augmentation=config.resolved_test_time_augmentation())
+        return evaluate_step(*task_settings(context))
 
     @task
     def gate(**context) -> dict:
-        from alexnet_tasks.release.gate import gate
-
-        config, layout, run_id = _settings(context)
-        return gate(layout.run(run_id), layout.published, config, layout.shards(config), run_id)
+        return gate_step(*task_settings(context))
 
     # Runs after approve whether it asked (approved or not) or was skipped.
     @task(outlets=[MODEL_ASSET], trigger_rule="none_failed")
     def publish(outlet_events=None, **context) -> dict:
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        from alexnet_tasks.release.publish import publish
-
-        config, layout, run_id = _settings(context)
-        result = publish(layout.run(run_id), run_id, layout.published, config, dag_id=context["dag"].dag_id)
-        if result["blessed"] is False:
-            # Recorded in the index, latest left on the champion: an expected outcome, not a failure,
-            # that the alert channels (when configured) are told of.
-            from alexnet_tasks.ops.alerts import notify_not_blessed
-            from alexnet_tasks.release.publish import effective_decision
-
-            notify_not_blessed(effective_decision(layout.run(run_id)), run_id)
-            raise AirflowSkipException(f"not blessed, so not published as latest: {'; '.join(result['reasons'])}")
-        outlet_events[MODEL_ASSET].extra = {
-            "run_id": run_id,
-            "test_accuracy": result["test_accuracy"],
-            "published": result["published"],
-            "fingerprint": result["fingerprint"],
-        }
-        return result
+        return publish_step(*task_settings(context), outlet_events, MODEL_ASSET, dag_id=context["dag"].dag_id)
 
     approve = PromotionApproval(
         task_id="approve",

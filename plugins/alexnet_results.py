@@ -6,13 +6,16 @@ An Airflow 3 plugin with:
   inline SVG charts, no JavaScript, relative URLs only, so it works under an
   ``[api] base_url`` sub-path):
   ``runs`` (the published runs, newest first, a page at a time:
-  ``?page=2&size=50``, filtered with ``?blessed=true`` and ``?recipe=fast``),
+  ``?page=2&size=50``, filtered with ``?blessed=true``, ``?recipe=fast`` and
+  ``?sweep=<sweep run id>``),
   ``runs/<run_id>`` (one run's results, its approval and a "make champion"
   link to the ``alexnet_cifar10_promote`` DAG), ``runs/<run_id>/files/<name>`` (a
   named artifact of that run), ``history`` (every change of champion, newest
   first, from ``published/promotions.jsonl``), ``compare?a=<run_id>&b=<run_id>`` (two runs
-  side by side) and ``dags/<dag_id>/runs/<run_id>`` (the
-  "Results" tab of a DAG run);
+  side by side), ``sweeps/<run_id>`` (a sweep's trials, best
+  first, with a chart of validation accuracy against each swept setting) and
+  ``dags/<dag_id>/runs/<run_id>`` (the "Results" tab of a DAG run: the run's
+  results for ``alexnet_cifar10``, the sweep page for ``alexnet_cifar10_sweep``);
 - a Browse nav entry "AlexNet runs" and a "Results" tab on DAG runs (both
   external views, shown by Airflow's UI in an iframe);
 - an extra link "AlexNet results" on the train, evaluate and publish task
@@ -50,11 +53,13 @@ from alexnet_tasks.release.registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Reg
 from alexnet_tasks.ui.charts import accuracy_over_time, compared_curves, training_curves
 from alexnet_tasks.ui.compare import compare_runs
 from alexnet_tasks.ui.runs import ARTIFACTS, RunView, artifact_path, find_run, load_details, published_root, runs_page
+from alexnet_tasks.ui.sweeps import load_sweep
 
 log = logging.getLogger(__name__)
 
 DAG_ID = "alexnet_cifar10"
 PROMOTE_DAG_ID = "alexnet_cifar10_promote"  # dags/alexnet_cifar10_promote.py: makes a published run the champion
+SWEEP_DAG_ID = "alexnet_cifar10_sweep"
 URL_PREFIX = "/alexnet"  # where Airflow mounts the app
 LIST_ROUTE = "alexnet-runs"  # UI route of the nav entry: /plugin/alexnet-runs
 TAB_ROUTE = "alexnet-results"  # UI route of the DAG run tab: /dags/<dag>/runs/<run>/plugin/alexnet-results
@@ -139,7 +144,7 @@ app = FastAPI(
 )
 
 
-def _list_link(page: int, size: int, blessed: bool, recipe: str | None) -> str:
+def _list_link(page: int, size: int, blessed: bool, recipe: str | None, sweep: str | None = None) -> str:
     """A relative link to a page of the list with the same filters."""
     query = {"page": page}
     if size != DEFAULT_PAGE_SIZE:
@@ -148,17 +153,20 @@ def _list_link(page: int, size: int, blessed: bool, recipe: str | None) -> str:
         query["blessed"] = "true"
     if recipe:
         query["recipe"] = recipe
+    if sweep:
+        query["sweep"] = sweep
     return "runs?" + urlencode(query)
 
 
 @app.get("/runs", response_class=HTMLResponse)
 def list_page(page: int = 1, size: int = DEFAULT_PAGE_SIZE, blessed: bool = False,
-              recipe: str | None = None) -> HTMLResponse:
+              recipe: str | None = None, sweep: str | None = None) -> HTMLResponse:
     if page < 1 or not 1 <= size <= MAX_PAGE_SIZE:
         return _message("No such page", f"page must be 1 or more and size 1 to {MAX_PAGE_SIZE}.", "", 400)
     root = published_root()
-    recipe = recipe or None
-    runs, found = runs_page(root, (page - 1) * size, size, blessed=True if blessed else None, recipe=recipe)
+    recipe, sweep = recipe or None, sweep or None
+    runs, found = runs_page(root, (page - 1) * size, size, blessed=True if blessed else None, recipe=recipe,
+                            sweep=sweep)
     pages = max(1, -(-found.total // size))
     # The compare form starts on the newest run that is not the champion (A) and the champion (B).
     others = [run.run_id for run in runs if not run.champion]
@@ -166,11 +174,27 @@ def list_page(page: int = 1, size: int = DEFAULT_PAGE_SIZE, blessed: bool = Fals
     picked = (others + champions + [None])[0], (champions + others[1:] + [None])[0]
     return _page(
         "alexnet_runs.html", runs=runs, chart=accuracy_over_time(runs), plugin_root="", airflow_root="../",
-        root=str(root), page=page, pages=pages, picked=picked, total=found.total, blessed=blessed, recipe=recipe,
+        root=str(root), page=page, pages=pages, picked=picked, total=found.total, blessed=blessed, recipe=recipe, sweep=sweep,
         recipes=Registry(root).values("recipe"),
-        newer=_list_link(page - 1, size, blessed, recipe) if found.has_newer else None,
-        older=_list_link(page + 1, size, blessed, recipe) if found.has_older else None,
+        newer=_list_link(page - 1, size, blessed, recipe, sweep) if found.has_newer else None,
+        older=_list_link(page + 1, size, blessed, recipe, sweep) if found.has_older else None,
     )
+
+
+def _sweep_page(sweep_id: str, plugin_root: str) -> HTMLResponse:
+    sweep = load_sweep(published_root(), sweep_id)
+    if sweep is None:
+        return _message(
+            "No sweep results yet",
+            f"Sweep run {sweep_id} has no record yet: it appears once its select task has run.", plugin_root, 404)
+    return _page("alexnet_sweep.html", sweep=sweep, plugin_root=plugin_root, airflow_root=plugin_root + "../",
+                 sweep_dag_id=SWEEP_DAG_ID, runs_link=plugin_root + _list_link(1, DEFAULT_PAGE_SIZE, False, None,
+                                                                              sweep_id))
+
+
+@app.get("/sweeps/{run_id}", response_class=HTMLResponse)
+def sweep_page(run_id: str) -> HTMLResponse:
+    return _sweep_page(run_id, "../")
 
 
 @app.get("/runs/{run_id}", response_class=HTMLResponse)
@@ -226,8 +250,11 @@ def run_file(run_id: str, name: str) -> FileResponse:
 @app.get("/dags/{dag_id}/runs/{run_id}", response_class=HTMLResponse)
 def run_tab(dag_id: str, run_id: str) -> HTMLResponse:
     plugin_root = "../../../"
+    if dag_id == SWEEP_DAG_ID:
+        return _sweep_page(run_id, plugin_root)
     if dag_id != DAG_ID:
-        return _message("No AlexNet results", f"Results are shown for runs of {DAG_ID}; {dag_id} is another DAG.",
+        return _message("No AlexNet results",
+                        f"Results are shown for runs of {DAG_ID} and {SWEEP_DAG_ID}; {dag_id} is another DAG.",
                         plugin_root, 200)
     root = published_root()
     run = find_run(root, run_id)

@@ -8,7 +8,7 @@ stops them cleanly. Settings come from ``deploy/airflow.env``, the file the
 compose services read, plus the host-specific addresses and the secrets (from
 ``.env`` when present, else generated once per cluster folder).
 
-    scripts/cluster.py start [--dir .cluster] [--port 8080] [--database alexnet_airflow] [--redis-db 7]
+    scripts/cluster.py start [--dir .cluster] [--port 8080] [--database alexnet_airflow] [--redis-db 7] [--gpu-workers 1]
     scripts/cluster.py trigger --conf '{"image_size": 67, "epochs": 1}' [--wait]
     scripts/cluster.py status
     scripts/cluster.py stop
@@ -17,7 +17,9 @@ The cluster folder (``.cluster/``, git-ignored) holds the secrets, the
 passwords file, the Airflow home, the logs and ``cluster.json``. The Celery
 broker uses a Redis database of its own (``--redis-db``, or ALEXNET_REDIS_DB;
 7 by default): the cluster flushes it at start only when it is empty or holds
-this project's leftovers, and never touches another database.
+this project's leftovers, and never touches another database. ``--gpu-workers N``
+starts N workers on the ``gpu`` queue (``worker-gpu``, ``worker-gpu-2``...) and
+sets ``ALEXNET_GPU_WORKERS=N`` for every component, so a sweep trains N trials at once.
 """
 
 from __future__ import annotations
@@ -50,6 +52,22 @@ WORKERS = {
     "worker-gpu": ("celery worker --queues gpu --concurrency 1", {"ALEXNET_WORKER_NAME": "worker-gpu"}),
 }
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def workers(gpu_workers: int = 1) -> dict[str, tuple[str, dict[str, str]]]:
+    """``WORKERS`` with ``gpu_workers`` workers on the gpu queue: ``worker-gpu``, then ``worker-gpu-2``..."""
+    if gpu_workers < 1:
+        raise ValueError(f"gpu_workers must be 1 or more, got {gpu_workers}")
+    found = dict(WORKERS)
+    arguments = WORKERS["worker-gpu"][0]
+    for number in range(2, gpu_workers + 1):
+        name = f"worker-gpu-{number}"
+        found[name] = (arguments, {"ALEXNET_WORKER_NAME": name})
+    return found
+
+
+def _workers(state: dict) -> dict[str, tuple[str, dict[str, str]]]:
+    return workers(int(state.get("gpu_workers", 1)))
 SECRET_KEYS = ("AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_API_SECRET_KEY", "AIRFLOW_ADMIN_PASSWORD")
 
 
@@ -108,6 +126,7 @@ def environment(state: dict) -> dict[str, str]:
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(folder / "passwords.json"),
         AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(state["log_ports"]["triggerer"]),
         ALEXNET_ARTIFACTS=state["artifacts"],
+        ALEXNET_GPU_WORKERS=str(state.get("gpu_workers", 1)),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
     )
     return env
@@ -272,7 +291,7 @@ def health(state: dict) -> dict:
         name: (report.get(name.replace("-", "_")) or {}).get("status")
         for name in ("metadatabase", "scheduler", "triggerer", "dag-processor")
     }
-    for name in WORKERS:
+    for name in _workers(state):
         log = Path(state["dir"]) / "logs" / f"{name}.log"
         result[name] = "healthy" if log.is_file() and b" ready." in log.read_bytes() else None
     for name in state["pids"]:
@@ -292,8 +311,10 @@ def start(args) -> dict:
         "port": args.port or free_port(),
         "database": args.database,
         "redis_db": args.redis_db,
+        "gpu_workers": getattr(args, "gpu_workers", 1),
         "artifacts": str(Path(os.environ.get("ALEXNET_ARTIFACTS") or (folder / "artifacts")).resolve()),
-        "log_ports": {"triggerer": free_port(), **{name: free_port() for name in WORKERS}},
+        "log_ports": {"triggerer": free_port(),
+                      **{name: free_port() for name in workers(getattr(args, "gpu_workers", 1))}},
         "secrets": _secrets(folder),
         "pids": {},
         "processes": {},
@@ -310,7 +331,7 @@ def start(args) -> dict:
     airflow = str(BIN / "airflow")
     for name in SERVICES:
         state["pids"][name], state["processes"][name] = _spawn(name, [airflow, name], env, folder)
-    for name, (arguments, extra) in WORKERS.items():
+    for name, (arguments, extra) in _workers(state).items():
         worker_env = {**env, **extra, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(state["log_ports"][name])}
         argv = [airflow, *shlex.split(arguments), "--celery-hostname", f"{name}@%h"]
         state["pids"][name], state["processes"][name] = _spawn(name, argv, worker_env, folder)
@@ -342,7 +363,7 @@ def stop(args) -> None:
     ours = [name for name in state["pids"] if _ours(name, state)]
     for name in sorted(set(state["pids"]) - set(ours)):
         print(f"{name}: pid {state['pids'][name]} is gone or is no longer the process the cluster started; left alone")
-    order = [name for name in [*WORKERS, *reversed(SERVICES)] if name in ours]
+    order = [name for name in [*_workers(state), *reversed(SERVICES)] if name in ours]
     for name in order:  # workers first, so no task is handed out while services stop
         os.killpg(state["pids"][name], signal.SIGTERM)
 
@@ -443,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-db", type=int, default=int(os.environ.get("ALEXNET_REDIS_DB") or DEFAULT_REDIS_DB),
         help="the Redis database of the Celery broker, the cluster's own (default: $ALEXNET_REDIS_DB or %(default)s)")
     start_parser.add_argument("--timeout", type=float, default=180)
+    start_parser.add_argument("--gpu-workers", type=int, default=1,
+                              help="workers on the gpu queue, each training one task at a time (default 1)")
     commands.add_parser("stop")
     commands.add_parser("status")
     trigger_parser = commands.add_parser("trigger")

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from alexnet_tasks.config import OFFICIAL_MD5, OFFICIAL_URL  # noqa: E402
+from alexnet_tasks.sweeps import TRIAL_SEPARATOR  # noqa: E402
 
+SWEEP_DAG_ID = "alexnet_cifar10_sweep"
 # `make run` without CONF on a machine where TensorFlow sees no GPU: a run that fits a laptop.
 CPU_PRESET = {"image_size": 67, "max_train_minutes": 15}
 # Where the README builds a local archive, and the MD5 of the one `make_archive.py` writes.
@@ -103,13 +105,17 @@ def closing_lines(artifacts: Path, since: float, airflow_home: Path) -> list[str
     lines = [f"test accuracy {_percent(plain)} (plain)"
              + ("" if augmentation == "none" else f", {_percent(accuracy)} with test-time augmentation {augmentation}")]
     decision_path = run_dir / "decision.json"
-    run_page = "http://127.0.0.1:8080/dags/alexnet_cifar10/runs"
+    dag_id = os.environ.get("ALEXNET_DAG") or "alexnet_cifar10"  # `make sweep`: alexnet_cifar10_sweep
+    run_page = f"http://127.0.0.1:8080/dags/{dag_id}/runs"
     if decision_path.is_file():
         decision = json.loads(decision_path.read_text())
         lines.append("gate: " + ("blessed, published as latest" if decision.get("blessed") else
                                  f"not blessed, recorded only ({decision.get('reason', '')})"))
         if decision.get("run_id"):
-            run_page += "/" + urllib.parse.quote(decision["run_id"], safe="") + "/plugin/alexnet-results"
+            run_id = decision["run_id"]
+            if dag_id == SWEEP_DAG_ID:  # the chosen trial's run id: the sweep's run id plus the trial
+                run_id = run_id.rsplit(TRIAL_SEPARATOR, 1)[0]
+            run_page += "/" + urllib.parse.quote(run_id, safe="") + "/plugin/alexnet-results"
     lines += [
         f"run folder: {run_dir}",
         f"UI: scripts/airflow.sh standalone, then open {run_page} "

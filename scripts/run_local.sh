@@ -2,6 +2,7 @@
 # `make run`: the whole DAG in process on an embedded SQLite metadata database (`airflow dags test`).
 #   CONF='{"image_size": 67, "epochs": 1}' scripts/run_local.sh
 #   scripts/run_local.sh    # no CONF: the defaults on a GPU, the CPU preset (67, 15 minutes) without one
+#   ALEXNET_DAG=alexnet_cifar10_sweep CONF='{"trials": ...}' scripts/run_local.sh   # `make sweep`: a sweep
 # AIRFLOW_HOME defaults to ./airflow_home, ALEXNET_ARTIFACTS to ~/alexnet-artifacts.
 # The terminal shows the pipeline's progress (steps, download bytes, one line per epoch); everything
 # else (Airflow's and TensorFlow's own output) goes to the log file named on the first line.
@@ -24,7 +25,7 @@ echo "params: $conf"
 echo "artifacts: $ALEXNET_ARTIFACTS   full log: $log"
 tail -n +1 -s 0.2 -f "$ALEXNET_PROGRESS_FILE" &
 follower=$!
-"$here/scripts/airflow.sh" dags test alexnet_cifar10 -c "$conf" >"$log" 2>&1
+"$here/scripts/airflow.sh" dags test "${ALEXNET_DAG:-alexnet_cifar10}" -c "$conf" >"$log" 2>&1
 status=$?
 sleep 0.5
 kill "$follower" 2>/dev/null

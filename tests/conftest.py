@@ -158,7 +158,7 @@ def trained_run(small_archive, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def native_cluster(folder: Path, name: str, redis_db: int):
+def native_cluster(folder: Path, name: str, redis_db: int, gpu_workers: int = 1, dag_id: str = "alexnet_cifar10"):
     """Start scripts/cluster.py's cluster in ``folder``; yield (state, REST client) with the DAG unpaused.
 
     Settings come from the environment (ALEXNET_ARTIFACTS, ALEXNET_SCHEDULE, ...),
@@ -169,19 +169,19 @@ def native_cluster(folder: Path, name: str, redis_db: int):
 
     database = f"alexnet_{name}_{os.getpid()}"
     args = argparse.Namespace(dir=str(folder), port=cluster.free_port(), database=database,
-                              redis_db=redis_db, timeout=300)
+                              redis_db=redis_db, timeout=300, gpu_workers=gpu_workers)
     state = cluster.start(args)
     try:
         api = cluster.client(state)
         deadline = time.monotonic() + 180
         while True:
             try:
-                api.get("/api/v2/dags/alexnet_cifar10")
+                api.get(f"/api/v2/dags/{dag_id}")
                 break
             except RuntimeError:
-                assert time.monotonic() < deadline, "the dag-processor never registered alexnet_cifar10"
+                assert time.monotonic() < deadline, f"the dag-processor never registered {dag_id}"
                 time.sleep(2)
-        api.patch("/api/v2/dags/alexnet_cifar10", {"is_paused": False})
+        api.patch(f"/api/v2/dags/{dag_id}", {"is_paused": False})
         yield state, api
     finally:
         cluster.stop(argparse.Namespace(dir=args.dir))
@@ -205,13 +205,13 @@ def served_archive(small_archive, http_server, tmp_path, monkeypatch) -> tuple[s
     return f"{base}/cifar.tar.gz", md5, artifacts
 
 
-def wait_for_runs(api, run_ids: list[str], timeout: float, each_poll=None) -> list[dict]:
+def wait_for_runs(api, run_ids: list[str], timeout: float, each_poll=None, dag_id: str = "alexnet_cifar10") -> list[dict]:
     """Poll the REST API until every run has finished; ``each_poll(runs)`` sees every poll."""
     from urllib.parse import quote
 
     deadline = time.monotonic() + timeout
     while True:
-        runs = [api.get(f"/api/v2/dags/alexnet_cifar10/dagRuns/{quote(run_id)}") for run_id in run_ids]
+        runs = [api.get(f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id)}") for run_id in run_ids]
         if each_poll is not None:
             each_poll(runs)
         if all(run["state"] in ("success", "failed") for run in runs):

@@ -121,6 +121,20 @@ def test_native_cluster_reads_the_same_shared_settings():
     for key, value in SHARED.items():
         assert env[key] == value, key
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:1234/execution/"
+    assert env["ALEXNET_GPU_WORKERS"] == "1"
+
+
+def test_native_cluster_starts_as_many_gpu_workers_as_asked_and_tells_the_dags():
+    assert list(cluster.workers()) == list(cluster.WORKERS) == ["worker", "worker-gpu"]
+    three = cluster.workers(3)
+    assert list(three) == ["worker", "worker-gpu", "worker-gpu-2", "worker-gpu-3"]
+    assert three["worker-gpu-3"] == (cluster.WORKERS["worker-gpu"][0], {"ALEXNET_WORKER_NAME": "worker-gpu-3"})
+    assert cluster.build_parser().parse_args(["start", "--gpu-workers", "2"]).gpu_workers == 2
+    state = {"dir": "/tmp/x", "database": "d", "redis_db": 3, "port": 1234, "artifacts": "/a", "gpu_workers": 3,
+             "log_ports": {"triggerer": 1}, "secrets": {k: "s" for k in cluster.SECRET_KEYS}}
+    assert cluster.environment(state)["ALEXNET_GPU_WORKERS"] == "3"
+    with pytest.raises(ValueError, match="gpu_workers must be 1 or more, got 0"):
+        cluster.workers(0)
 
 
 # --------------------------------------------------------------------------- the cluster

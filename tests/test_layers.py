@@ -10,7 +10,7 @@ PACKAGE = ROOT / "alexnet_tasks"
 
 # Lowest first. A module may import from its own layer and the layers before it.
 LAYERS = (
-    ("config", "validation", "recipes", "layout", "store", "atomic", "jsonio", "errors", "progress"),
+    ("config", "validation", "recipes", "layout", "store", "atomic", "jsonio", "errors", "progress", "sweeps"),
     ("data",),
     ("training",),
     ("evaluate",),
@@ -18,6 +18,7 @@ LAYERS = (
     ("serving",),
     ("ops",),
     ("ui",),
+    ("dag_tasks",),
 )
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 

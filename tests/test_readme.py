@@ -78,6 +78,21 @@ def test_the_local_archive_commands_agree_with_make_runs_message():
     assert (params["source_url"], params["source_md5"]) == (local_conf.LOCAL_ARCHIVE, local_conf.MAKE_ARCHIVE_MD5)
 
 
+def test_every_make_sweep_conf_is_a_sweep_whose_trials_all_pass_the_plan():
+    from alexnet_tasks.sweeps import plan_trials
+
+    found = 0
+    for page in PAGES:
+        for line in commands(page):
+            if not line.startswith("make sweep"):
+                continue
+            words = shlex.split(line, comments=True)
+            assert words[:2] == ["make", "sweep"] and len(words) == 3 and words[2].startswith("CONF="), line
+            assert len(plan_trials(json.loads(words[2].removeprefix("CONF=")))) >= 2, line
+            found += 1
+    assert found >= 2  # the README's and docs/sweeps.md's
+
+
 def test_links_between_pages_point_at_files_that_exist():
     for page in PAGES:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -107,9 +108,22 @@ def test_find_one_run_and_page_newest_first_with_filters(tmp_path):
     assert reference.total == sum(1 for number in range(25) if number % 2 and number % 3)
     assert registry.values("recipe") == ["fast", "reference"]
     for bad, message in (({"size": 0}, "page size 0"), ({"offset": -1}, "page offset -1"),
-                         ({"sweep": "x"}, "no filter 'sweep'")):
+                         ({"colour": "x"}, "no filter 'colour'")):
         with pytest.raises(ValueError, match=message):
             registry.page(**bad)
+
+
+def test_the_runs_of_one_sweep_are_a_filter(tmp_path):
+    metrics = {"test_accuracy": 0.5, "test_loss": 1.0}
+    lines = [index_line(f"sweep-{sweep}__trial{trial:02d}", metrics, "2026-11-29T02:00:00+00:00", PipelineConfig(),
+                        sweep={"sweep": f"sweep-{sweep}", "trial": f"learning_rate={trial}"})
+             for sweep in (1, 2) for trial in (0, 1)] + [entry("plain")]
+    registry = registry_with(tmp_path, lines)
+    found = registry.page(sweep="sweep-2")
+    assert [line["run_id"] for line in found.runs] == ["sweep-2__trial01", "sweep-2__trial00"]
+    assert [line["trial"] for line in found.runs] == ["learning_rate=1", "learning_rate=0"]
+    assert registry.values("sweep") == ["sweep-1", "sweep-2"]
+    assert registry.find("plain")["sweep"] is None and registry.page(sweep=None).total == 5
 
 
 def test_the_lookup_table_follows_appends_and_is_rebuilt_when_deleted_or_damaged(tmp_path):
@@ -299,3 +313,15 @@ def test_two_publishes_racing_on_s3_keep_every_index_line_and_one_consistent_cha
     champion = registry.champion()
     assert champion["path"] in {published_path("first-9"), published_path("second-9")}
     assert champion["entry"]["run_id"] in {"first-9", "second-9"}
+
+
+def test_a_lookup_table_built_before_the_sweep_filter_is_rebuilt_with_it(tmp_path):
+    import sqlite3
+
+    registry = registry_with(tmp_path, [entry("a"), entry("b")])
+    table = tmp_path / "published" / "index.sqlite"
+    with contextlib.closing(sqlite3.connect(table)) as db:  # the table as the version before sweeps built it
+        db.executescript("DROP INDEX runs_sweep; ALTER TABLE runs DROP COLUMN sweep;"
+                         "UPDATE source SET value = '2' WHERE name = 'schema';")
+    assert [line["run_id"] for line in registry.page(sweep=None).runs] == ["b", "a"]
+    assert registry.page(sweep="s").total == 0

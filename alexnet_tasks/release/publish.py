@@ -268,11 +268,11 @@ def _write_copy(run: _Publish) -> str:
     return "recorded" if not run.promote else "replaced" if other_training else "published"
 
 
-def _write_index(run: _Publish, config: PipelineConfig | None) -> None:
+def _write_index(run: _Publish, config: PipelineConfig | None, sweep: dict | None = None) -> None:
     """Write phase: the run's index line, then (blessed) the champion."""
     entry = index_line(run.run_id, run.metrics, datetime.now(timezone.utc).isoformat(timespec="seconds"), config,
                        _fingerprint_part(run.run_dir, "code_version"), run.decision,
-                       _fingerprint_part(run.run_dir, "settings"), run.approval)
+                       _fingerprint_part(run.run_dir, "settings"), run.approval, sweep)
     run.registry.record(entry)
     if run.promote:
         approved = run.approval is not None and run.approval["approved"]
@@ -283,11 +283,13 @@ def _write_index(run: _Publish, config: PipelineConfig | None) -> None:
 
 
 def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineConfig | None = None,
-            keep_runs: int | None = None, dag_id: str | None = None) -> dict:
+            keep_runs: int | None = None, dag_id: str | None = None, sweep: dict | None = None) -> dict:
     """Publish ``run_dir`` as ``run_id`` as the gate decided; returns the published path and headline metrics.
 
     ``config``, the run's pipeline settings, goes into the index line with the
-    data key it implies (both None if not given); the gate's ``decision.json``,
+    data key it implies (both None if not given); ``sweep``, for the chosen
+    trial of a sweep, ``{"sweep": <sweep run id>, "trial": <what it changes>}``
+    goes into the line's ``sweep`` and ``trial``; the gate's ``decision.json``,
     when the run has one, gives the line's ``blessed`` and ``reasons``.
 
     A blessed run (or one without a decision) is copied whole, indexed and
@@ -324,7 +326,7 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
             action = "kept"
         else:
             action = _write_copy(run)
-            _write_index(run, config)
+            _write_index(run, config, sweep)
     if action == "kept":
         pass
     elif run.promote:

@@ -59,7 +59,7 @@ TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_plann
 # Every field of an index line. The first five are in every line ever written; lines written
 # before the others existed lack them, and reading fills them with None.
 INDEX_FIELDS = ("run_id", "published_at", "test_accuracy", "test_loss", "path") + TRAINING_INDEX_FIELDS + (
-    "config", "data_key", "code_version", "blessed", "reasons", "train_settings", "approval",
+    "config", "data_key", "code_version", "blessed", "reasons", "train_settings", "approval", "sweep", "trial",
 )
 # Lines written before ``reasons`` held the decision's reasons joined by "; " as ``blessed_reason``.
 _OLD_REASONS = "blessed_reason"
@@ -69,10 +69,11 @@ FILTERS = {
     "blessed": lambda line: line.get("blessed"),
     "recipe": lambda line: (line.get("config") or {}).get("recipe") if isinstance(line.get("config"), dict) else None,
     "data_key": lambda line: line.get("data_key"),
+    "sweep": lambda line: line.get("sweep"),  # the run id of the sweep a trial belongs to
 }
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-_SCHEMA_VERSION = "2"
+_SCHEMA_VERSION = "3"
 # Why a run became the champion: the gate blessed it (publish_mode gated or always), a named user
 # approved the gate's blessing (publish_mode approval), or a named user promoted it by hand
 # (the alexnet_cifar10_promote DAG).
@@ -93,6 +94,7 @@ def index_line(
     decision: dict | None = None,
     train_settings: dict | None = None,
     approval: dict | None = None,
+    sweep: dict | None = None,
 ) -> dict:
     """The index line of a publish: every field of ``INDEX_FIELDS`` (README, "Artifacts").
 
@@ -100,6 +102,8 @@ def index_line(
     ``test_loss`` required), ``published_at`` an ISO 8601 UTC time,
     ``decision`` the gate's ``decision.json`` (None: blessed and its reasons null),
     ``approval`` the run's ``approval.json`` (publish_mode approval; None otherwise).
+    ``sweep`` for a sweep's trial ``{"sweep": <sweep run id>, "trial": <what it changes>}``
+    (None: both fields null).
     """
     return {
         "run_id": run_id,
@@ -115,6 +119,8 @@ def index_line(
         "reasons": None if decision is None else list(decision.get("reasons", [])),
         "train_settings": train_settings,
         "approval": approval,
+        "sweep": None if sweep is None else sweep["sweep"],
+        "trial": None if sweep is None else sweep["trial"],
     }
 
 
@@ -508,6 +514,10 @@ class Registry:
 
     @staticmethod
     def _create(connection: sqlite3.Connection) -> None:
+        existing = [row[1] for row in connection.execute("PRAGMA table_info(runs)").fetchall()]
+        if existing and not set(FILTERS) <= set(existing):
+            # A table an older version built, without a column a filter now needs: rebuilt from the index.
+            connection.executescript("DROP TABLE runs; DROP TABLE IF EXISTS source;")
         columns = "".join(f", {name}" for name in FILTERS)
         connection.executescript(
             "CREATE TABLE IF NOT EXISTS source (name TEXT PRIMARY KEY, value TEXT);"

@@ -7,6 +7,7 @@ and ``training_curves`` are the two the pages show.
 from __future__ import annotations
 
 import html
+import json
 import math
 from datetime import datetime, timezone
 
@@ -38,8 +39,14 @@ def line_chart(
     y_format=lambda value: f"{value:.2f}",
     css_class: str = "chart",
     highlight: int | None = None,
+    lines: bool = True,
+    x_ticks_at: list[float] | None = None,
 ) -> Markup:
-    """An SVG line chart of ``(label, [(x, y), ...])`` series; points with a None y are left out."""
+    """An SVG line chart of ``(label, [(x, y), ...])`` series; points with a None y are left out.
+
+    ``lines=False`` draws the points alone (a scatter plot); ``x_ticks_at``
+    puts the x ticks there rather than at the data's values.
+    """
     width, height, left, right, top, bottom = 560, 290, 58, 16, 40, 46
     points = [(x, y) for _, data in series for x, y in data if y is not None]
     if not points:
@@ -70,7 +77,7 @@ def line_chart(
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>')
         parts.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" class="tick" text-anchor="end">{html.escape(y_format(y))}</text>')
     unique_x = sorted(set(xs))
-    x_ticks = unique_x if len(unique_x) <= 6 else _ticks(x_low, x_high, 5)
+    x_ticks = x_ticks_at if x_ticks_at is not None else unique_x if len(unique_x) <= 6 else _ticks(x_low, x_high, 5)
     for x in x_ticks:
         anchor = "start" if x == x_low and len(x_ticks) > 1 else "end" if x == x_high and len(x_ticks) > 1 else "middle"
         parts.append(
@@ -87,10 +94,11 @@ def line_chart(
         if not shown:
             continue
         coordinates = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in shown)
-        parts.append(
-            f'<polyline class="series" data-series="{html.escape(label)}" points="{coordinates}" '
-            f'fill="none" stroke="{color}" stroke-width="2"/>'
-        )
+        if lines:
+            parts.append(
+                f'<polyline class="series" data-series="{html.escape(label)}" points="{coordinates}" '
+                f'fill="none" stroke="{color}" stroke-width="2"/>'
+            )
         for index, (x, y) in enumerate(shown):
             radius = 5 if highlight is not None and index == highlight else 3
             parts.append(
@@ -157,3 +165,33 @@ def compared_curves(first: list, second: list, first_label: str = "A", second_la
 
     return (chart("loss", "Loss per epoch", "loss"),
             chart("accuracy", "Accuracy per epoch", "accuracy", y_format=lambda value: f"{value:.0%}"))
+
+
+def setting_chart(name: str, points: list[tuple], chosen: int | None = None) -> Markup:
+    """Validation accuracy against one swept setting: ``points`` are ``(value, accuracy)``, one per trial.
+
+    Numbers go on a numeric axis, anything else (text, true/false) on one
+    tick per distinct value in order of appearance; the chosen trial's point
+    (its position in ``points``) is drawn larger.
+    """
+    numeric = all(_number(value) is not None for value, _ in points)
+    if numeric:
+        data = [(float(value), _number(accuracy)) for value, accuracy in points]
+        x_format, ticks = (lambda value: f"{value:g}"), None
+    else:
+        names: list[str] = []
+        for value, _ in points:
+            text = value if isinstance(value, str) else json.dumps(value)
+            if text not in names:
+                names.append(text)
+        data = [(float(names.index(value if isinstance(value, str) else json.dumps(value))), _number(accuracy))
+                for value, accuracy in points]
+        ticks = [float(index) for index in range(len(names))]
+        x_format = lambda value: names[int(round(value))] if 0 <= round(value) < len(names) else ""  # noqa: E731
+    shown = [index for index, (_, accuracy) in enumerate(data) if accuracy is not None]
+    highlight = shown.index(chosen) if chosen in shown else None
+    return line_chart(
+        [("validation accuracy", data)], f"Validation accuracy against {name}", name, "validation accuracy",
+        x_format=x_format, y_format=lambda value: f"{value:.1%}", css_class="chart sweep", highlight=highlight,
+        lines=False, x_ticks_at=ticks,
+    )

@@ -1,0 +1,103 @@
+"""What the sweep page shows: a sweep's trials from its record, best first, and one chart per swept setting.
+
+A sweep's record (``published/sweeps/<run>.json``, written by
+``alexnet_tasks.release.sweeps.select_trial``) holds every trial with its
+settings and validation figures; the chosen trial is also a published run
+(its index line names the sweep). Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from markupsafe import Markup
+
+from alexnet_tasks.release.sweeps import read_sweep
+from alexnet_tasks.sweeps import setting_value
+from alexnet_tasks.ui.charts import setting_chart
+from alexnet_tasks.ui.runs import duration
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+@dataclass
+class TrialView:
+    """One trial of a sweep as the page shows it."""
+
+    number: int  # from 1, in the order the sweep lists its trials
+    label: str  # what it changes
+    settings: dict  # each swept setting's value
+    run_id: str
+    finished: bool
+    chosen: bool
+    validation_accuracy: float | None
+    validation_loss: float | None
+    epochs: int | None
+    training_time: str | None
+
+    @property
+    def quoted(self) -> str:
+        return quote(self.run_id, safe="")
+
+
+@dataclass
+class SweepView:
+    """A sweep: its trials best first (highest validation accuracy; unfinished last), the swept settings, charts."""
+
+    sweep_id: str
+    recorded_at: str | None
+    swept: list[str]  # the settings the trials change, dotted (recipe_options.dropout)
+    trials: list[TrialView]
+    charts: list[Markup]
+
+    @property
+    def chosen(self) -> TrialView | None:
+        return next((trial for trial in self.trials if trial.chosen), None)
+
+    @property
+    def finished(self) -> int:
+        return sum(trial.finished for trial in self.trials)
+
+
+def load_sweep(published_root: Path, sweep_id: str) -> SweepView | None:
+    """The sweep run ``sweep_id`` as the page shows it; None when it has no (readable) record."""
+    record = read_sweep(published_root, sweep_id)
+    if record is None:
+        return None
+    swept = [name for name in record.get("swept") or [] if isinstance(name, str)]
+    chosen = record.get("chosen")
+    trials = []
+    for position, trial in enumerate(record["trials"]):
+        if not isinstance(trial, dict):
+            continue
+        index = trial.get("index") if isinstance(trial.get("index"), int) else position
+        trials.append(TrialView(
+            number=index + 1, label=str(trial.get("label") or "base"),
+            settings={name: setting_value(trial, name) for name in swept},
+            run_id=str(trial.get("run_id") or ""), finished=bool(trial.get("finished")),
+            chosen=chosen is not None and index == chosen,
+            validation_accuracy=_number(trial.get("validation_accuracy")),
+            validation_loss=_number(trial.get("validation_loss")),
+            epochs=trial.get("epochs_run") if isinstance(trial.get("epochs_run"), int) else None,
+            training_time=duration(_number(trial.get("seconds"))),
+        ))
+    in_order = sorted(trials, key=lambda trial: trial.number)
+    charts = []
+    for name in swept:
+        points = [(trial.settings[name], trial.validation_accuracy) for trial in in_order
+                  if trial.settings[name] is not None]
+        chosen_at = next((position for position, trial in enumerate(
+            [trial for trial in in_order if trial.settings[name] is not None]) if trial.chosen), None)
+        charts.append(setting_chart(name, points, chosen_at))
+    best_first = sorted(trials, key=lambda trial: (
+        trial.validation_accuracy is None, -(trial.validation_accuracy or 0),
+        math.inf if trial.validation_loss is None else trial.validation_loss, trial.number))
+    return SweepView(sweep_id, record.get("recorded_at"), swept, best_first, charts)
