@@ -8,6 +8,7 @@ publish from one tiny real training; the promote DAG runs through
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -139,7 +140,7 @@ def test_a_run_recorded_without_its_model_cannot_become_the_champion(published, 
     from alexnet_tasks.release.registry import Registry
 
     root = copy_of(published, tmp_path)
-    with pytest.raises(PermanentError, match=rf"run '{REFUSED}' has no model in .*not blessed|run '{REFUSED}' has no model"):
+    with pytest.raises(PermanentError, match=re.escape(f"run '{REFUSED}' has no model in ")):
         promote_run(root / "published", REFUSED, "override the gate", "alice")
     with pytest.raises(ValueError, match="reason must be a non-empty string"):
         promote_run(root / "published", FIRST, "  ", "alice")
