@@ -70,7 +70,6 @@ def test_the_local_archive_commands_agree_with_make_runs_message():
         import local_conf
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    readme = (ROOT / "README.md").read_text()
     build = f".venv/bin/python ../shared/cifar10/make_archive.py {local_conf.LOCAL_ARCHIVE}"
     assert build in commands(ROOT / "README.md") and build in local_conf.unreachable_source_message({}, "refused")
     quick = next(line for line in commands(ROOT / "README.md") if '"epochs": 1' in line and line.startswith("make run"))
