@@ -443,7 +443,8 @@ def cells(page: str, table: str) -> dict[str, list[str]]:
     body = re.search(rf'<table id="{table}">(.*?)</table>', page, re.S).group(1)
     rows = re.findall(r"<tr><th>([^<]*)</th>(.*?)</tr>", body, re.S)
     return {html.unescape(name): [html.unescape(re.sub(r"<[^>]+>", "", cell)).strip()
-                                  for cell in re.findall(r"<td[^>]*>(.*?)</td>", rest, re.S)] for name, rest in rows}
+                                  for cell in re.findall(r"<td[^>]*>(.*?)</td>", rest, re.S)]
+            for name, rest in rows if "<td" in rest}  # a header row has no data cells
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from alexnet_tasks.config import GATE_SETTINGS
 from alexnet_tasks.layout import (
     CONFIG,
     CONFUSION_MATRIX,
@@ -211,7 +212,10 @@ class RunView:
         ``resolved`` is True where the form left the setting empty and the
         recipe gave the value (``batch_size``, ``learning_rate``, ...).
         """
-        pipeline = self.saved_config.get("pipeline") or self.entry["config"] or {}
+        pipeline = dict(self.saved_config.get("pipeline") or self.entry["config"] or {})
+        # The gate's params as the gate and publish used them (the index line's), not as train saw them.
+        published = self.entry["config"] if isinstance(self.entry["config"], dict) else {}
+        pipeline.update({name: published[name] for name in GATE_SETTINGS if name in published})
         train = self.saved_config.get("train") or self.entry["train_settings"] or {}
         rows = [(name, value, pipeline.get(name, value) is None and value is not None)
                 for name, value in sorted(train.items())]
