@@ -115,7 +115,7 @@ def test_a_run_in_a_cgroup_smaller_than_it_needs_is_refused_naming_the_limit(sma
     parent = _own_memory_cgroup()
     if parent is None or not os.access(parent, os.W_OK):
         pytest.skip("needs a writable cgroup v1 memory controller")
-    limit = 1_200_000_000
+    limit = 1_400_000_000
     config, shards_dir = prepare_shards(small_archive, tmp_path, image_size=227, batch_size=16, epochs=1,
                                         recipe="fast", recipe_options={"precision": "float32"})
     assert estimate_memory(227, 16, data_images=200).host > limit
