@@ -130,15 +130,21 @@ def parse_line(text: str | bytes, where: str) -> dict | None:
     ``where`` names the line in the warning (``.../index.jsonl:12``).
     Malformed: not JSON, not an object, or no string ``run_id`` and ``path``.
     """
+    line = _object_line(text, where, "an index line")
+    return None if line is None else _with_every_field(line)
+
+
+def _object_line(text: str | bytes, where: str, kind: str) -> dict | None:
+    """The one policy for a malformed line of index.jsonl or promotions.jsonl: warn naming it, return None."""
     try:
         line = json.loads(text)
     except ValueError as error:
         log.warning("%s: not valid JSON (%s); skipped", where, error)
         return None
     if not isinstance(line, dict) or not isinstance(line.get("run_id"), str) or not isinstance(line.get("path"), str):
-        log.warning("%s: not an index line (a JSON object with a string run_id and path); skipped", where)
+        log.warning("%s: not %s (a JSON object with a string run_id and path); skipped", where, kind)
         return None
-    return _with_every_field(line)
+    return line
 
 
 def parse_history_line(text: str | bytes, where: str) -> dict | None:
@@ -147,15 +153,8 @@ def parse_history_line(text: str | bytes, where: str) -> dict | None:
     Malformed, as for the index: not JSON, not an object, or no string
     ``run_id`` and ``path``. ``where`` names the line in the warning.
     """
-    try:
-        line = json.loads(text)
-    except ValueError as error:
-        log.warning("%s: not valid JSON (%s); skipped", where, error)
-        return None
-    if not isinstance(line, dict) or not isinstance(line.get("run_id"), str) or not isinstance(line.get("path"), str):
-        log.warning("%s: not a promotion line (a JSON object with a string run_id and path); skipped", where)
-        return None
-    return {key: line.get(key) for key in PROMOTION_FIELDS}
+    line = _object_line(text, where, "a promotion line")
+    return None if line is None else {key: line.get(key) for key in PROMOTION_FIELDS}
 
 
 def _with_every_field(line: dict) -> dict:
