@@ -354,24 +354,32 @@ def test_time_budget_below_one_epoch_plans_one_epoch_and_is_not_truncated(small_
 
 @pytest.mark.slow
 def test_time_budget_sizes_the_schedule_to_end_inside_it(small_archive, tmp_path):
+    from alexnet_tasks.training.callbacks import PLAN_HEADROOM, TIME_BUDGET
     from alexnet_tasks.training.train import train
 
-    # Epoch 1 (with the tracing, and on a GPU the XLA compile) takes 0.2-15 s here, so half a minute
-    # plans 2 to 150 of the 200 epochs.
+    # Epoch 1 (with the tracing, and on a GPU the XLA compile) takes 0.2 s to 20 s depending on the
+    # machine and its load, so the plan is checked against the first epoch this run measured.
+    budget_seconds = 45.0
     config, shards_dir = prepare_shards(
         small_archive, tmp_path, image_size=67, epochs=200, batch_size=16, learning_rate=0.01, recipe="fast",
-        max_train_minutes=0.5,
+        max_train_minutes=budget_seconds / 60,
     )
     run_dir = tmp_path / "runs" / "budget"
     result = train(shards_dir, run_dir, config)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     state = json.loads((run_dir / "state.json").read_text())
-    assert 2 <= summary["epochs_planned"] < 200 and state["epochs_planned"] == summary["epochs_planned"]
-    assert summary["epochs_run"] == summary["epochs_planned"] == result["epochs"]
-    assert summary["truncated"] is False and summary["stopped_reason"] is None
     history = json.loads((run_dir / "history.json").read_text())
+    first_epoch = history[0]["epoch_seconds"]
+    expected = max(1, min(200, int(budget_seconds // (first_epoch * PLAN_HEADROOM))))
+    assert summary["epochs_planned"] == state["epochs_planned"] == expected < 200
+    assert summary["seconds"] < budget_seconds
+    if summary["truncated"]:  # later epochs ran slower than the first: stopped before overrunning
+        assert summary["stopped_reason"] == TIME_BUDGET and summary["epochs_run"] < expected
+        return
+    assert summary["epochs_run"] == summary["epochs_planned"] == result["epochs"]
+    assert summary["stopped_reason"] is None
     # The rate of the last step: the cosine has decayed to (almost) nothing inside the budget.
-    assert history[-1]["learning_rate"] < 0.03 * 0.01 and summary["seconds"] < 30
+    assert history[-1]["learning_rate"] < 0.03 * 0.01
 
 
 def test_time_budget_callback_plans_from_the_first_epoch_and_marks_an_overrun_truncated():
