@@ -4,7 +4,8 @@ The pipeline trains and publishes one tiny run through `airflow dags test`;
 a real `airflow api-server` (SQLite, simple auth manager, one admin user)
 serves the UI under a base_url sub-path with the plugin loaded; headless Chromium (Debian's `chromium`
 and `chromium-driver`, driven by Selenium; nothing is downloaded) logs in,
-opens Browse -> AlexNet runs, the run's page and the DAG run's Results tab.
+opens Browse -> AlexNet runs, the run's page, the compare page, the champion
+history and the DAG run's Results tab.
 
 Screenshots go to the test's folder, and to ``$ALEXNET_UI_SCREENSHOTS`` when
 set. ``$ALEXNET_UI_ARCHIVE`` and ``$ALEXNET_UI_ARCHIVE_MD5`` train on another
@@ -269,6 +270,24 @@ def browse_the_results(browser, base: str, line: dict, folder: Path) -> None:
     assert browser.find_element(By.ID, "only-a").text == browser.find_element(By.ID, "only-b").text == "0"
     assert browser.find_element(By.ID, "mcnemar-p").text == "1.0000"
     browser.switch_to.default_content()
+    screenshot(browser, folder, "ui-compare.png", frame_height=True)
+
+    # The champion history, from the list: the publish through the gate appended one change of champion.
+    enter_plugin_frame(browser)
+    browser.find_element(By.CSS_SELECTOR, "nav.crumbs a").click()  # All AlexNet runs
+    wait_for(lambda: browser.find_element(By.ID, "history-link"), message="the list's history link").click()
+    changes = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#history tr.change"),
+                       message="the history's rows")
+    assert [change.get_attribute("data-run-id") for change in changes] == [run_id]
+    assert changes[0].get_attribute("data-reason") == "gate"
+    assert "blessed by the gate" in changes[0].find_element(By.CSS_SELECTOR, "td.reason").text
+    assert changes[0].find_element(By.CSS_SELECTOR, "a.run-page").text == run_id
+    assert changes[0].find_element(By.CSS_SELECTOR, "td.user").text == "—"
+    airflow_run = changes[0].find_element(By.XPATH, ".//a[@target='_top']")
+    assert airflow_run.text == "alexnet_cifar10"
+    assert airflow_run.get_attribute("href") == base + f"dags/alexnet_cifar10/runs/{quote(run_id, safe='')}"
+    browser.switch_to.default_content()
+    screenshot(browser, folder, "ui-history.png")
 
     # The DAG run's Results tab.
     browser.get(base + f"dags/alexnet_cifar10/runs/{quote(run_id, safe='')}")
