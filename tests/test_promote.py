@@ -175,6 +175,7 @@ def test_the_history_page_and_the_make_champion_link(published, tmp_path, tokens
 
         second = client.get(f"/alexnet/runs/{quoted(SECOND)}").text  # not the champion, has its model
         assert 'id="make-champion"' in second and "../../dags/alexnet_cifar10_promote" in links(second)
+        assert "not a filled-in form" in second, "the link says the trigger form opens empty"
         assert json.loads(second.split('id="promote-conf">')[1].split("<")[0].replace("&#34;", '"'))["run_id"] == SECOND
         assert 'id="make-champion"' not in client.get(f"/alexnet/runs/{quoted(FIRST)}").text  # the champion
         assert 'id="make-champion"' not in client.get(f"/alexnet/runs/{quoted(REFUSED)}").text  # no model
