@@ -4,7 +4,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONF ?= {}
-PYTEST_ARGS ?= --durations=15
+# pytest-xdist: the suite on TEST_WORKERS processes; the cluster tests stay one after another (tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?= --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup run sweep test test-prerequisites test-fast bench clean constraints-gpu
 

@@ -36,6 +36,16 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_AIRFLOW_HOME, ignore_errors=True)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup`` (``make test``), the tests that start the native cluster
+    run one after another on one worker: each cluster is several Airflow processes, and two at once
+    would starve the 2 cores the suite is sized for. The other workers take the rest of the suite."""
+    for item in items:
+        if item.get_closest_marker("cluster") is not None:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
 @pytest.fixture(scope="session")
 def small_archive(tmp_path_factory) -> tuple[Path, str]:
     """A 200-train / 60-test image archive in the official format: (path, md5)."""

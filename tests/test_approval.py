@@ -47,7 +47,7 @@ def test_approve_reject_and_no_answer_through_the_rest_api(served_archive, monke
             # tiny data: every sane run is blessed, so that each one asks
             "accuracy_floor": 0.0, "gate_tolerance": 1.0}
     registry = Registry(artifacts / "published")
-    with native_cluster(artifacts.parent / "cluster", "approval", redis_db=13) as (_, api):
+    with native_cluster(artifacts.parent / "cluster", "approval", redis_db=10) as (_, api):
         def trigger(**extra) -> str:
             return api.post("/api/v2/dags/alexnet_cifar10/dagRuns",
                             {"logical_date": None, "conf": {**conf, **extra}})["dag_run_id"]
