@@ -3,13 +3,18 @@
 An Airflow 3 plugin with:
 
 - a FastAPI app under ``/alexnet`` serving server-rendered pages (Jinja2,
-  inline SVG charts, no JavaScript, relative URLs only, so it works under an
-  ``[api] base_url`` sub-path):
+  inline SVG charts, relative URLs only, so it works under an
+  ``[api] base_url`` sub-path; no JavaScript but the few inline lines of the
+  promote page):
   ``runs`` (the published runs, newest first, a page at a time:
   ``?page=2&size=50``, filtered with ``?blessed=true``, ``?recipe=fast`` and
   ``?sweep=<sweep run id>``),
   ``runs/<run_id>`` (one run's results, its approval and a "make champion"
-  link to the ``alexnet_cifar10_promote`` DAG), ``runs/<run_id>/files/<name>`` (a
+  link to the promote page), ``promote?run=<run_id>`` (a form that triggers
+  ``alexnet_cifar10_promote`` with that run and a reason: its inline script
+  posts to Airflow's own REST API, ``POST api/v2/dags/<dag_id>/dagRuns``, with
+  the UI's login cookie; the plugin has no POST route of its own),
+  ``runs/<run_id>/files/<name>`` (a
   named artifact of that run), ``history`` (every change of champion, newest
   first, from ``published/promotions.jsonl``), ``compare?a=<run_id>&b=<run_id>`` (two runs
   side by side), ``sweeps/<run_id>`` (a sweep's trials, best
@@ -110,7 +115,7 @@ def _run_page(root: Path, run: RunView, plugin_root: str) -> HTMLResponse:
         per_class=per_class if isinstance(per_class, dict) else {},
         tensorboard=tensorboard_url(), folder_name=run.folder.name if run.folder else None,
         approval=approval if isinstance(approval, dict) else None, promote_dag=PROMOTE_DAG_ID,
-        promote_conf=json.dumps({"run_id": run.run_id, "reason": ""}),
+        promote=promote_link(run.run_id),
         compare=compare_link(run.run_id, champion_id) if champion_id and champion_id != run.run_id else None,
     )
 
@@ -118,6 +123,16 @@ def _run_page(root: Path, run: RunView, plugin_root: str) -> HTMLResponse:
 def compare_link(first: str, second: str) -> str:
     """The compare page of two runs, relative to the plugin's root: ``compare?a=<first>&b=<second>``."""
     return "compare?" + urlencode({"a": first, "b": second})
+
+
+def promote_link(run_id: str) -> str:
+    """The promote page of a run, relative to the plugin's root: ``promote?run=<run_id>``."""
+    return "promote?" + urlencode({"run": run_id})
+
+
+def trigger_path(dag_id: str) -> str:
+    """Airflow's REST endpoint that triggers ``dag_id``, relative to Airflow's root: ``api/v2/dags/<dag_id>/dagRuns``."""
+    return f"api/v2/dags/{quote(dag_id, safe='')}/dagRuns"
 
 
 async def require_run_reader(request: Request) -> None:
@@ -232,6 +247,32 @@ def compare_page(a: str = "", b: str = "") -> HTMLResponse:
         settings=comparison.settings, headline=comparison.headline, per_class=comparison.per_class,
         paired=comparison.paired, paired_missing=comparison.paired_missing, compared_as=comparison.compared_as,
         loss_chart=loss_chart, accuracy_chart=accuracy_chart, matrices=matrices, swap=compare_link(b, a),
+    )
+
+
+@app.get("/promote", response_class=HTMLResponse)
+def promote_page(run: str = "") -> HTMLResponse:
+    """A form that triggers the promote DAG with ``run`` and a reason, through Airflow's REST API.
+
+    400 without ``run``, 404 naming it when the index has no such run. The
+    page itself only reads: its inline script posts ``{"logical_date": null,
+    "conf": {"run_id": ..., "reason": ...}}`` to ``../api/v2/dags/<promote
+    DAG>/dagRuns`` (the API server takes the UI's ``_token`` cookie, and checks
+    the user may trigger that DAG), then shows the created DAG run with a link
+    to its page, or the API's error.
+    """
+    if not run:
+        return _message("Pick a run", "The promote page needs a run: promote?run=<run id>.", "", 400)
+    root = published_root()
+    candidate = find_run(root, run)
+    if candidate is None:
+        return _message("Unknown run", f"No published run {run!r} in the index.", "", 404)
+    champion = Registry(root).champion()
+    champion_run = find_run(root, champion["run_id"]) if champion and champion["entry"] else None
+    return _page(
+        "alexnet_promote.html", plugin_root="", airflow_root="../", run=candidate, champion=champion_run,
+        has_model=artifact_path(candidate, root, MODEL) is not None, promote_dag=PROMOTE_DAG_ID,
+        trigger_url="../" + trigger_path(PROMOTE_DAG_ID),
     )
 
 

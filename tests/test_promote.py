@@ -174,8 +174,52 @@ def test_the_history_page_and_the_make_champion_link(published, tmp_path, tokens
         assert "history" in links(client.get("/alexnet/runs").text)
 
         second = client.get(f"/alexnet/runs/{quoted(SECOND)}").text  # not the champion, has its model
-        assert 'id="make-champion"' in second and "../../dags/alexnet_cifar10_promote" in links(second)
-        assert "not a filled-in form" in second, "the link says the trigger form opens empty"
-        assert json.loads(second.split('id="promote-conf">')[1].split("<")[0].replace("&#34;", '"'))["run_id"] == SECOND
+        assert 'id="make-champion"' in second and f"../promote?run={quoted(SECOND)}" in links(second)
         assert 'id="make-champion"' not in client.get(f"/alexnet/runs/{quoted(FIRST)}").text  # the champion
         assert 'id="make-champion"' not in client.get(f"/alexnet/runs/{quoted(REFUSED)}").text  # no model
+
+
+@pytest.mark.slow
+def test_the_promote_page_fills_in_the_run_and_posts_only_to_airflows_api(published, tmp_path, tokens,  # noqa: F811
+                                                                           monkeypatch):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from alexnet_tasks.release.registry import Registry
+
+    root = copy_of(published, tmp_path)
+    monkeypatch.setenv("ALEXNET_ARTIFACTS", str(root))
+    module = load_plugin_module()
+    parent = FastAPI()
+    parent.mount(module.URL_PREFIX, module.app)
+    with TestClient(parent, base_url="http://airflow.test") as client:
+        client.cookies.set("_token", tokens["viewer"])
+        page = client.get(f"/alexnet/promote?run={quoted(FIRST)}")
+        assert page.status_code == 200, page.text
+        form = page.text.split('<form id="promote-form"')[1].split("</form>")[0]
+        assert re.search(rf'<input id="promote-run-id" name="run_id" value="{re.escape(FIRST)}" readonly', form)
+        assert re.search(r'<input id="promote-reason" name="reason" required', form)
+        assert 'data-trigger-url="../api/v2/dags/alexnet_cifar10_promote/dagRuns"' in form
+        assert 'data-airflow-root="../"' in form and ">Trigger alexnet_cifar10_promote</button>" in form
+        assert 'method=' not in form and 'action=' not in form, "the form posts nowhere itself: its script calls the API"
+        assert "logical_date: null" in page.text and "conf: {run_id: form.elements.run_id.value" in page.text
+        assert 'credentials: "same-origin"' in page.text
+        entries = {run_id: Registry(root / "published").find(run_id) for run_id in (FIRST, SECOND)}
+        assert f"{entries[FIRST]['test_accuracy']:.2%}" in page.text.split('id="promote-accuracy">')[1].split("<")[0]
+        champion = page.text.split('<td id="champion">')[1].split("</td>")[0]
+        assert f"runs/{quoted(SECOND)}" in champion and f"{entries[SECOND]['test_accuracy']:.2%}" in champion
+        assert 'id="promote-already"' not in page.text and 'id="promote-no-model"' not in page.text
+
+        assert 'id="promote-already"' in client.get(f"/alexnet/promote?run={quoted(SECOND)}").text
+        refused = client.get(f"/alexnet/promote?run={quoted(REFUSED)}").text
+        assert 'id="promote-no-model"' in refused and re.search(r'id="promote-button" type="submit" disabled', refused)
+
+        unknown = client.get("/alexnet/promote?run=manual__no-such-run")
+        assert unknown.status_code == 404 and "manual__no-such-run" in unknown.text
+        assert client.get("/alexnet/promote").status_code == 400
+        # The plugin has no POST route: the trigger goes to Airflow's own API.
+        assert client.post("/alexnet/promote", json={"run_id": FIRST, "reason": "x"}).status_code == 405
+        assert {method for route in module.app.routes for method in getattr(route, "methods", ())} <= {"GET", "HEAD"}
+        # Without a login the page is refused like every other.
+        client.cookies.clear()
+        assert client.get(f"/alexnet/promote?run={quoted(FIRST)}").status_code == 401

@@ -5,7 +5,8 @@ a real `airflow api-server` (SQLite, simple auth manager, one admin user)
 serves the UI under a base_url sub-path with the plugin loaded; headless Chromium (Debian's `chromium`
 and `chromium-driver`, driven by Selenium; nothing is downloaded) logs in,
 opens Browse -> AlexNet runs, the run's page, the compare page, the champion
-history and the DAG run's Results tab.
+history, the promote page (whose button triggers ``alexnet_cifar10_promote``
+through Airflow's REST API) and the DAG run's Results tab.
 
 Screenshots go to the test's folder, and to ``$ALEXNET_UI_SCREENSHOTS`` when
 set. ``$ALEXNET_UI_ARCHIVE`` and ``$ALEXNET_UI_ARCHIVE_MD5`` train on another
@@ -85,6 +86,8 @@ def server(small_archive, tmp_path_factory):
                          env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     [line] = [json.loads(text) for text in (artifacts / "published" / "index.jsonl").read_text().splitlines()]
+    # `dags test` serialized only the main DAG: the promote page triggers alexnet_cifar10_promote through the API.
+    subprocess.run([airflow_bin(), "dags", "reserialize"], env=env, check=True, capture_output=True)
 
     log = (folder / "api-server.log").open("w")
     process = subprocess.Popen([airflow_bin(), "api-server", "--port", str(port)], env=env,
@@ -202,10 +205,10 @@ def images_and_curves(driver) -> dict:
 
 
 @pytest.mark.slow
-def test_results_in_the_airflow_ui_in_a_real_browser(server, browser):
+def test_results_in_the_airflow_ui_in_a_real_browser(server, browser, token):
     base, line, folder = server
     try:
-        browse_the_results(browser, base, line, folder)
+        browse_the_results(browser, base, line, folder, token)
     except Exception:
         browser.switch_to.default_content()
         browser.save_screenshot(str(folder / "failure.png"))
@@ -213,7 +216,7 @@ def test_results_in_the_airflow_ui_in_a_real_browser(server, browser):
         raise
 
 
-def browse_the_results(browser, base: str, line: dict, folder: Path) -> None:
+def browse_the_results(browser, base: str, line: dict, folder: Path, token: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -288,6 +291,31 @@ def browse_the_results(browser, base: str, line: dict, folder: Path) -> None:
     assert airflow_run.get_attribute("href") == base + f"dags/alexnet_cifar10/runs/{quote(run_id, safe='')}"
     browser.switch_to.default_content()
     screenshot(browser, folder, "ui-history.png")
+
+    # The promote page in the plugin's frame (the one run is the champion, so no run page links to it: open it
+    # directly): a reason typed in, the button posts to Airflow's REST API with the login cookie.
+    enter_plugin_frame(browser)
+    browser.execute_script("window.location.href = arguments[0];", "promote?run=" + quote(run_id, safe=""))
+    wait_for(lambda: browser.find_element(By.ID, "promote-reason"), message="the promote form")
+    assert browser.find_element(By.ID, "promote-run-id").get_attribute("value") == run_id
+    assert accuracy in browser.find_element(By.ID, "promote-accuracy").text
+    reason = "browser test: promote the champion again"
+    browser.find_element(By.ID, "promote-reason").send_keys(reason)
+    browser.find_element(By.ID, "promote-button").click()
+    outcome = wait_for(lambda: (lambda text: text if text and not text.startswith("Triggering") else None)(
+        browser.find_element(By.ID, "promote-result").text), message="the trigger's outcome")
+    assert outcome.startswith("Triggered: DAG run "), outcome
+    created = browser.find_element(By.ID, "promote-run-link")
+    dag_run_id = created.text
+    assert created.get_attribute("href") == base + f"dags/alexnet_cifar10_promote/runs/{quote(dag_run_id, safe='')}"
+    assert created.get_attribute("target") == "_top"
+    status, body = request(base + "api/v2/dags/alexnet_cifar10_promote/dagRuns", token)
+    assert status == 200, body
+    runs = {run["dag_run_id"]: run for run in json.loads(body)["dag_runs"]}
+    assert runs[dag_run_id]["conf"] == {"run_id": run_id, "reason": reason}
+    assert runs[dag_run_id]["run_type"] == "manual"
+    browser.switch_to.default_content()
+    screenshot(browser, folder, "ui-promote.png")
 
     # The DAG run's Results tab.
     browser.get(base + f"dags/alexnet_cifar10/runs/{quote(run_id, safe='')}")
