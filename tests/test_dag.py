@@ -13,7 +13,7 @@ import pytest
 
 from alexnet_tasks.release.publish import read_index
 from conftest import ROOT, airflow_bin, airflow_env
-from test_train import scalar_tags
+from builders import scalar_tags
 
 TASKS = ["download", "split", "build_shards", "train", "evaluate", "gate", "approve", "publish"]
 

@@ -32,11 +32,9 @@ from alexnet_tasks.data.download import download
 from alexnet_tasks.release.publish import publish, read_index
 from alexnet_tasks.data.shards import ShardError, build_shards, load_split, shard_path
 from alexnet_tasks.data.split import split
+from builders import fake_run, flip_one_image_byte, tar_member
 from cifar_archive import archive_members, md5_of, write_archive, write_tar
 from conftest import ROOT, airflow_bin, airflow_env, native_cluster, prepare_shards, wait_for_runs
-from test_download import _member
-from test_publish import fake_run
-from test_shards import flip_one_image_byte
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -361,7 +359,7 @@ def test_permanent_errors_fail_on_the_first_try_network_errors_are_retried(small
     conf = {"image_size": 67, "epochs": 1, "validation_size": 50, "batch_size": 16}
 
     # An archive with a `../` member is refused on try 1, and the run fails without waiting for retries.
-    unsafe = write_tar(tmp_path / "unsafe.tar.gz", archive_members(), extra=[_member("cifar-10-batches-py/../../x")])
+    unsafe = write_tar(tmp_path / "unsafe.tar.gz", archive_members(), extra=[tar_member("cifar-10-batches-py/../../x")])
     started = time.monotonic()
     tasks, earlier, output = _dags_test(airflow_home, tmp_path / "a1", {**conf, "source_url": str(unsafe),
                                                                         "source_md5": md5_of(unsafe)})

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from builders import links, load_plugin_module, quoted
 from conftest import airflow_bin, airflow_env
-from test_plugin import links, load_plugin_module, quoted, tokens  # noqa: F401  (tokens: a fixture)
 
 FIRST = "manual__2026-11-20T10:00:00+00:00"
 SECOND = "manual__2026-11-21T10:00:00+00:00"

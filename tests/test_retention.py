@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from test_publish import fake_run, folder
-
 from alexnet_tasks.atomic import exclusive_pid_lock
 from alexnet_tasks.release.publish import publish
 from alexnet_tasks.release.retention import drop_checkpoints, folder_bytes, keep_runs, prune_runs
+from builders import fake_run, folder
 
 DAY = 24 * 3600
 
