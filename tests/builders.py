@@ -144,10 +144,11 @@ def s3_registry(bucket: str, cache: Path):
 
 
 def evaluate_gate_publish(trained_dir: Path, shards_dir: Path, root: Path, run_id: str, config: PipelineConfig,
-                          test_time_augmentation: str = "none") -> dict:
+                          test_time_augmentation: str = "none", dag_id: str | None = None) -> dict:
     """Copy a trained run folder to ``root``'s folder for ``run_id``, then evaluate, gate and publish it there.
 
-    The pipeline's own steps, in the DAG's order; returns the gate's decision.
+    The pipeline's own steps, in the DAG's order, under ``root``'s layout
+    (``dag_id``: the DAG publish names, as inside Airflow); returns the gate's decision.
     """
     from alexnet_tasks.evaluate import evaluate
     from alexnet_tasks.release.gate import gate
@@ -158,7 +159,7 @@ def evaluate_gate_publish(trained_dir: Path, shards_dir: Path, root: Path, run_i
     shutil.copytree(trained_dir, run_dir)
     evaluate(run_dir / MODEL, shards_dir, run_dir, config.source_md5, test_time_augmentation=test_time_augmentation)
     decision = gate(run_dir, layout.published, config, shards_dir, run_id)
-    publish(run_dir, run_id, layout.published, config)
+    publish(run_dir, run_id, layout.published, config, dag_id=dag_id)
     return decision
 
 

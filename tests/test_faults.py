@@ -32,7 +32,7 @@ from alexnet_tasks.data.download import download
 from alexnet_tasks.release.publish import publish, read_index
 from alexnet_tasks.data.shards import ShardError, build_shards, load_split, shard_path
 from alexnet_tasks.data.split import split
-from builders import fake_run, flip_one_image_byte, tar_member
+from builders import committed_epochs, fake_run, flip_one_image_byte, tar_member
 from cifar_archive import archive_members, md5_of, write_archive, write_tar
 from conftest import ROOT, airflow_bin, airflow_env, native_cluster, prepare_shards, wait_for_runs
 
@@ -252,10 +252,10 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(served_archive
         # 1. SIGKILL the training process mid-epoch; the retry resumes from the last completed epoch.
         run_id = api.post(runs_url, {"logical_date": None, "conf": {**conf, "epochs": 3}})["dag_run_id"]
         run_dir = Layout(artifacts).run(run_id)
-        state_path, lock = run_dir / "state.json", run_dir / "train.lock"
-        _wait_for(lambda: state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= 1, 600, "epoch 1")
+        lock = run_dir / "train.lock"
+        _wait_for(lambda: committed_epochs(run_dir) >= 1, 600, "epoch 1")
         time.sleep(0.3)
-        done_at_kill = json.loads(state_path.read_text())["epochs_done"]
+        done_at_kill = committed_epochs(run_dir)
         assert done_at_kill < 3, "training finished before it could be killed"
         os.kill(int(lock.read_text()), signal.SIGKILL)
         [run] = wait_for_runs(api, [run_id], 900)
