@@ -32,11 +32,10 @@ from alexnet_tasks.data.download import download
 from alexnet_tasks.release.publish import publish, read_index
 from alexnet_tasks.data.shards import ShardError, build_shards, load_split, shard_path
 from alexnet_tasks.data.split import split
-from builders import committed_epochs, fake_run, flip_one_image_byte, tar_member
+from builders import SUBPROCESS_ENV, committed_epochs, fake_run, flip_one_image_byte, tar_member
 from cifar_archive import archive_members, md5_of, write_archive, write_tar
-from conftest import ROOT, airflow_bin, airflow_env, native_cluster, prepare_shards, wait_for_runs
+from conftest import airflow_bin, airflow_env, native_cluster, prepare_shards, wait_for_runs
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def _temps(root: Path) -> list[Path]:
@@ -79,7 +78,7 @@ def test_killed_build_shards_leaves_nothing_trusted_and_rebuilds_identically(big
         f"build_shards(Path({str(batch_dir)!r}), Path({manifest!r}), PipelineConfig(**{config.to_dict()!r}), Path({str(root)!r}))\n"
     )
     final = Layout(root).shards(config)
-    process = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-c", code], env=SUBPROCESS_ENV, stderr=subprocess.PIPE)
     # Kill once the partial train.h5 holds data.
     def partial_shard() -> bool:
         return any(
@@ -133,7 +132,7 @@ def test_killed_publish_keeps_latest_on_the_previous_run(tmp_path):
         "from alexnet_tasks.release.publish import publish\n"
         f"publish(Path({str(big)!r}), 'big', Path({str(published)!r}))\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-c", code], env=SUBPROCESS_ENV, stderr=subprocess.PIPE)
     _wait_for(lambda: _temps(published / "runs"), 60, "the publish copy to start", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
