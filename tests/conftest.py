@@ -20,6 +20,7 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
+from builders import plugin_env  # noqa: E402
 from cifar_archive import write_archive  # noqa: E402
 
 # Keep TensorFlow quiet, and give in-process Airflow imports an isolated home.
@@ -242,6 +243,20 @@ def train_script(shards_dir: Path, run_dir: Path, config, prelude: str = "", cal
         f"PipelineConfig(**{config.to_dict()!r}){call_arguments})\n"
         "print('RESULT', json.dumps(result))\n"
     )
+
+
+@pytest.fixture(scope="module")
+def tokens() -> dict[str, str]:
+    """JWTs of Airflow's simple auth manager by role (``viewer``, ``admin``), the test home's database migrated."""
+    import subprocess
+
+    migrate = subprocess.run([airflow_bin(), "db", "migrate"], capture_output=True, text=True, env=plugin_env())
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    from airflow.api_fastapi.app import init_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    manager = init_auth_manager()
+    return {role: manager.generate_jwt(SimpleAuthManagerUser(username=role, role=role)) for role in ("viewer", "admin")}
 
 
 @pytest.fixture

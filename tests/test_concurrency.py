@@ -29,8 +29,8 @@ from alexnet_tasks.data.download import download
 from alexnet_tasks.data.shards import ShardError, build_shards, load_split, shard_path
 from alexnet_tasks.data.split import split
 from cifar_archive import write_archive
+from builders import flip_one_image_byte
 from conftest import ROOT, prepare_shards
-from test_shards import flip_one_image_byte
 
 STEPS = ("download", "split", "build_shards")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

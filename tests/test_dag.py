@@ -7,13 +7,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from alexnet_tasks.release.publish import read_index
 from conftest import ROOT, airflow_bin, airflow_env
-from test_train import scalar_tags
+from builders import scalar_tags
 
 TASKS = ["download", "split", "build_shards", "train", "evaluate", "gate", "approve", "publish"]
 
@@ -401,85 +402,176 @@ def _query(home: Path, sql: str, *args) -> list[tuple]:
         return db.execute(sql, args).fetchall()
 
 
-@pytest.mark.slow
-def test_a_diverged_run_is_recorded_not_published_and_only_the_blessed_model_is_an_asset_event(
-        small_archive, tmp_path, smtp):
+# --------------------------------------------------------------------------- three runs through the gate
+def _after(published: Path, smtp, run: subprocess.CompletedProcess) -> SimpleNamespace:
+    """What one ``dags test`` left: the index, where latest points, the mails so far and the run's log."""
+    return SimpleNamespace(index=read_index(published), latest=os.readlink(published / "latest"),
+                           mails=list(smtp.messages), log=run.stdout + run.stderr)
+
+
+@pytest.fixture(scope="module")
+def three_runs(small_archive, tmp_path_factory) -> SimpleNamespace:
+    """Three ``airflow dags test`` runs in one Airflow home, alerts to a real SMTP server on 127.0.0.1.
+
+    1. ``good``: no champion yet, sanity alone decides (the floor is lowered,
+       as one epoch on 150 tiny images need not reach 25%): the champion.
+    2. ``diverged``: another training seed and a learning rate of 10; the gate refuses it.
+    3. ``again``: the champion's settings trained again: the same model, so not worse.
+
+    Holds ``home``, ``artifacts``, ``published``, ``md5``, the three index
+    lines (``good``, ``diverged``, ``again``) and, after each run (``first``,
+    ``second``, ``third``), what it left (``_after``).
+    """
+    from smtp_server import SMTPServer
+
     path, md5 = small_archive
-    home, artifacts = tmp_path / "home", tmp_path / "artifacts"
-    env = _migrate(home, artifacts)
-    env.update(  # alerts go to the SMTP server on 127.0.0.1
-        AIRFLOW_CONN_ALEXNET_TEST_SMTP=json.dumps({
-            "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
-            "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}),
-        ALEXNET_ALERT_SMTP_CONN="alexnet_test_smtp", ALEXNET_ALERT_EMAIL="ml-team@example.com",
-    )
+    folder = tmp_path_factory.mktemp("three-runs")
+    home, artifacts = folder / "home", folder / "artifacts"
     published = artifacts / "published"
     base = {"source_url": path.as_uri(), "source_md5": md5, "image_size": 67, "epochs": 1,
             "validation_size": 50, "batch_size": 16, "recipe": "reference"}
-    # A good run with no champion yet: sanity alone decides (the floor is lowered, as one epoch on
-    # 150 tiny images need not reach 25%).
-    _dags_test(env, {**base, "seed": 1, "accuracy_floor": 0.0})
-    [good] = read_index(published)
-    assert good["blessed"] is True and os.readlink(published / "latest") == good["path"]
-    assert (published / good["path"] / "model.keras").is_file()
-    assert smtp.messages == [], "a blessed model is no alert"
+    smtp = SMTPServer().start()
+    try:
+        env = _migrate(home, artifacts)
+        env.update(  # alerts go to the SMTP server on 127.0.0.1
+            AIRFLOW_CONN_ALEXNET_TEST_SMTP=json.dumps({
+                "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
+                "extra": {"disable_ssl": True, "disable_tls": True, "retry_limit": 0, "timeout": 10}}),
+            ALEXNET_ALERT_SMTP_CONN="alexnet_test_smtp", ALEXNET_ALERT_EMAIL="ml-team@example.com",
+        )
+        first = _after(published, smtp, _dags_test(env, {**base, "seed": 1, "accuracy_floor": 0.0}))
+        second = _after(published, smtp, _dags_test(env, {**base, "seed": 2, "learning_rate": 10.0,
+                                                          "accuracy_floor": 0.0}))
+        third = _after(published, smtp, _dags_test(env, {**base, "seed": 1, "accuracy_floor": 0.0}))
+    finally:
+        smtp.stop()
+    good, diverged, again = third.index
+    return SimpleNamespace(home=home, artifacts=artifacts, published=published, md5=md5,
+                           good=good, diverged=diverged, again=again, first=first, second=second, third=third)
 
-    # A second run, another training seed, a learning rate of 10: it diverges.
-    run = _dags_test(env, {**base, "seed": 2, "learning_rate": 10.0, "accuracy_floor": 0.0})
-    good_line, diverged = read_index(published)
-    assert good_line == good  # the champion's line is untouched
+
+def _decision(runs: SimpleNamespace, line: dict) -> dict:
+    return json.loads((runs.published / line["path"] / "decision.json").read_text())
+
+
+def _model_events(runs: SimpleNamespace) -> list[tuple[str, str]]:
+    """(source run id, extra) of every asset event of the model, oldest first."""
+    return _query(runs.home, "SELECT e.source_run_id, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+                             "WHERE a.name = 'alexnet_cifar10_model' ORDER BY e.id")
+
+
+@pytest.mark.slow
+def test_a_first_run_without_a_champion_is_blessed_published_whole_and_made_latest(three_runs):
+    [good] = three_runs.first.index
+    assert good == three_runs.good and good["blessed"] is True
+    assert three_runs.first.latest == good["path"]
+    assert (three_runs.published / good["path"] / "model.keras").is_file()
+
+
+@pytest.mark.slow
+def test_a_blessed_model_is_no_alert(three_runs):
+    assert three_runs.first.mails == []
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_recorded_unblessed_with_its_reason_and_the_champions_line_untouched(three_runs):
+    assert three_runs.second.index == [three_runs.good, three_runs.diverged]  # the champion's line is untouched
+    diverged = three_runs.diverged
     assert diverged["blessed"] is False and "not finite" in "; ".join(diverged["reasons"])
     assert diverged["test_loss"] is None and diverged["config"]["learning_rate"] == 10.0
-    assert os.readlink(published / "latest") == good["path"]  # latest stays on the champion
-    run_dir = artifacts / "runs" / Path(diverged["path"]).name
-    assert (run_dir / "model.keras").is_file()  # the run folder is kept...
-    assert not (published / diverged["path"] / "model.keras").exists()  # ...its published record has no model
+    assert "gate: NOT blessed" in three_runs.second.log
+
+
+@pytest.mark.slow
+def test_latest_stays_on_the_champion_after_a_refused_run(three_runs):
+    assert three_runs.second.latest == three_runs.good["path"]
+
+
+@pytest.mark.slow
+def test_a_refused_run_keeps_its_run_folder_but_its_published_record_has_no_model(three_runs):
+    path = three_runs.diverged["path"]
+    assert (three_runs.artifacts / "runs" / Path(path).name / "model.keras").is_file()
+    assert (three_runs.published / path / "decision.json").is_file()
+    assert not (three_runs.published / path / "model.keras").exists()
+
+
+@pytest.mark.slow
+def test_a_diverged_runs_metrics_are_valid_json_with_the_figures_that_are_not_finite_named(three_runs):
+    run_dir = three_runs.artifacts / "runs" / Path(three_runs.diverged["path"]).name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["finite"] is False and "test_loss" in metrics["nonfinite"] and metrics["test_loss"] is None
-    decision = json.loads((published / diverged["path"] / "decision.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_refused_runs_decision_names_the_failed_check_and_the_champion_it_was_compared_with(three_runs):
+    good, diverged = three_runs.good, three_runs.diverged
+    decision = _decision(three_runs, diverged)
     assert decision["blessed"] is False and decision["checks"]["finite_loss"]["passed"] is False
     assert decision["champion"] == good["run_id"] and decision["champion_accuracy"] == good["test_accuracy"]
-    paired = decision["paired"]
+
+
+@pytest.mark.slow
+def test_the_refused_run_is_compared_with_the_champion_image_by_image(three_runs):
+    good, diverged = three_runs.good, three_runs.diverged
+    paired = _decision(three_runs, diverged)["paired"]
     assert paired["images"] == 60
     assert paired["only_challenger_right"] - paired["only_champion_right"] == round(
         (diverged["test_accuracy"] - good["test_accuracy"]) * 60)
     assert 0 < paired["mcnemar_p"] <= 1
-    assert "gate: NOT blessed" in run.stdout + run.stderr
-    [mail] = smtp.messages  # the team is told, with the gate's reason
+
+
+@pytest.mark.slow
+def test_the_team_is_told_of_a_refused_run_with_the_gates_reason(three_runs):
+    diverged = three_runs.diverged
+    [mail] = three_runs.second.mails
     assert mail.recipients == ["ml-team@example.com"]
     assert diverged["run_id"] in mail.body() and "not finite" in mail.body()
     assert "not blessed" in str(mail.message["Subject"]).lower()
+    assert three_runs.third.mails == three_runs.second.mails, "the blessed third run is no alert"
 
-    # Airflow: the diverged run succeeded with its publish task skipped; the good one published.
-    states = dict(_query(home, "SELECT run_id, state FROM dag_run WHERE dag_id = 'alexnet_cifar10'"))
-    assert states == {good["run_id"]: "success", diverged["run_id"]: "success"}
+
+@pytest.mark.slow
+def test_both_runs_succeed_in_airflow_with_the_refused_runs_publish_skipped(three_runs):
+    good, diverged = three_runs.good["run_id"], three_runs.diverged["run_id"]
+    states = dict(_query(three_runs.home, "SELECT run_id, state FROM dag_run WHERE dag_id = 'alexnet_cifar10'"))
+    assert (states[good], states[diverged]) == ("success", "success")
     tasks = {(run_id, task): state for run_id, task, state in _query(
-        home, "SELECT run_id, task_id, state FROM task_instance WHERE task_id IN ('gate', 'publish')")}
-    assert tasks == {(good["run_id"], "gate"): "success", (good["run_id"], "publish"): "success",
-                     (diverged["run_id"], "gate"): "success", (diverged["run_id"], "publish"): "skipped"}
-    # One asset event, for the blessed model, with what a downstream DAG needs in its extra.
-    events = _query(home, "SELECT e.source_run_id, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
-                          "WHERE a.name = 'alexnet_cifar10_model'")
-    assert [run_id for run_id, _ in events] == [good["run_id"]]
-    extra = json.loads(events[0][1])
-    assert extra == {"run_id": good["run_id"], "test_accuracy": good["test_accuracy"],
-                     "published": str(published / good["path"]), "fingerprint": good["fingerprint"]}
-    # Two training seeds, one shard set.
-    assert len(list((artifacts / "data" / md5).glob("shards-*"))) == 1
+        three_runs.home, "SELECT run_id, task_id, state FROM task_instance WHERE task_id IN ('gate', 'publish') "
+        "AND run_id IN (?, ?)", good, diverged)}
+    assert tasks == {(good, "gate"): "success", (good, "publish"): "success",
+                     (diverged, "gate"): "success", (diverged, "publish"): "skipped"}
+
+
+@pytest.mark.slow
+def test_only_blessed_models_are_asset_events_with_what_a_downstream_dag_needs(three_runs):
+    good, again = three_runs.good, three_runs.again
+    events = _model_events(three_runs)
+    assert [run_id for run_id, _ in events] == [good["run_id"], again["run_id"]]
+    assert json.loads(events[0][1]) == {"run_id": good["run_id"], "test_accuracy": good["test_accuracy"],
+                                        "published": str(three_runs.published / good["path"]),
+                                        "fingerprint": good["fingerprint"]}
+
+
+@pytest.mark.slow
+def test_two_training_seeds_share_one_shard_set(three_runs):
+    good, diverged = three_runs.good, three_runs.diverged
+    assert len(list((three_runs.artifacts / "data" / three_runs.md5).glob("shards-*"))) == 1
     assert good["data_key"] == diverged["data_key"] and good["fingerprint"] != diverged["fingerprint"]
 
-    # A third run trains the champion's settings again: the same model, so not worse, so blessed.
-    _dags_test(env, {**base, "seed": 1, "accuracy_floor": 0.0})
-    *_, again = read_index(published)
+
+@pytest.mark.slow
+def test_the_champions_settings_trained_again_are_the_same_model_so_blessed_and_latest(three_runs):
+    good, again = three_runs.good, three_runs.again
     assert again["blessed"] is True and again["fingerprint"] == good["fingerprint"]
-    assert again["test_accuracy"] == good["test_accuracy"] and os.readlink(published / "latest") == again["path"]
-    decision = json.loads((published / again["path"] / "decision.json").read_text())
-    assert decision["champion"] == good["run_id"]  # compared with the first run, not the refused one
+    assert again["test_accuracy"] == good["test_accuracy"] and three_runs.third.latest == again["path"]
+
+
+@pytest.mark.slow
+def test_a_retrained_run_is_compared_with_the_champion_not_with_the_refused_run(three_runs):
+    decision = _decision(three_runs, three_runs.again)
+    assert decision["champion"] == three_runs.good["run_id"]
     assert decision["paired"]["only_challenger_right"] == decision["paired"]["only_champion_right"] == 0
     assert decision["paired"]["mcnemar_p"] == 1.0
-    events = _query(home, "SELECT e.source_run_id FROM asset_event e JOIN asset a ON a.id = e.asset_id "
-                          "WHERE a.name = 'alexnet_cifar10_model' ORDER BY e.id")
-    assert [run_id for (run_id,) in events] == [good["run_id"], again["run_id"]]
 
 
 def test_the_readme_consumer_dag_runs_on_the_model_asset(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from alexnet_tasks.layout import Layout
 from alexnet_tasks.data.download import ArchiveError, RestrictedUnpickler, download, load_cifar10
+from builders import tar_member
 from cifar_archive import archive_members, batch_payload, md5_of, py2_dumps, write_tar
 
 
@@ -129,23 +130,15 @@ def test_labels_out_of_range(tmp_path, artifacts):
         download(str(path), md5_of(path), artifacts)
 
 
-def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = linkname
-    info.size = 1 if kind == tarfile.REGTYPE else 0
-    return info
-
-
 @pytest.mark.parametrize(
     "member, message",
     [
-        (_member("cifar-10-batches-py/../../escaped.txt"), "escapes the folder"),
-        (_member("/tmp/absolute-alexnet-test.txt"), "absolute path"),
-        (_member("cifar-10-batches-py/link", tarfile.SYMTYPE, "/etc/passwd"), "link member"),
-        (_member("cifar-10-batches-py/hard", tarfile.LNKTYPE, "cifar-10-batches-py/test_batch"), "link member"),
-        (_member("cifar-10-batches-py/dev", tarfile.CHRTYPE), "special member"),
-        (_member("cifar-10-batches-py/fifo", tarfile.FIFOTYPE), "special member"),
+        (tar_member("cifar-10-batches-py/../../escaped.txt"), "escapes the folder"),
+        (tar_member("/tmp/absolute-alexnet-test.txt"), "absolute path"),
+        (tar_member("cifar-10-batches-py/link", tarfile.SYMTYPE, "/etc/passwd"), "link member"),
+        (tar_member("cifar-10-batches-py/hard", tarfile.LNKTYPE, "cifar-10-batches-py/test_batch"), "link member"),
+        (tar_member("cifar-10-batches-py/dev", tarfile.CHRTYPE), "special member"),
+        (tar_member("cifar-10-batches-py/fifo", tarfile.FIFOTYPE), "special member"),
     ],
 )
 def test_unsafe_members_refuse_the_whole_archive(tmp_path, artifacts, member, message):

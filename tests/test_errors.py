@@ -20,8 +20,8 @@ from alexnet_tasks.data.download import ArchiveError, download
 from alexnet_tasks.errors import PermanentError, SourceUnavailableError, is_permanent
 from alexnet_tasks.data.shards import ShardError, ShardReadError, load_split
 from cifar_archive import archive_members, md5_of, write_tar
+from builders import tar_member
 from conftest import ROOT
-from test_download import _member
 
 
 def _raised(call) -> BaseException:
@@ -80,7 +80,7 @@ def test_bad_inputs_and_settings_are_permanent(small_archive, tmp_path):
     path, md5 = small_archive
     root = tmp_path / "artifacts"
     unsafe = write_tar(tmp_path / "unsafe.tar.gz", archive_members(),
-                       extra=[_member("cifar-10-batches-py/../../escaped.txt")])
+                       extra=[tar_member("cifar-10-batches-py/../../escaped.txt")])
     members = archive_members()
     members["cifar-10-batches-py/data_batch_2"] = pickle.dumps({"data": print}, protocol=2)
     evil = write_tar(tmp_path / "evil.tar.gz", members)

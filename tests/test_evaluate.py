@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 
 from alexnet_tasks.evaluate import confusion_matrix, evaluate, summarize
-from test_publish import write_train_summary
-from test_train import scalar_tags
-
-TRAINING_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_planned", "seconds", "devices")
+from alexnet_tasks.training.run_summary import TRAINING_FIELDS
+from builders import scalar_tags, write_train_summary
 
 NAMES = ["a", "b", "c"]
 

@@ -32,13 +32,10 @@ from alexnet_tasks.data.download import download
 from alexnet_tasks.release.publish import publish, read_index
 from alexnet_tasks.data.shards import ShardError, build_shards, load_split, shard_path
 from alexnet_tasks.data.split import split
+from builders import SUBPROCESS_ENV, committed_epochs, fake_run, flip_one_image_byte, tar_member
 from cifar_archive import archive_members, md5_of, write_archive, write_tar
-from conftest import ROOT, airflow_bin, airflow_env, native_cluster, prepare_shards, wait_for_runs
-from test_download import _member
-from test_publish import fake_run
-from test_shards import flip_one_image_byte
+from conftest import airflow_bin, airflow_env, native_cluster, prepare_shards, wait_for_runs
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 def _temps(root: Path) -> list[Path]:
@@ -81,7 +78,7 @@ def test_killed_build_shards_leaves_nothing_trusted_and_rebuilds_identically(big
         f"build_shards(Path({str(batch_dir)!r}), Path({manifest!r}), PipelineConfig(**{config.to_dict()!r}), Path({str(root)!r}))\n"
     )
     final = Layout(root).shards(config)
-    process = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-c", code], env=SUBPROCESS_ENV, stderr=subprocess.PIPE)
     # Kill once the partial train.h5 holds data.
     def partial_shard() -> bool:
         return any(
@@ -135,7 +132,7 @@ def test_killed_publish_keeps_latest_on_the_previous_run(tmp_path):
         "from alexnet_tasks.release.publish import publish\n"
         f"publish(Path({str(big)!r}), 'big', Path({str(published)!r}))\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", code], env=ENV, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, "-c", code], env=SUBPROCESS_ENV, stderr=subprocess.PIPE)
     _wait_for(lambda: _temps(published / "runs"), 60, "the publish copy to start", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -254,10 +251,10 @@ def test_cluster_kill_retry_resume_bad_params_and_concurrent_runs(served_archive
         # 1. SIGKILL the training process mid-epoch; the retry resumes from the last completed epoch.
         run_id = api.post(runs_url, {"logical_date": None, "conf": {**conf, "epochs": 3}})["dag_run_id"]
         run_dir = Layout(artifacts).run(run_id)
-        state_path, lock = run_dir / "state.json", run_dir / "train.lock"
-        _wait_for(lambda: state_path.is_file() and json.loads(state_path.read_text())["epochs_done"] >= 1, 600, "epoch 1")
+        lock = run_dir / "train.lock"
+        _wait_for(lambda: committed_epochs(run_dir) >= 1, 600, "epoch 1")
         time.sleep(0.3)
-        done_at_kill = json.loads(state_path.read_text())["epochs_done"]
+        done_at_kill = committed_epochs(run_dir)
         assert done_at_kill < 3, "training finished before it could be killed"
         os.kill(int(lock.read_text()), signal.SIGKILL)
         [run] = wait_for_runs(api, [run_id], 900)
@@ -361,7 +358,7 @@ def test_permanent_errors_fail_on_the_first_try_network_errors_are_retried(small
     conf = {"image_size": 67, "epochs": 1, "validation_size": 50, "batch_size": 16}
 
     # An archive with a `../` member is refused on try 1, and the run fails without waiting for retries.
-    unsafe = write_tar(tmp_path / "unsafe.tar.gz", archive_members(), extra=[_member("cifar-10-batches-py/../../x")])
+    unsafe = write_tar(tmp_path / "unsafe.tar.gz", archive_members(), extra=[tar_member("cifar-10-batches-py/../../x")])
     started = time.monotonic()
     tasks, earlier, output = _dags_test(airflow_home, tmp_path / "a1", {**conf, "source_url": str(unsafe),
                                                                         "source_md5": md5_of(unsafe)})

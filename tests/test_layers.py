@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,3 +71,40 @@ def test_the_check_sees_an_upward_import(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("def f():\n    from alexnet_tasks.release.publish import publish\n")
     assert imports_of(source) == [(2, "alexnet_tasks.release.publish")]
+
+
+# --------------------------------------------------------------------------- the tests: shared code lives in builders
+TESTS = ROOT / "tests"
+_SCRIPT_IMPORT = re.compile(r"^\s*(?:from\s+(test_\w+)\s+import|import\s+(test_\w+))", re.MULTILINE)
+
+
+def imports_of_test_modules(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import of a ``test_*`` module in a file: import statements at any depth,
+    and import lines inside string constants (the scripts a test runs in a subprocess)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0].startswith("test_"):
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0].startswith("test_")]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += [(node.lineno, match.group(1) or match.group(2)) for match in _SCRIPT_IMPORT.finditer(node.value)]
+    return found
+
+
+def test_no_test_module_imports_another():
+    """Test modules share code through tests/builders.py and fixtures through tests/conftest.py, never each other."""
+    imports = [f"{path.relative_to(ROOT)}:{line} imports {module}"
+               for path in sorted(TESTS.glob("*.py")) for line, module in imports_of_test_modules(path)]
+    assert not imports, "test modules importing test modules (move what they share to tests/builders.py):\n" + \
+        "\n".join(imports)
+
+
+def test_the_check_sees_a_test_module_imported_anywhere(tmp_path):
+    test = "test_"  # spelled apart, so this file's own strings hold no such import
+    source = tmp_path / "test_probe.py"
+    source.write_text(f"import {test}plugin\n"
+                      f"def f():\n    from {test}train import scalar_tags\n"
+                      f"SCRIPT = '''\nimport sys\nfrom {test}registry import entry\n'''\n"
+                      "from builders import fake_run\n")
+    assert imports_of_test_modules(source) == [(1, "test_plugin"), (3, "test_train"), (4, "test_registry")]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from builders import evaluate_gate_publish, links, load_plugin_module, quoted
 from conftest import airflow_bin, airflow_env
-from test_plugin import links, load_plugin_module, quoted, tokens  # noqa: F401  (tokens: a fixture)
 
 FIRST = "manual__2026-11-20T10:00:00+00:00"
 SECOND = "manual__2026-11-21T10:00:00+00:00"
@@ -54,21 +54,11 @@ def test_the_promote_dag_takes_a_run_id_and_a_reason_and_never_retries():
 @pytest.fixture(scope="module")
 def published(trained_run, tmp_path_factory) -> Path:
     """Artifacts where FIRST was blessed, then SECOND (the champion), and REFUSED was recorded without its model."""
-    from alexnet_tasks.evaluate import evaluate
-    from alexnet_tasks.layout import Layout
-    from alexnet_tasks.release.gate import gate
-    from alexnet_tasks.release.publish import publish
-
     config, shards_dir, trained_dir, _ = trained_run
     root = tmp_path_factory.mktemp("promote") / "artifacts"
-    layout = Layout(root)
     for run_id in (FIRST, SECOND, REFUSED):
-        run_dir = layout.run(run_id)
-        shutil.copytree(trained_dir, run_dir)
-        evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5, test_time_augmentation="none")
         gated = replace(config, accuracy_floor=1.0 if run_id == REFUSED else 0.0)
-        gate(run_dir, layout.published, gated, shards_dir, run_id)
-        publish(run_dir, run_id, layout.published, gated, dag_id="alexnet_cifar10")
+        evaluate_gate_publish(trained_dir, shards_dir, root, run_id, gated, dag_id="alexnet_cifar10")
     return root
 
 

@@ -1,4 +1,3 @@
-import hashlib
 import json
 import os
 import threading
@@ -8,55 +7,10 @@ from pathlib import Path
 import pytest
 
 from alexnet_tasks.config import PipelineConfig
-from alexnet_tasks.layout import Layout
+from alexnet_tasks.layout import TRAIN_SUMMARY
 from alexnet_tasks.atomic import exchange
 from alexnet_tasks.release.publish import INDEX_FIELDS, load_runs, publish, read_index
-
-SUMMARY = "train_summary.json"
-
-
-def write_train_summary(run_dir: Path, fingerprint: str | None = None, **overrides) -> dict:
-    """``train_summary.json`` as train writes it; returns its content."""
-    fingerprint = fingerprint or hashlib.sha256(str(run_dir).encode()).hexdigest()
-    summary = {
-        "fingerprint": fingerprint,
-        "fingerprint_parts": {"settings": {"recipe": "fast"}, "data_key": "d", "shards_sha256": "0" * 64,
-                              "code_version": "0.1.0+test"},
-        "epochs_planned": 3, "epochs_run": 3, "truncated": False, "stopped_reason": "completed",
-        "seconds": 12.5, "replicas": 1, "devices": "CPU", "recipe": "fast", "image_size": 67,
-        "batch_size": 16, "learning_rate": 0.01, "seed": 42,
-        **overrides,
-    }
-    (Path(run_dir) / SUMMARY).write_text(json.dumps(summary))
-    return summary
-
-
-def fake_run(root: Path, name: str, accuracy: float, fingerprint: str | None = None, truncated: bool = False,
-             validation_accuracy: float | None = None) -> Path:
-    """A run folder as train and evaluate leave it (small stand-in files, real layout).
-
-    With a ``fingerprint`` it also holds train's ``train_summary.json`` and the
-    fields evaluate copies from it into ``metrics.json``.
-    """
-    run = root / "runs" / name
-    (run / "tensorboard" / "train").mkdir(parents=True, exist_ok=True)
-    (run / "tensorboard" / "train" / "events.out.tfevents.1").write_bytes(b"events")
-    (run / "model.keras").write_bytes(b"model-" + name.encode())
-    metrics = {"test_accuracy": accuracy, "test_loss": 1.0}
-    if fingerprint is not None:
-        summary = write_train_summary(run, fingerprint, truncated=truncated, epochs_run=2 if truncated else 3)
-        metrics.update({key: summary[key] for key in
-                        ("fingerprint", "truncated", "epochs_run", "epochs_planned", "seconds", "devices")})
-    if validation_accuracy is not None:
-        metrics["validation_accuracy"] = validation_accuracy
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    (run / "config.json").write_text("{}")
-    return run
-
-
-def folder(run_id: str) -> str:
-    return Layout(Path("/unused")).run(run_id).name
-
+from builders import fake_run, folder, write_decision, write_train_summary
 
 def test_publish_copies_indexes_then_points_latest(tmp_path):
     published = tmp_path / "published"
@@ -121,7 +75,7 @@ def test_index_line_carries_fingerprint_schedule_devices_and_settings(tmp_path):
     assert line["truncated"] is True and line["epochs_run"] == 2 and line["epochs_planned"] == 3
     assert line["devices"] == "CPU" and line["seconds"] == 12.5
     assert line["config"] == config.to_dict()
-    assert (published / line["path"] / SUMMARY).is_file()
+    assert (published / line["path"] / TRAIN_SUMMARY).is_file()
 
 
 def test_old_index_lines_without_the_new_fields_still_load(tmp_path):
@@ -140,16 +94,11 @@ def test_old_index_lines_without_the_new_fields_still_load(tmp_path):
     assert [line["run_id"] for line in read_index(published)] == ["old", "new"]
 
 
-def write_decision(run_dir: Path, blessed: bool, reasons: list[str]) -> None:
-    """``decision.json`` as the gate leaves it (the keys publish reads)."""
-    (run_dir / "decision.json").write_text(json.dumps({"blessed": blessed, "reasons": reasons, "champion": None}))
-
-
 def test_index_line_carries_the_runs_lineage(tmp_path):
     published = tmp_path / "published"
     config = PipelineConfig(source_md5="a" * 32, image_size=67, epochs=3, split_seed=7, seed=11)
     run = fake_run(tmp_path, "run_a", 0.61, "c" * 64, validation_accuracy=0.58)
-    write_decision(run, True, ["sanity checks hold", "no champion yet"])
+    write_decision(run, comparison="no champion yet")
     publish(run, "scheduled__2026-11-29", published, config)
     [line] = read_index(published)
     assert set(line) == set(INDEX_FIELDS)
@@ -176,7 +125,7 @@ def test_lineage_fields_without_summary_or_decision_are_null(tmp_path):
 def test_an_unblessed_decision_is_recorded_with_its_reasons(tmp_path):
     published = tmp_path / "published"
     run = fake_run(tmp_path, "diverged", 0.1, "5" * 64)
-    write_decision(run, False, ["test loss is not finite", "test accuracy 0.1000 is below the floor 0.25"])
+    write_decision(run, failed=["test loss is not finite", "test accuracy 0.1000 is below the floor 0.25"])
     publish(run, "diverged", published)
     [line] = read_index(published)
     assert line["blessed"] is False
@@ -207,7 +156,7 @@ def test_load_runs_gives_the_table_of_runs_newest_first(tmp_path):
     (published / "index.jsonl").write_text(json.dumps(old) + "\n")
     publish(fake_run(tmp_path, "first", 0.5, "1" * 64), "first", published)
     second = fake_run(tmp_path, "second", 0.6, "2" * 64, validation_accuracy=0.55)
-    write_decision(second, True, ["sanity checks hold"])
+    write_decision(second)
     publish(second, "second", published)
     table = load_runs(published)
     assert [row["run_id"] for row in table] == ["second", "first", "old"]

@@ -16,14 +16,7 @@ from alexnet_tasks.release.gate import champion_of
 from alexnet_tasks.release.publish import publish
 from alexnet_tasks.release.registry import INDEX_FIELDS, Registry, index_line, load_runs, read_index
 from alexnet_tasks.release.retention import prune_runs
-
-
-def entry(run_id: str, accuracy: float = 0.5, blessed: bool | None = True, recipe: str = "fast",
-          fingerprint: str | None = None) -> dict:
-    """An index line as publish writes it (the registry's own index_line), for a run gated as ``blessed``."""
-    metrics = {"test_accuracy": accuracy, "test_loss": 1.0, "fingerprint": fingerprint}
-    decision = None if blessed is None else {"blessed": blessed, "reasons": [f"decided {blessed}"]}
-    return index_line(run_id, metrics, "2026-11-29T02:00:00+00:00", PipelineConfig(recipe=recipe), None, decision)
+from builders import index_entry, s3_registry
 
 
 def registry_with(tmp_path: Path, entries: list[dict]) -> Registry:
@@ -34,7 +27,7 @@ def registry_with(tmp_path: Path, entries: list[dict]) -> Registry:
 
 
 def test_an_index_line_holds_every_field_and_reads_back_the_same(tmp_path):
-    line = entry("a")
+    line = index_entry("a")
     assert set(line) == set(INDEX_FIELDS)
     registry = registry_with(tmp_path, [line])
     assert registry.find("a") == {**line, "latest": False}
@@ -42,12 +35,12 @@ def test_an_index_line_holds_every_field_and_reads_back_the_same(tmp_path):
 
 
 def test_a_malformed_line_is_skipped_with_a_warning_by_every_reader(tmp_path, caplog):
-    registry = registry_with(tmp_path, [entry("a")])
+    registry = registry_with(tmp_path, [index_entry("a")])
     with open(tmp_path / "published" / INDEX, "a") as index:
         index.write("not json\n")
         index.write("[1, 2]\n")
         index.write(json.dumps({"run_id": 7, "path": "runs/x"}) + "\n")
-    registry.record(entry("b"))
+    registry.record(index_entry("b"))
     with caplog.at_level(logging.WARNING):
         assert [line["run_id"] for line in registry.entries()] == ["a", "b"]
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -60,20 +53,20 @@ def test_a_malformed_line_is_skipped_with_a_warning_by_every_reader(tmp_path, ca
 
 
 def test_a_partial_last_line_is_not_read_and_the_next_append_cuts_it(tmp_path):
-    registry = registry_with(tmp_path, [entry("a")])
+    registry = registry_with(tmp_path, [index_entry("a")])
     index = tmp_path / "published" / INDEX
     with open(index, "a") as handle:
-        handle.write(json.dumps(entry("half"))[:40])  # a writer killed mid-line
+        handle.write(json.dumps(index_entry("half"))[:40])  # a writer killed mid-line
     assert [line["run_id"] for line in registry.entries()] == ["a"]
-    registry.record(entry("b"))
+    registry.record(index_entry("b"))
     assert [line["run_id"] for line in registry.entries()] == ["a", "b"]
     assert all(json.loads(text) for text in index.read_text().splitlines())
 
 
 def test_a_runs_last_line_is_its_entry(tmp_path):
-    registry = registry_with(tmp_path, [entry("a", 0.4), entry("b", 0.5), entry("a", 0.6, fingerprint="f" * 64)])
+    registry = registry_with(tmp_path, [index_entry("a", 0.4), index_entry("b", 0.5), index_entry("a", 0.6, fingerprint="f" * 64)])
     assert [(line["run_id"], line["test_accuracy"]) for line in registry.entries()] == [("b", 0.5), ("a", 0.6)]
-    assert registry.record(entry("a", 0.6, fingerprint="f" * 64)) is False, "the same training: no new line"
+    assert registry.record(index_entry("a", 0.6, fingerprint="f" * 64)) is False, "the same training: no new line"
     assert len((tmp_path / "published" / INDEX).read_text().splitlines()) == 3
 
 
@@ -89,7 +82,7 @@ def test_old_lines_with_blessed_reason_read_as_reasons(tmp_path):
 
 
 def test_find_one_run_and_page_newest_first_with_filters(tmp_path):
-    lines = [entry(f"run-{number:02d}", blessed=number % 3 != 0, recipe="reference" if number % 2 else "fast")
+    lines = [index_entry(f"run-{number:02d}", blessed=number % 3 != 0, recipe="reference" if number % 2 else "fast")
              for number in range(25)]
     registry = registry_with(tmp_path, lines)
     assert registry.find("run-07")["test_accuracy"] == 0.5 and registry.find("run-99") is None
@@ -117,7 +110,7 @@ def test_the_runs_of_one_sweep_are_a_filter(tmp_path):
     metrics = {"test_accuracy": 0.5, "test_loss": 1.0}
     lines = [index_line(f"sweep-{sweep}__trial{trial:02d}", metrics, "2026-11-29T02:00:00+00:00", PipelineConfig(),
                         sweep={"sweep": f"sweep-{sweep}", "trial": f"learning_rate={trial}"})
-             for sweep in (1, 2) for trial in (0, 1)] + [entry("plain")]
+             for sweep in (1, 2) for trial in (0, 1)] + [index_entry("plain")]
     registry = registry_with(tmp_path, lines)
     found = registry.page(sweep="sweep-2")
     assert [line["run_id"] for line in found.runs] == ["sweep-2__trial01", "sweep-2__trial00"]
@@ -127,10 +120,10 @@ def test_the_runs_of_one_sweep_are_a_filter(tmp_path):
 
 
 def test_the_lookup_table_follows_appends_and_is_rebuilt_when_deleted_or_damaged(tmp_path):
-    registry = registry_with(tmp_path, [entry("a"), entry("b")])
+    registry = registry_with(tmp_path, [index_entry("a"), index_entry("b")])
     table = tmp_path / "published" / INDEX_TABLE
     assert table.is_file()
-    Registry(tmp_path / "published").record(entry("c"))  # another writer appends
+    Registry(tmp_path / "published").record(index_entry("c"))  # another writer appends
     assert registry.find("c") is not None and registry.page().total == 3
     table.unlink()
     assert [line["run_id"] for line in registry.entries()] == ["a", "b", "c"]
@@ -138,20 +131,20 @@ def test_the_lookup_table_follows_appends_and_is_rebuilt_when_deleted_or_damaged
     assert registry.find("b") is not None
     # index.jsonl rewritten in place (same file, other lines): the table starts over from it.
     index = tmp_path / "published" / INDEX
-    lines = [json.dumps(entry(run_id), sort_keys=True) + "\n" for run_id in ("x", "y", "w", "v")]
+    lines = [json.dumps(index_entry(run_id), sort_keys=True) + "\n" for run_id in ("x", "y", "w", "v")]
     with open(index, "r+") as handle:
         handle.write("".join(lines))
     assert [line["run_id"] for line in registry.entries()] == ["x", "y", "w", "v"]
     # index.jsonl replaced by another file: the same.
     index.unlink()
-    registry_with(tmp_path, [entry("z")])
+    registry_with(tmp_path, [index_entry("z")])
     assert [line["run_id"] for line in registry.entries()] == ["z"]
 
 
 def test_where_the_table_cannot_be_written_it_is_built_for_the_read(tmp_path):
     from alexnet_tasks.release.registry import LocalStore
 
-    registry_with(tmp_path, [entry("a"), entry("b")])
+    registry_with(tmp_path, [index_entry("a"), index_entry("b")])
 
     class Elsewhere(LocalStore):
         def table_path(self):
@@ -164,7 +157,7 @@ def test_where_the_table_cannot_be_written_it_is_built_for_the_read(tmp_path):
 
 def test_the_champion_is_the_entry_latest_points_to(tmp_path):
     published = tmp_path / "published"
-    registry = registry_with(tmp_path, [entry("a"), entry("b", blessed=False)])
+    registry = registry_with(tmp_path, [index_entry("a"), index_entry("b", blessed=False)])
     assert registry.champion() is None and champion_of(published) is None
     registry.promote(published_path("a"))
     (published / published_path("a")).mkdir(parents=True)
@@ -195,7 +188,7 @@ def test_publish_and_gate_agree_on_the_champion_through_the_registry(tmp_path):
 # --------------------------------------------------------------------------- the promotion history
 def test_every_change_of_champion_is_appended_to_the_history_newest_first(tmp_path):
     published = tmp_path / "published"
-    registry = registry_with(tmp_path, [entry("a", fingerprint="fa"), entry("b", fingerprint="fb")])
+    registry = registry_with(tmp_path, [index_entry("a", fingerprint="fa"), index_entry("b", fingerprint="fb")])
     assert registry.history() == []
     first = registry.promote(published_path("a"))
     assert first["run_id"] == "a" and first["previous_run_id"] is None and first["reason"] == "gate"
@@ -216,7 +209,7 @@ def test_every_change_of_champion_is_appended_to_the_history_newest_first(tmp_pa
 
 
 def test_a_promotion_by_a_person_needs_their_name_and_a_known_reason(tmp_path):
-    registry = registry_with(tmp_path, [entry("a")])
+    registry = registry_with(tmp_path, [index_entry("a")])
     with pytest.raises(ValueError, match="needs the name of the user"):
         registry.promote(published_path("a"), "by_hand")
     with pytest.raises(ValueError, match="promotion reason 'whim'"):
@@ -226,7 +219,7 @@ def test_a_promotion_by_a_person_needs_their_name_and_a_known_reason(tmp_path):
 
 def test_a_malformed_history_line_is_skipped_with_a_warning_as_in_the_index(tmp_path, caplog):
     published = tmp_path / "published"
-    registry = registry_with(tmp_path, [entry("a"), entry("b")])
+    registry = registry_with(tmp_path, [index_entry("a"), index_entry("b")])
     registry.promote(published_path("a"))
     with open(published / "promotions.jsonl", "a") as handle:
         handle.write("not json\n[1, 2]\n")
@@ -245,21 +238,14 @@ def test_a_malformed_history_line_is_skipped_with_a_warning_as_in_the_index(tmp_
 
 
 # --------------------------------------------------------------------------- published/ on S3
-def s3_registry(bucket: str, cache: Path) -> Registry:
-    from alexnet_tasks.release.registry import S3Store
-    from alexnet_tasks.store import parse_location
-
-    return Registry(store=S3Store(parse_location(f"s3://{bucket}/artifacts"), cache=cache))
-
-
 def test_the_registry_on_s3_finds_pages_and_follows_the_champion_like_the_local_one(s3_bucket, tmp_path):
-    lines = [entry(f"run-{number:02d}", blessed=number % 3 != 0) for number in range(12)]
+    lines = [index_entry(f"run-{number:02d}", blessed=number % 3 != 0) for number in range(12)]
     local = registry_with(tmp_path / "local", lines)
     remote = s3_registry(s3_bucket, tmp_path / "cache")
     assert not remote.store.exists() and remote.champion() is None and remote.entries() == []
     for line in lines:
         assert remote.record(line)
-    again = entry("run-11", fingerprint="f" * 16)
+    again = index_entry("run-11", fingerprint="f" * 16)
     assert remote.record(again) and local.record(again)
     assert not remote.record(dict(again))  # the same publish again: nothing appended
     assert remote.entries() == local.entries()
@@ -271,7 +257,7 @@ def test_the_registry_on_s3_finds_pages_and_follows_the_champion_like_the_local_
     # Another host, another cache, the same store: the same runs; the table there is built from the store.
     other = s3_registry(s3_bucket, tmp_path / "other-cache")
     assert other.entries() == remote.entries() and other.champion()["path"] == published_path("run-05")
-    assert other.record(entry("run-12"))
+    assert other.record(index_entry("run-12"))
     assert remote.find("run-12") is not None and remote.page(size=1).runs[0]["run_id"] == "run-12"
 
 
@@ -279,7 +265,7 @@ _PUBLISHER = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[5])
-from test_registry import entry, s3_registry
+from builders import index_entry, s3_registry
 from alexnet_tasks.layout import published_path
 bucket, name, cache, start = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])
 registry = s3_registry(bucket, cache)
@@ -287,7 +273,7 @@ while time.time() < start:
     time.sleep(0.001)
 for number in range(10):
     run_id = f"{name}-{number}"
-    registry.record(entry(run_id))
+    registry.record(index_entry(run_id))
     registry.promote(published_path(run_id))
 """
 
@@ -318,7 +304,7 @@ def test_two_publishes_racing_on_s3_keep_every_index_line_and_one_consistent_cha
 def test_a_lookup_table_built_before_the_sweep_filter_is_rebuilt_with_it(tmp_path):
     import sqlite3
 
-    registry = registry_with(tmp_path, [entry("a"), entry("b")])
+    registry = registry_with(tmp_path, [index_entry("a"), index_entry("b")])
     table = tmp_path / "published" / "index.sqlite"
     with contextlib.closing(sqlite3.connect(table)) as db:  # the table as the version before sweeps built it
         db.executescript("DROP INDEX runs_sweep; ALTER TABLE runs DROP COLUMN sweep;"

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from test_publish import fake_run, folder
-
 from alexnet_tasks.atomic import exclusive_pid_lock
 from alexnet_tasks.release.publish import publish
 from alexnet_tasks.release.retention import drop_checkpoints, folder_bytes, keep_runs, prune_runs
+from builders import fake_run, folder, index_entry
 
 DAY = 24 * 3600
 
@@ -34,14 +33,6 @@ def age(run: Path, seconds: float) -> None:
     then = time.time() - seconds
     for path in [*run.iterdir(), run]:
         os.utime(path, (then, then), follow_symlinks=False)
-
-
-def index_line(run_id: str, blessed: bool | None | str = "absent") -> dict:
-    line = {"run_id": run_id, "published_at": "2026-11-01T02:00:00+00:00", "test_accuracy": 0.5,
-            "test_loss": 1.0, "path": f"runs/{folder(run_id)}"}
-    if blessed != "absent":
-        line["blessed"] = blessed
-    return line
 
 
 def write_index(published: Path, lines: list[dict], champion: str | None) -> None:
@@ -112,8 +103,8 @@ def test_old_runs_that_are_neither_champion_nor_blessed_are_pruned(tmp_path, cap
     for number in range(12):
         runs[number] = fake_run(artifacts, folder(f"r{number:02d}"), 0.5)
         add_checkpoint(runs[number])
-    write_index(published, [index_line("r01", True), index_line("r02", False), index_line("r03"),
-                            index_line("r04", False)], champion="r04")
+    write_index(published, [index_entry("r01", blessed=True), index_entry("r02", blessed=False),
+                            index_entry("r03", blessed=None), index_entry("r04", blessed=False)], champion="r04")
     for number, run in runs.items():
         age(run, (20 - number) * DAY)
     caplog.set_level(logging.INFO, logger="alexnet_tasks.release.retention")

@@ -9,6 +9,7 @@ from alexnet_tasks.layout import Layout
 from alexnet_tasks.data.download import download, load_cifar10
 from alexnet_tasks.data.shards import ShardError, build_shards, load_split, standardize, verify_shards
 from alexnet_tasks.data.split import split
+from builders import flip_one_image_byte
 
 
 @pytest.fixture
@@ -62,16 +63,6 @@ def test_rebuild_reuses_intact_shards(built, artifacts):
     batch_dir, manifest, config, first = built
     again = build_shards(batch_dir, manifest, config, artifacts)
     assert again["reused"] is True and again["train"] == first["train"]
-
-
-def flip_one_image_byte(path: Path) -> None:
-    with h5py.File(path, "r") as handle:
-        offset = handle["images"].id.get_chunk_info(0).byte_offset
-    with open(path, "r+b") as raw:
-        raw.seek(offset + 1000)
-        byte = raw.read(1)
-        raw.seek(offset + 1000)
-        raw.write(bytes([byte[0] ^ 0xFF]))
 
 
 def test_corrupted_shard_fails_loudly_naming_the_file_and_is_rebuilt(built, artifacts):

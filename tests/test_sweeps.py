@@ -30,8 +30,8 @@ from alexnet_tasks.sweeps import (
 )
 from alexnet_tasks.ui.charts import setting_chart
 from alexnet_tasks.ui.sweeps import load_sweep
+from builders import load_plugin_module
 from conftest import ROOT, airflow_bin, airflow_env, native_cluster, wait_for_runs
-from test_plugin import load_plugin_module
 
 DAG_ID = "alexnet_cifar10_sweep"
 

@@ -1,10 +1,7 @@
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +10,8 @@ from alexnet_tasks.config import PipelineConfig
 from alexnet_tasks.training.recipe import learning_rate_at, onednn_enabled, per_replica_batch, precision_policy, xla_pays
 from alexnet_tasks.recipes import RECIPE_DEFAULTS
 from alexnet_tasks.training.train import ShuffledBatches, resolve_settings
-from conftest import ROOT, prepare_shards, train_script
+from builders import SUBPROCESS_ENV, kill_after_first_epoch, run_python, scalar_tags
+from conftest import prepare_shards, train_script
 
 TWO_LOGICAL_CPUS = (
     "import tensorflow as tf\n"
@@ -21,18 +19,6 @@ TWO_LOGICAL_CPUS = (
     "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
 )
 DETERMINISTIC = "import tensorflow as tf\ntf.config.experimental.enable_op_determinism()\n"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def scalar_tags(folder: Path) -> set[str]:
-    """Tags of every summary value in the TensorBoard event files under ``folder``."""
-    import tensorflow as tf
-
-    tags = set()
-    for events in folder.rglob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(events)):
-            tags.update(f"{events.parent.name}/{value.tag}" for value in event.summary.value)
-    return tags
 
 
 def test_recipes_resolve_with_explicit_overrides():
@@ -69,7 +55,7 @@ def test_onednn_is_read_from_tensorflow_and_decides_the_cpu_step():
     assert onednn_enabled() is bool(_pywrap_util_port.IsMklEnabled())
     code = "from alexnet_tasks.training.recipe import onednn_enabled; print(onednn_enabled())"
     for value, expected in (("0", "False"), ("1", "True")):
-        env = {**ENV, "TF_ENABLE_ONEDNN_OPTS": value}
+        env = {**SUBPROCESS_ENV, "TF_ENABLE_ONEDNN_OPTS": value}
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert done.stdout.strip() == expected
 
@@ -280,25 +266,15 @@ def test_killed_training_resumes_from_its_last_completed_epoch(small_archive, tm
     )
     run_dir = tmp_path / "runs" / "killed"
     code = train_script(shards_dir, run_dir, config)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = run_dir / "state.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["epochs_done"] >= 1:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, process.stderr.read().decode()[-2000:]
-    time.sleep(0.5)  # into the next epoch
     from alexnet_tasks.training.train import train
 
-    # A duplicate delivery of the same task is refused while the first one lives.
-    with pytest.raises(RuntimeError, match=rf"train.lock: process {process.pid} is already training this run"):
-        train(shards_dir, run_dir, config)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = json.loads(state.read_text())["epochs_done"]
-    assert 1 <= done < 4
+    def duplicate_delivery_is_refused(process):
+        """A duplicate delivery of the same task is refused while the first one lives."""
+        time.sleep(0.5)  # into the next epoch
+        with pytest.raises(RuntimeError, match=rf"train.lock: process {process.pid} is already training this run"):
+            train(shards_dir, run_dir, config)
+
+    done = kill_after_first_epoch(code, run_dir, 4, timeout=240, while_alive=duplicate_delivery_is_refused)
 
     result = train(shards_dir, run_dir, config)
     assert result["resumed_from"] == done
@@ -320,9 +296,7 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_and_saves_a_plain_model(sm
         prelude=TWO_LOGICAL_CPUS,
         call_arguments=", devices=['/cpu:0', '/cpu:1']",
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_python(code, "mirrored training", timeout=600)
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["replicas"] == 2 and saved["devices"] == "2 x CPU"
     # Global batch and rate, as given: 4 images per replica.
@@ -405,29 +379,6 @@ def test_time_budget_callback_plans_from_the_first_epoch_and_marks_an_overrun_tr
     assert model.stop_training and progress.stopped_reason == "time budget"
 
 
-def _run(code: str, what: str) -> subprocess.CompletedProcess:
-    run = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, f"{what}: {run.stderr[-3000:]}"
-    return run
-
-
-def _kill_after_first_epoch(code: str, run_dir: Path, epochs: int) -> int:
-    """Start ``code``, SIGKILL it once an epoch is committed; return the committed epochs."""
-    process = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = run_dir / "state.json"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["epochs_done"] >= 1:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, process.stderr.read().decode()[-3000:]
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done = json.loads(state.read_text())["epochs_done"]
-    assert 1 <= done < epochs, "training finished before it could be killed"
-    return done
-
-
 @pytest.mark.slow
 def test_killed_mirrored_training_resumes_on_both_replicas(small_archive, tmp_path):
     config, shards_dir = prepare_shards(
@@ -436,8 +387,8 @@ def test_killed_mirrored_training_resumes_on_both_replicas(small_archive, tmp_pa
     run_dir = tmp_path / "runs" / "mirrored"
     code = train_script(shards_dir, run_dir, config, prelude=TWO_LOGICAL_CPUS,
                         call_arguments=", devices=['/cpu:0', '/cpu:1']")
-    done = _kill_after_first_epoch(code, run_dir, 3)
-    resumed = _run(code, "resumed run")
+    done = kill_after_first_epoch(code, run_dir, 3)
+    resumed = run_python(code, "resumed run")
     assert f"resuming from the checkpoint of epoch {done}/3" in resumed.stderr
     # Logged from model.distribute_strategy as fit starts: the restored model trains on both devices.
     assert "fit on 2 replica(s)" in resumed.stderr and "fit on 1 replica(s)" not in resumed.stderr
@@ -455,10 +406,10 @@ def test_killed_fast_run_resumes_exactly_like_an_uninterrupted_one(small_archive
         small_archive, tmp_path, image_size=67, epochs=3, batch_size=16, learning_rate=0.01, recipe="fast"
     )
     straight, killed = tmp_path / "runs" / "straight", tmp_path / "runs" / "killed"
-    _run(train_script(shards_dir, straight, config, prelude=DETERMINISTIC), "uninterrupted run")
+    run_python(train_script(shards_dir, straight, config, prelude=DETERMINISTIC), "uninterrupted run")
     code = train_script(shards_dir, killed, config, prelude=DETERMINISTIC)
-    done = _kill_after_first_epoch(code, killed, 3)
-    resumed = _run(code, "resumed run")
+    done = kill_after_first_epoch(code, killed, 3)
+    resumed = run_python(code, "resumed run")
     assert f"resuming from the checkpoint of epoch {done}/3" in resumed.stderr
 
     histories = [json.loads((run / "history.json").read_text()) for run in (straight, killed)]
