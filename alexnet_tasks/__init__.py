@@ -17,4 +17,9 @@ below it (``tests/test_layers.py`` checks)::
 
 download -> split -> build_shards -> train -> evaluate -> gate -> publish;
 settings live in ``alexnet_tasks.config``, the artifact layout in ``alexnet_tasks.layout``.
+
+Every step takes the same shape of arguments: what it reads, then the folder
+it writes (an output folder or the artifacts root), then the config; anything
+else is keyword-only, e.g. ``gate(shards_dir, published_root, run_dir, config,
+run_id=...)`` and ``publish(run_dir, published_root, config, run_id=...)``.
 """

@@ -149,13 +149,13 @@ def download_step(config: PipelineConfig, layout: Layout) -> dict:
 def split_step(config: PipelineConfig, layout: Layout) -> dict:
     from alexnet_tasks.data.split import split
 
-    return split(layout.batches(config.source_md5), config, layout.root)
+    return split(layout.batches(config.source_md5), layout.root, config)
 
 
 def build_shards_step(config: PipelineConfig, layout: Layout) -> dict:
     from alexnet_tasks.data.shards import build_shards
 
-    return build_shards(layout.batches(config.source_md5), layout.manifest(config), config, layout.root)
+    return build_shards(layout.batches(config.source_md5), layout.manifest(config), layout.root, config)
 
 
 def train_step(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
@@ -168,14 +168,13 @@ def evaluate_step(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
     from alexnet_tasks.evaluate import evaluate
 
     run_dir = layout.run(run_id)
-    return evaluate(run_dir / MODEL, layout.shards(config), run_dir, config.source_md5,
-                    test_time_augmentation=config.resolved_test_time_augmentation())
+    return evaluate(run_dir / MODEL, layout.shards(config), run_dir, config)
 
 
 def gate_step(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
     from alexnet_tasks.release.gate import gate
 
-    return gate(layout.run(run_id), layout.published, config, layout.shards(config), run_id)
+    return gate(layout.shards(config), layout.published, layout.run(run_id), config, run_id=run_id)
 
 
 def publish_step(config: PipelineConfig, layout: Layout, run_id: str, outlet_events, model_asset,
@@ -186,7 +185,7 @@ def publish_step(config: PipelineConfig, layout: Layout, run_id: str, outlet_eve
 
     from alexnet_tasks.release.publish import publish
 
-    result = publish(layout.run(run_id), run_id, layout.published, config, dag_id=dag_id, sweep=sweep)
+    result = publish(layout.run(run_id), layout.published, config, run_id=run_id, dag_id=dag_id, sweep=sweep)
     if result["blessed"] is False:
         # Recorded in the index, latest left on the champion: an expected outcome, not a failure,
         # that the alert channels (when configured) are told of.

@@ -32,7 +32,7 @@ import numpy as np
 
 from alexnet_tasks.progress import report
 from alexnet_tasks.atomic import atomic_write_bytes
-from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS
+from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, PipelineConfig
 from alexnet_tasks.jsonio import json_safe, save_json
 from alexnet_tasks.layout import HISTORY, METRICS, PLAIN_PREDICTIONS, PREDICTIONS
 from alexnet_tasks.layout import CONFUSION_MATRIX as CONFUSION_PNG
@@ -341,24 +341,23 @@ def _result(run: _Evaluation, metrics: dict) -> dict:
     }
 
 
-def evaluate(
-    model_path: Path,
-    shards_dir: Path,
-    run_dir: Path,
-    source_md5: str | None = None,
-    batch_size: int = 256,
-    test_time_augmentation: str = "none",
-) -> dict:
-    """Evaluate ``model_path`` on ``test.h5``; returns the headline metrics and file paths.
+def evaluate(model_path: Path, shards_dir: Path, run_dir: Path, config: PipelineConfig | None = None, *,
+             batch_size: int = 256) -> dict:
+    """Evaluate ``model_path`` on ``shards_dir``'s ``test.h5``, writing into ``run_dir``; returns the headline
+    metrics and file paths.
 
-    ``test_time_augmentation``: ``none``, ``flip`` or ``flip_shift``; the
-    headline figures (``test_accuracy``, ``test_loss``, the confusion
-    matrix, ``predictions.npy``) are the augmented prediction's.
+    ``config`` gives the source's MD5 the shard must carry and the test-time
+    augmentation (``config.resolved_test_time_augmentation()``: ``none``,
+    ``flip`` or ``flip_shift``); the headline figures (``test_accuracy``,
+    ``test_loss``, the confusion matrix, ``predictions.npy``) are the
+    augmented prediction's. Without ``config``: no MD5 check, no augmentation.
 
     Phases, in order: load (the test split, checked), predict, summarize,
     write.
     """
-    run = _load(Path(model_path), Path(shards_dir), Path(run_dir), source_md5, test_time_augmentation)
+    source_md5 = None if config is None else config.source_md5
+    kind = "none" if config is None else config.resolved_test_time_augmentation()
+    run = _load(Path(model_path), Path(shards_dir), Path(run_dir), source_md5, kind)
     _predict(run, batch_size)
     metrics = _write(run, _summarize(run))
     return _result(run, metrics)

@@ -123,7 +123,7 @@ def alexnet_cifar10_sweep():
         # NoTrialFinishedError, a PermanentError, fails it at once too.
         trials = plan_trials(dict(context["params"]), GPU_WORKERS)
         _, layout, run_id = _pipeline_settings(context)
-        return select_trial(layout, run_id, trials, context["dag"].dag_id)
+        return select_trial(trials, layout, sweep_run_id=run_id, dag_id=context["dag"].dag_id)
 
     @task
     def evaluate(chosen: dict, **context) -> dict:

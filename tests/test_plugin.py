@@ -168,11 +168,11 @@ def published(trained_run, tmp_path_factory) -> Path:
     for run_id in (OLD_RUN, NEW_RUN):
         run_dir = layout.run(run_id)
         shutil.copytree(trained_dir, run_dir)
-        evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5,
-                 test_time_augmentation="flip" if run_id == NEW_RUN else "none")
+        evaluate(run_dir / "model.keras", shards_dir, run_dir,
+                 replace(config, test_time_augmentation="flip" if run_id == NEW_RUN else "none"))
         gated = config if run_id == OLD_RUN else replace(config, accuracy_floor=1.0)
-        gate(run_dir, layout.published, gated, shards_dir, run_id)
-        publish(run_dir, run_id, layout.published, gated)
+        gate(shards_dir, layout.published, run_dir, gated, run_id=run_id)
+        publish(run_dir, layout.published, gated, run_id=run_id)
     shutil.copytree(shards_dir, layout.shards(config))  # where a run's shards are: the compare page reads the test labels
     return root
 

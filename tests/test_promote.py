@@ -65,10 +65,10 @@ def published(trained_run, tmp_path_factory) -> Path:
     for run_id in (FIRST, SECOND, REFUSED):
         run_dir = layout.run(run_id)
         shutil.copytree(trained_dir, run_dir)
-        evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5, test_time_augmentation="none")
+        evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
         gated = replace(config, accuracy_floor=1.0 if run_id == REFUSED else 0.0)
-        gate(run_dir, layout.published, gated, shards_dir, run_id)
-        publish(run_dir, run_id, layout.published, gated, dag_id="alexnet_cifar10")
+        gate(shards_dir, layout.published, run_dir, gated, run_id=run_id)
+        publish(run_dir, layout.published, gated, run_id=run_id, dag_id="alexnet_cifar10")
     return root
 
 
@@ -141,9 +141,9 @@ def test_a_run_recorded_without_its_model_cannot_become_the_champion(published, 
 
     root = copy_of(published, tmp_path)
     with pytest.raises(PermanentError, match=re.escape(f"run '{REFUSED}' has no model in ")):
-        promote_run(root / "published", REFUSED, "override the gate", "alice")
+        promote_run(root / "published", run_id=REFUSED, reason="override the gate", user="alice")
     with pytest.raises(ValueError, match="reason must be a non-empty string"):
-        promote_run(root / "published", FIRST, "  ", "alice")
+        promote_run(root / "published", run_id=FIRST, reason="  ", user="alice")
     assert Registry(root / "published").champion()["run_id"] == SECOND
 
 
@@ -155,8 +155,8 @@ def test_the_history_page_and_the_make_champion_link(published, tmp_path, tokens
     from alexnet_tasks.release.promote import promote_run
 
     root = copy_of(published, tmp_path)
-    promote_run(root / "published", FIRST, "rollback <after> an incident", "alice", "alexnet_cifar10_promote",
-                "manual__rollback")
+    promote_run(root / "published", run_id=FIRST, reason="rollback <after> an incident", user="alice",
+                dag_id="alexnet_cifar10_promote", dag_run_id="manual__rollback")
     monkeypatch.setenv("ALEXNET_ARTIFACTS", str(root))
     module = load_plugin_module()
     parent = FastAPI()

@@ -56,7 +56,7 @@ def test_a_malformed_line_is_skipped_with_a_warning_by_every_reader(tmp_path, ca
                for text in warnings) == 2
     # Retention reads the same entries: the malformed lines stop nothing.
     (tmp_path / "runs").mkdir()
-    assert prune_runs(tmp_path / "runs", tmp_path / "published") == []
+    assert prune_runs(tmp_path / "published", tmp_path / "runs") == []
 
 
 def test_a_partial_last_line_is_not_read_and_the_next_append_cuts_it(tmp_path):
@@ -186,7 +186,7 @@ def test_publish_and_gate_agree_on_the_champion_through_the_registry(tmp_path):
         run.mkdir(parents=True)
         (run / "model.keras").write_bytes(b"model")
         (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_loss": 1.0}))
-        publish(run, run_id, published)
+        publish(run, published, run_id=run_id)
     registry = Registry(published)
     assert registry.champion()["run_id"] == "second" == champion_of(published)["run_id"]
     assert os.readlink(published / "latest") == registry.find("second")["path"]

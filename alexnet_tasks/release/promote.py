@@ -23,7 +23,7 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def promote_run(published_root: Path, run_id: str, reason: str, user: str, dag_id: str | None = None,
+def promote_run(published_root: Path, *, run_id: str, reason: str, user: str, dag_id: str | None = None,
                 dag_run_id: str | None = None) -> dict:
     """Make the published run ``run_id`` the champion; returns what the publish task's asset event carries.
 

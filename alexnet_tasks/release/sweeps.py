@@ -68,7 +68,7 @@ def trial_result(layout: Layout, sweep_run_id: str, trial: dict) -> dict[str, An
     }
 
 
-def select_trial(layout: Layout, sweep_run_id: str, trials: list[dict], dag_id: str | None = None) -> dict:
+def select_trial(trials: list[dict], layout: Layout, *, sweep_run_id: str, dag_id: str | None = None) -> dict:
     """Choose the best finished trial on validation, record the sweep, return the chosen trial's result.
 
     Writes ``published/sweeps/<run>.json`` (``read_sweep``) with every

@@ -89,7 +89,7 @@ log = logging.getLogger(__name__)
 VALIDATION_BATCH = 512
 
 
-def train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: list[str] | None = None) -> dict:
+def train(shards_dir: Path, run_dir: Path, config: PipelineConfig, *, devices: list[str] | None = None) -> dict:
     """Train on ``train.h5`` with ``validation.h5`` every epoch; write the model, logs and summary.
 
     ``devices``: train data-parallel over these (``["/cpu:0", "/cpu:1"]``);
