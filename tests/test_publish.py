@@ -134,7 +134,7 @@ def test_old_index_lines_without_the_new_fields_still_load(tmp_path):
     assert line["run_id"] == "old" and line["test_accuracy"] == 0.4
     assert line["fingerprint"] is None and line["truncated"] is None and line["config"] is None
     assert set(line) == set(INDEX_FIELDS)
-    for key in ("data_key", "code_version", "validation_accuracy", "blessed", "reasons", "train_settings"):
+    for key in ("data_key", "code_version", "validation_accuracy", "blessed", "reasons", "hyperparameters"):
         assert line[key] is None, key
     publish(fake_run(tmp_path, "new", 0.6, "d" * 64), published, run_id="new")
     assert [line["run_id"] for line in read_index(published)] == ["old", "new"]
@@ -156,7 +156,7 @@ def test_index_line_carries_the_runs_lineage(tmp_path):
     assert line["fingerprint"] == "c" * 64 and line["config"] == config.to_dict()
     assert line["data_key"] == f"{'a' * 32}/shards-{config.shards_key()}"
     assert line["code_version"] == "0.1.0+test"  # train_summary.json's fingerprint_parts
-    assert line["train_settings"] == {"recipe": "fast"}  # the resolved recipe, from the same parts
+    assert line["hyperparameters"] == {"recipe": "fast"}  # the resolved recipe, from the same parts
     assert (line["epochs_run"], line["epochs_planned"], line["truncated"]) == (3, 3, False)
     assert line["validation_accuracy"] == 0.58 and line["test_accuracy"] == 0.61
     assert line["seconds"] == 12.5 and line["devices"] == "CPU"
@@ -169,7 +169,7 @@ def test_lineage_fields_without_summary_or_decision_are_null(tmp_path):
     publish(fake_run(tmp_path, "bare", 0.5), published, run_id="bare")
     [line] = read_index(published)
     for key in ("data_key", "code_version", "validation_accuracy", "blessed", "reasons", "fingerprint",
-                "train_settings"):
+                "hyperparameters"):
         assert line[key] is None, key
 
 

@@ -77,14 +77,18 @@ def test_a_runs_last_line_is_its_entry(tmp_path):
     assert len((tmp_path / "published" / INDEX).read_text().splitlines()) == 3
 
 
-def test_old_lines_with_blessed_reason_read_as_reasons(tmp_path):
+def test_old_lines_with_blessed_reason_and_train_settings_read_under_the_new_names(tmp_path):
     published = tmp_path / "published"
     published.mkdir()
     old = {"run_id": "old", "published_at": "2026-11-01T00:00:00+00:00", "test_accuracy": 0.4, "test_loss": 1.5,
-           "path": "runs/old", "blessed": False, "blessed_reason": "test accuracy 0.4000 is below the floor 0.5"}
+           "path": "runs/old", "blessed": False, "blessed_reason": "test accuracy 0.4000 is below the floor 0.5",
+           "train_settings": {"recipe": "fast", "epochs": 3}}
     (published / INDEX).write_text(json.dumps(old) + "\n")
     [line] = read_index(published)
     assert line["reasons"] == ["test accuracy 0.4000 is below the floor 0.5"] and "blessed_reason" not in line
+    assert line["hyperparameters"] == {"recipe": "fast", "epochs": 3} and "train_settings" not in line
+    [entry] = Registry(published).page().runs  # the lookup table reads the old names too
+    assert entry["hyperparameters"] == {"recipe": "fast", "epochs": 3} and "train_settings" not in entry
     assert set(line) == set(INDEX_FIELDS)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from alexnet_tasks.config import GATE_SETTINGS
+from alexnet_tasks.config import GATE_PARAMS
 from alexnet_tasks.layout import (
     CONFIG,
     CONFUSION_MATRIX,
@@ -56,7 +56,7 @@ CHECK_NAMES = {
     "not_worse_than_champion": "not worse than the champion",
 }
 # Settings of the pipeline that are not training settings: shown after those, in this order.
-PIPELINE_SETTINGS = ("source_url", "source_md5", "validation_size", "split_seed", "train_limit",
+PIPELINE_PARAMS = ("source_url", "source_md5", "validation_size", "split_seed", "train_limit",
                      "accuracy_floor", "gate_tolerance", "publish_mode")
 
 
@@ -166,7 +166,7 @@ class RunView:
 
     def _setting(self, name: str) -> Any:
         """A setting as the run trained with it: the resolved training settings, else the pipeline's."""
-        for settings in (self.entry["train_settings"], self.saved_config.get("train"), self.entry["config"]):
+        for settings in (self.entry["hyperparameters"], self.saved_config.get("train"), self.entry["config"]):
             if isinstance(settings, dict) and settings.get(name) is not None:
                 return settings[name]
         return None
@@ -215,11 +215,11 @@ class RunView:
         pipeline = dict(self.saved_config.get("pipeline") or self.entry["config"] or {})
         # The gate's params as the gate and publish used them (the index line's), not as train saw them.
         published = self.entry["config"] if isinstance(self.entry["config"], dict) else {}
-        pipeline.update({name: published[name] for name in GATE_SETTINGS if name in published})
-        train = self.saved_config.get("train") or self.entry["train_settings"] or {}
+        pipeline.update({name: published[name] for name in GATE_PARAMS if name in published})
+        train = self.saved_config.get("train") or self.entry["hyperparameters"] or {}
         rows = [(name, value, pipeline.get(name, value) is None and value is not None)
                 for name, value in sorted(train.items())]
-        rows += [(name, pipeline[name], False) for name in PIPELINE_SETTINGS if name in pipeline]
+        rows += [(name, pipeline[name], False) for name in PIPELINE_PARAMS if name in pipeline]
         if not train:  # a run without its resolved settings: the pipeline's as they were given
             rows = [(name, value, False) for name, value in sorted(pipeline.items())]
         return rows
