@@ -55,7 +55,7 @@ CHECK_NAMES = {
     "class_names": "same classes as the champion",
     "not_worse_than_champion": "not worse than the champion",
 }
-# Settings of the pipeline that are not training settings: shown after those, in this order.
+# Params of the pipeline config that are not hyperparameters: shown after those, in this order.
 PIPELINE_PARAMS = ("source_url", "source_md5", "validation_size", "split_seed", "train_limit",
                      "accuracy_floor", "gate_tolerance", "publish_mode")
 
@@ -165,10 +165,10 @@ class RunView:
         return f"{run} / {planned}" if planned is not None and planned != run else str(run)
 
     def _setting(self, name: str) -> Any:
-        """A setting as the run trained with it: the resolved training settings, else the pipeline's."""
-        for settings in (self.entry["hyperparameters"], self.saved_config.get("train"), self.entry["config"]):
-            if isinstance(settings, dict) and settings.get(name) is not None:
-                return settings[name]
+        """A param as the run trained with it: the resolved hyperparameters, else the pipeline's config."""
+        for source in (self.entry["hyperparameters"], self.saved_config.get("train"), self.entry["config"]):
+            if isinstance(source, dict) and source.get(name) is not None:
+                return source[name]
         return None
 
     @property
@@ -207,9 +207,9 @@ class RunView:
     # ---- from the run's files (its own page)
     @property
     def resolved_config(self) -> list[tuple[str, Any, bool]]:
-        """``(setting, value the run used, resolved)`` rows: the training settings, then the pipeline's others.
+        """``(param, value the run used, resolved)`` rows: the hyperparameters, then the pipeline config's others.
 
-        ``resolved`` is True where the form left the setting empty and the
+        ``resolved`` is True where the form left the param empty and the
         recipe gave the value (``batch_size``, ``learning_rate``, ...).
         """
         pipeline = dict(self.saved_config.get("pipeline") or self.entry["config"] or {})
@@ -220,7 +220,7 @@ class RunView:
         rows = [(name, value, pipeline.get(name, value) is None and value is not None)
                 for name, value in sorted(train.items())]
         rows += [(name, pipeline[name], False) for name in PIPELINE_PARAMS if name in pipeline]
-        if not train:  # a run without its resolved settings: the pipeline's as they were given
+        if not train:  # a run without its resolved hyperparameters: the config as it was given
             rows = [(name, value, False) for name, value in sorted(pipeline.items())]
         return rows
 
