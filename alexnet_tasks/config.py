@@ -1,6 +1,6 @@
-"""Pipeline settings.
+"""The pipeline's config: ``PipelineConfig``, the form's params validated.
 
-One typed, frozen dataclass holds every setting a run can change; it is built
+One typed, frozen dataclass holds every param a run can change; it is built
 from the DAG's params (or any dict), rejects unknown keys and impossible values
 with a ValueError that names the key, and is saved next to the results. Where
 the artifacts live is ``alexnet_tasks.layout``'s.
@@ -32,7 +32,7 @@ MIN_IMAGE_SIZE = 67  # smallest input for which AlexNet's three max-pools keep a
 # "flip_shift" adds both shifted by one pixel in each of the four directions (10 views).
 TEST_TIME_AUGMENTATIONS = ("none", "flip", "flip_shift")
 # The recipe settings ``recipe_options`` may override: JSON-schema type and bounds (or enum).
-# alexnet_tasks.training.recipe.TrainSettings has a field of each name (a test checks).
+# alexnet_tasks.training.recipe.Hyperparameters has a field of each name (a test checks).
 RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
     "momentum": {"type": "number", "minimum": 0, "maximum": 0.999},
     "nesterov": {"type": "boolean"},
@@ -52,8 +52,8 @@ RECIPE_OPTIONS: dict[str, dict[str, Any]] = {
 # The sections of the DAG's form, in the order it shows them; every param is in one.
 DATA, TRAINING, EVALUATION, GATE = SECTIONS = ("Data", "Training", "Evaluation", "Gate and publish")
 PUBLISH_MODES = ("gated", "always", "approval")
-# Settings of the gate alone: they decide what is published, not what is trained.
-GATE_SETTINGS = ("accuracy_floor", "gate_tolerance", "publish_mode", "approval_timeout")
+# Params of the gate alone: they decide what is published, not what is trained.
+GATE_PARAMS = ("accuracy_floor", "gate_tolerance", "publish_mode", "approval_timeout")
 
 # Bump when the stored shard content changes meaning; it is part of the shard key.
 PREPROCESSING_VERSION = 1
@@ -251,14 +251,14 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def settings_digest(self) -> str:
-        """SHA-256 (hex) of every setting that shapes the trained model, the same however they were given.
+    def config_digest(self) -> str:
+        """SHA-256 (hex) of every param that shapes the trained model, the same however they were given.
 
-        The gate's settings (``GATE_SETTINGS``) are left out: they decide what
+        The gate's params (``GATE_PARAMS``) are left out: they decide what
         is published, not what is trained, so a step tested alone with another
         accuracy floor or publish mode finds the run already trained.
         """
-        trained = {key: value for key, value in self.to_dict().items() if key not in GATE_SETTINGS}
+        trained = {key: value for key, value in self.to_dict().items() if key not in GATE_PARAMS}
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()
 
 
@@ -278,8 +278,8 @@ def seed_for_date(logical_date: datetime) -> int:
     return int.from_bytes(digest[:8], "big") % (MAX_SEED + 1)
 
 
-def settings_for_run(config: PipelineConfig, run_type: Any, logical_date: datetime | None) -> PipelineConfig:
-    """The settings a run trains with: a scheduled (or backfill) run's training seed comes from its date.
+def config_for_run(config: PipelineConfig, run_type: Any, logical_date: datetime | None) -> PipelineConfig:
+    """The config a run trains with: a scheduled (or backfill) run's training seed comes from its date.
 
     ``run_type`` is Airflow's DagRunType (or its value). Manual and triggered
     runs keep the form's ``seed``; nothing else changes, the split seed least

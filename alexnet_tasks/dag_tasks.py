@@ -1,8 +1,8 @@
-"""What the DAGs' tasks share: the retry policy, the progress callbacks, the settings of a task, the step bodies.
+"""What the DAGs' tasks share: the retry policy, the progress callbacks, the config of a task, the step bodies.
 
 ``dags/alexnet_cifar10.py`` and ``dags/alexnet_cifar10_sweep.py`` wire thin
 ``@task`` functions; each calls one function here with its context's
-settings. The step modules are imported inside the functions, so importing
+config. The step modules are imported inside the functions, so importing
 this module (at DAG parse time, on every worker) loads no TensorFlow, h5py
 or NumPy. The top layer of the package: it knows Airflow's task context.
 """
@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from airflow.sdk import ExceptionRetryPolicy, RetryAction, RetryRule
 
-from alexnet_tasks.config import PipelineConfig, settings_for_run
+from alexnet_tasks.config import PipelineConfig, config_for_run
 from alexnet_tasks.errors import PERMANENT, RETRYABLE, SETTINGS, SourceUnavailableError
 from alexnet_tasks.layout import MODEL, Layout
 from alexnet_tasks.progress import report
@@ -112,7 +112,7 @@ def default_args() -> dict:
     }
 
 
-def task_settings(context, params: dict | None = None) -> tuple[PipelineConfig, Layout, str]:
+def task_config(context, params: dict | None = None) -> tuple[PipelineConfig, Layout, str]:
     """The validated config, the artifact layout and the run id of the running task, from its context.
 
     ``params`` replaces the context's params (a sweep's trial). A scheduled
@@ -124,7 +124,7 @@ def task_settings(context, params: dict | None = None) -> tuple[PipelineConfig, 
     form = PipelineConfig.from_dict({name: value for name, value in given.items() if name in _FIELDS})
     dag_run = context.get("dag_run")
     run_type = getattr(dag_run, "run_type", None)
-    config = settings_for_run(form, run_type, context.get("logical_date"))
+    config = config_for_run(form, run_type, context.get("logical_date"))
     if config.seed != form.seed:
         log.info("%s run: training seed %d, derived from the logical date %s",
                  getattr(run_type, "value", run_type), config.seed, context.get("logical_date"))
@@ -133,7 +133,7 @@ def task_settings(context, params: dict | None = None) -> tuple[PipelineConfig, 
         # `airflow tasks test` makes a new temporary run id per call; key its outputs by the
         # logical date and the settings instead, so that steps tested one by one with the same
         # params find each other's outputs, and steps tested with other params never do.
-        run_id = f"tasks_test__{context['logical_date'].isoformat()}__{config.settings_digest()[:8]}"
+        run_id = f"tasks_test__{context['logical_date'].isoformat()}__{config.config_digest()[:8]}"
     return config, Layout(), run_id
 
 
@@ -149,13 +149,13 @@ def download_step(config: PipelineConfig, layout: Layout) -> dict:
 def split_step(config: PipelineConfig, layout: Layout) -> dict:
     from alexnet_tasks.data.split import split
 
-    return split(layout.batches(config.source_md5), config, layout.root)
+    return split(layout.batches(config.source_md5), layout.root, config)
 
 
 def build_shards_step(config: PipelineConfig, layout: Layout) -> dict:
     from alexnet_tasks.data.shards import build_shards
 
-    return build_shards(layout.batches(config.source_md5), layout.manifest(config), config, layout.root)
+    return build_shards(layout.batches(config.source_md5), layout.manifest(config), layout.root, config)
 
 
 def train_step(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
@@ -168,14 +168,13 @@ def evaluate_step(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
     from alexnet_tasks.evaluate import evaluate
 
     run_dir = layout.run(run_id)
-    return evaluate(run_dir / MODEL, layout.shards(config), run_dir, config.source_md5,
-                    test_time_augmentation=config.resolved_test_time_augmentation())
+    return evaluate(run_dir / MODEL, layout.shards(config), run_dir, config)
 
 
 def gate_step(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
     from alexnet_tasks.release.gate import gate
 
-    return gate(layout.run(run_id), layout.published, config, layout.shards(config), run_id)
+    return gate(layout.shards(config), layout.published, layout.run(run_id), config, run_id=run_id)
 
 
 def publish_step(config: PipelineConfig, layout: Layout, run_id: str, outlet_events, model_asset,
@@ -186,7 +185,7 @@ def publish_step(config: PipelineConfig, layout: Layout, run_id: str, outlet_eve
 
     from alexnet_tasks.release.publish import publish
 
-    result = publish(layout.run(run_id), run_id, layout.published, config, dag_id=dag_id, sweep=sweep)
+    result = publish(layout.run(run_id), layout.published, config, run_id=run_id, dag_id=dag_id, sweep=sweep)
     if result["blessed"] is False:
         # Recorded in the index, latest left on the champion: an expected outcome, not a failure,
         # that the alert channels (when configured) are told of.

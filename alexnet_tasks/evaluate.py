@@ -25,13 +25,14 @@ import io
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from alexnet_tasks.progress import report
 from alexnet_tasks.atomic import atomic_write_bytes
-from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS
+from alexnet_tasks.config import TEST_TIME_AUGMENTATIONS, PipelineConfig
 from alexnet_tasks.jsonio import json_safe, save_json
 from alexnet_tasks.layout import HISTORY, METRICS, PLAIN_PREDICTIONS, PREDICTIONS
 from alexnet_tasks.layout import CONFUSION_MATRIX as CONFUSION_PNG
@@ -230,23 +231,30 @@ def _write_tensorboard(log_dir: Path, metrics: dict, confusion_png: bytes, sampl
     writer.close()
 
 
-def evaluate(
-    model_path: Path,
-    shards_dir: Path,
-    run_dir: Path,
-    source_md5: str | None = None,
-    batch_size: int = 256,
-    test_time_augmentation: str = "none",
-) -> dict:
-    """Evaluate ``model_path`` on ``test.h5``; returns the headline metrics and file paths.
+@dataclass
+class _Evaluation:
+    """What evaluate's phases pass on: the run, its test split and, once predicted, its figures."""
 
-    ``test_time_augmentation``: ``none``, ``flip`` or ``flip_shift``; the
-    headline figures (``test_accuracy``, ``test_loss``, the confusion
-    matrix, ``predictions.npy``) are the augmented prediction's.
-    """
-    import keras
+    model_path: Path
+    run_dir: Path
+    test_time_augmentation: str  # none, flip or flip_shift
+    images: np.ndarray  # (N, 32, 32, 3) standardized test images, in the shard's order
+    labels: np.ndarray  # (N,) true classes
+    class_names: list[str]
+    images_sha256: str  # the test shard's
+    training: dict  # what train recorded (training_fields)
+    validation_accuracy: float | None  # the last epoch's, from history.json
+    plain: np.ndarray | None = None  # (N, classes) softmax of the images alone
+    probabilities: np.ndarray | None = None  # (N, classes) mean softmax over the views
 
-    model_path, run_dir = Path(model_path), Path(run_dir)
+    @property
+    def augmented(self) -> bool:
+        return self.test_time_augmentation != "none"
+
+
+def _load(model_path: Path, shards_dir: Path, run_dir: Path, source_md5: str | None,
+          test_time_augmentation: str) -> _Evaluation:
+    """Load phase: the test split and what train recorded, checked before any prediction."""
     if not model_path.is_file():
         raise MissingInputError(f"{model_path}: no trained model; run the train step first, with the same {RUN_PARAMS}")
     require_input(Path(shards_dir), "build_shards", SPLIT_PARAMS)
@@ -255,55 +263,101 @@ def evaluate(
     test_path = shard_path(shards_dir, "test")
     images, labels = load_split(test_path, source_md5)
     test_attrs = read_attrs(test_path)
-    class_names = [str(name) for name in test_attrs["class_names"]]
     if test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
         raise ValueError(f"test_time_augmentation must be one of {TEST_TIME_AUGMENTATIONS}, "
                          f"got {test_time_augmentation!r}")
-    model = keras.models.load_model(model_path)
-    plain, probabilities = predict_views(model, images, test_time_augmentation, batch_size)
-    augmented = test_time_augmentation != "none"
-    metrics = summarize(probabilities, labels, class_names)
-    plain_predicted = plain.argmax(axis=1)
-    metrics["test_time_augmentation"] = test_time_augmentation
-    metrics["test_accuracy_plain"] = float((plain_predicted == labels).mean())
-    metrics["test_accuracy_augmented"] = metrics["test_accuracy"] if augmented else None
-    metrics["model"] = str(model_path)
-    metrics["test_images_sha256"] = str(test_attrs["images_sha256"])
-    metrics["validation_accuracy"] = validation_accuracy
-    metrics.update(training)
-    predicted = probabilities.argmax(axis=1)  # a row of NaN (a diverged model) counts as class 0
+    return _Evaluation(model_path, run_dir, test_time_augmentation, images, labels,
+                       [str(name) for name in test_attrs["class_names"]], str(test_attrs["images_sha256"]),
+                       training, validation_accuracy)
 
+
+def _predict(run: _Evaluation, batch_size: int) -> None:
+    """Predict phase: the model's softmax outputs on the images alone and over the test-time views."""
+    import keras
+
+    model = keras.models.load_model(run.model_path)
+    run.plain, run.probabilities = predict_views(model, run.images, run.test_time_augmentation, batch_size)
+
+
+def _summarize(run: _Evaluation) -> dict:
+    """Summarize phase: ``metrics.json``'s figures (before ``finite_metrics``)."""
+    metrics = summarize(run.probabilities, run.labels, run.class_names)
+    metrics["test_time_augmentation"] = run.test_time_augmentation
+    metrics["test_accuracy_plain"] = float((run.plain.argmax(axis=1) == run.labels).mean())
+    metrics["test_accuracy_augmented"] = metrics["test_accuracy"] if run.augmented else None
+    metrics["model"] = str(run.model_path)
+    metrics["test_images_sha256"] = run.images_sha256
+    metrics["validation_accuracy"] = run.validation_accuracy
+    metrics.update(run.training)
+    return metrics
+
+
+def _write(run: _Evaluation, metrics: dict) -> dict:
+    """Write phase: predictions, pictures, TensorBoard, then ``metrics.json``; returns the metrics as written."""
+    run_dir, class_names = run.run_dir, run.class_names
+    predicted = run.probabilities.argmax(axis=1)  # a row of NaN (a diverged model) counts as class 0
     confusion_png = confusion_figure(np.array(metrics["confusion_matrix"]), class_names, metrics["test_accuracy"])
-    samples_png = samples_figure(images, labels, predicted, class_names)
+    samples_png = samples_figure(run.images, run.labels, predicted, class_names)
     atomic_write_bytes(run_dir / PREDICTIONS, predictions_bytes(predicted, len(class_names)))
-    if augmented:
-        atomic_write_bytes(run_dir / PLAIN_PREDICTIONS, predictions_bytes(plain_predicted, len(class_names)))
+    if run.augmented:
+        atomic_write_bytes(run_dir / PLAIN_PREDICTIONS, predictions_bytes(run.plain.argmax(axis=1), len(class_names)))
     else:
         (run_dir / PLAIN_PREDICTIONS).unlink(missing_ok=True)  # a re-evaluation without augmentation
     atomic_write_bytes(run_dir / CONFUSION_PNG, confusion_png)
     atomic_write_bytes(run_dir / SAMPLES_PNG, samples_png)
     _write_tensorboard(run_dir / TENSORBOARD / "test", metrics, confusion_png, samples_png)
-    report(
-        "evaluate: test accuracy %.4f%s  loss %.4f on %d images; worst class %s (%.3f); fingerprint %s%s",
-        metrics["test_accuracy"],
-        f" with test-time augmentation {test_time_augmentation} (plain {metrics['test_accuracy_plain']:.4f})"
-        if augmented else "", metrics["test_loss"], len(labels),
-        *min(metrics["per_class_accuracy"].items(), key=lambda item: item[1]),
-        metrics["fingerprint"] or "unknown", "; training was truncated" if metrics["truncated"] else "",
-    )
+    _report(run, metrics)
     metrics = finite_metrics(metrics)
     if not metrics["finite"]:
         log.warning("not finite (the model diverged?): %s; written as null in %s",
                     ", ".join(metrics["nonfinite"]), METRICS)
     save_json(run_dir / METRICS, metrics)
+    return metrics
+
+
+def _report(run: _Evaluation, metrics: dict) -> None:
+    report(
+        "evaluate: test accuracy %.4f%s  loss %.4f on %d images; worst class %s (%.3f); fingerprint %s%s",
+        metrics["test_accuracy"],
+        f" with test-time augmentation {run.test_time_augmentation} (plain {metrics['test_accuracy_plain']:.4f})"
+        if run.augmented else "", metrics["test_loss"], len(run.labels),
+        *min(metrics["per_class_accuracy"].items(), key=lambda item: item[1]),
+        metrics["fingerprint"] or "unknown", "; training was truncated" if metrics["truncated"] else "",
+    )
+
+
+def _result(run: _Evaluation, metrics: dict) -> dict:
+    run_dir = run.run_dir
     return {
         "metrics": str(run_dir / METRICS),
         "predictions": str(run_dir / PREDICTIONS),
         "confusion_matrix": str(run_dir / CONFUSION_PNG),
         "test_accuracy": metrics["test_accuracy"],
         "test_accuracy_plain": metrics["test_accuracy_plain"],
-        "test_time_augmentation": test_time_augmentation,
+        "test_time_augmentation": run.test_time_augmentation,
         "test_loss": metrics["test_loss"],
         "fingerprint": metrics["fingerprint"],
         "truncated": metrics["truncated"],
     }
+
+
+def evaluate(model_path: Path, shards_dir: Path, run_dir: Path, config: PipelineConfig | None = None, *,
+             batch_size: int = 256) -> dict:
+    """Evaluate ``model_path`` on ``shards_dir``'s ``test.h5``, writing into ``run_dir``; returns the headline
+    metrics and file paths.
+
+    ``config`` gives the source's MD5 the shard must carry and the test-time
+    augmentation (``config.resolved_test_time_augmentation()``: ``none``,
+    ``flip`` or ``flip_shift``); the headline figures (``test_accuracy``,
+    ``test_loss``, the confusion matrix, ``predictions.npy``) are the
+    augmented prediction's. Without ``config``: no MD5 check, no augmentation.
+
+    Phases, in order: load (the test split, checked), predict, summarize,
+    write.
+    """
+    source_md5 = None if config is None else config.source_md5
+    kind = "none" if config is None else config.resolved_test_time_augmentation()
+    run = _load(Path(model_path), Path(shards_dir), Path(run_dir), source_md5, kind)
+    _predict(run, batch_size)
+    metrics = _write(run, _summarize(run))
+    return _result(run, metrics)

@@ -1,6 +1,6 @@
 """The training recipes as plain data: what each one sets, and those settings in words for the form.
 
-``alexnet_tasks.training.recipe.resolve_settings`` starts from these
+``alexnet_tasks.training.recipe.resolve_hyperparameters`` starts from these
 defaults; the DAG's form and the README's params table word them with
 ``describe`` and ``figures``, so a figure is written here once. Imports
 nothing heavy (no Keras), so the DAG's form is built from it at parse time.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# Each recipe's settings beyond TrainSettings' defaults (alexnet_tasks.training.recipe).
+# Each recipe's settings beyond Hyperparameters' defaults (alexnet_tasks.training.recipe).
 RECIPE_DEFAULTS: dict[str, dict[str, Any]] = {
     # The tutorial exactly: plain SGD, constant rate, no augmentation, no XLA.
     "reference": dict(epochs=50, batch_size=32, learning_rate=0.001),

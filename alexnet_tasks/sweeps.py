@@ -12,7 +12,7 @@ A sweep (``dags/alexnet_cifar10_sweep.py``) takes the main DAG's params plus:
 A trial is the main params with its overrides (a ``recipe_options``
 override merges key by key into the form's), validated whole by
 ``PipelineConfig.from_dict``: the same schemas as the main DAG's form. Only
-the training settings (``TRIAL_SETTINGS``) may be overridden; the data steps
+the training settings (``TRIAL_PARAMS``) may be overridden; the data steps
 run once for every trial.
 
 Pure Python: nothing heavy imported.
@@ -31,7 +31,7 @@ from alexnet_tasks.config import TRAINING, PipelineConfig, param_specs
 from alexnet_tasks.validation import check_value
 
 # The settings a trial may override: those of the form's Training section.
-TRIAL_SETTINGS = tuple(name for name, spec in param_specs().items() if spec["section"] == TRAINING)
+TRIAL_PARAMS = tuple(name for name, spec in param_specs().items() if spec["section"] == TRAINING)
 SWEEP = "Sweep"  # the form section of the sweep's own params
 GPU_WORKERS_ENV = "ALEXNET_GPU_WORKERS"
 MAX_TRIALS = 100  # the highest cap ``max_trials`` accepts
@@ -59,7 +59,7 @@ def sweep_param_specs(parallel_default: int = 1) -> dict[str, dict[str, Any]]:
             "title": "Trials",
             "section": SWEEP,
             "description": "A list of objects, each overriding training settings ("
-            + ", ".join(TRIAL_SETTINGS) + "), or a grid object whose values are lists, e.g. "
+            + ", ".join(TRIAL_PARAMS) + "), or a grid object whose values are lists, e.g. "
             '{"learning_rate": [0.02, 0.04], "recipe_options.dropout": [0.3, 0.5]} (4 trials).',
         },
         "max_trials": {
@@ -169,9 +169,9 @@ def plan_trials(params: Mapping[str, Any], parallel_default: int = 1) -> list[di
         label = trial_label(overrides)
         where = f"trial {index + 1} ({label})"
         for key in overrides:
-            if key not in TRIAL_SETTINGS:
+            if key not in TRIAL_PARAMS:
                 raise ValueError(f"{where}: {key!r} is not a training setting a trial may change; "
-                                 f"expected some of: {', '.join(TRIAL_SETTINGS)}")
+                                 f"expected some of: {', '.join(TRIAL_PARAMS)}")
         merged = {**base, **overrides}
         if isinstance(overrides.get("recipe_options"), Mapping) and isinstance(base.get("recipe_options"), Mapping):
             merged["recipe_options"] = {**base["recipe_options"], **overrides["recipe_options"]}
@@ -179,7 +179,7 @@ def plan_trials(params: Mapping[str, Any], parallel_default: int = 1) -> list[di
             config = PipelineConfig.from_dict(merged)
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
-        digest = config.settings_digest()
+        digest = config.config_digest()
         if digest in seen:
             raise ValueError(f"{where}: the same settings as trial {seen[digest] + 1}")
         seen[digest] = index
@@ -191,7 +191,7 @@ def _schema(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in spec.items() if key not in ("default", "description", "title", "section")}
 
 
-def swept_settings(trials: Sequence[Mapping[str, Any]]) -> list[str]:
+def swept_params(trials: Sequence[Mapping[str, Any]]) -> list[str]:
     """The dotted names of the settings the trials change, in the order they first appear."""
     names: list[str] = []
     for trial in trials:

@@ -77,7 +77,7 @@ def build_published(root: Path, runs: int) -> str:
             (folder / METRICS).write_text(json.dumps({**metrics, "class_names": [], "per_class_accuracy": {}}))
             (folder / HISTORY).write_text(json.dumps([{"epoch": epoch, "loss": 1.0, "accuracy": 0.5, "val_loss": 1.1,
                                                        "val_accuracy": 0.5} for epoch in range(1, 16)]))
-            (folder / CONFIG).write_text(json.dumps({"pipeline": config.to_dict(), "train": line["train_settings"]}))
+            (folder / CONFIG).write_text(json.dumps({"pipeline": config.to_dict(), "train": line["hyperparameters"]}))
     (published / INDEX).write_text("".join(lines))
     os.symlink(published_path(measured), published / "latest")
     return measured

@@ -27,7 +27,7 @@ from common import peak_rss_mb
 config = PipelineConfig(**json.loads({config!r}))
 before = peak_rss_mb()
 start = time.perf_counter()
-result = build_shards(Path({batch_dir!r}), Path({manifest!r}), config, Path({root!r}))
+result = build_shards(Path({batch_dir!r}), Path({manifest!r}), Path({root!r}), config)
 print(json.dumps({{"seconds": time.perf_counter() - start, "bytes": result["bytes"],
                   "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before}}))
 """

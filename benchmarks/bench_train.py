@@ -11,11 +11,11 @@ The variants run in rounds, interleaved, so a slow spell on the machine
 touches every variant alike.
 
 1. ``fast`` recipe at ``--image-size`` (67), batch 256: XLA on/off x oneDNN
-   on/off, and thread settings. A warm-up of ``--warmup`` steps (including
+   on/off, and thread hyperparameters. A warm-up of ``--warmup`` steps (including
    the compile) precedes ``--steps`` timed steps.
 2. The input path alone: batches/s that Keras' adapter draws from the
    PyDataset (no model).
-3. Batch 32, SGD lr 0.001 (the reference recipe's settings): the reference
+3. Batch 32, SGD lr 0.001 (the reference recipe's hyperparameters): the reference
    (host pipeline: standardize + resize per image in ``tf.data``, no XLA)
    against the project (32x32 batches, resize inside the model) without and
    with XLA, so the gain of each is separate.
@@ -121,17 +121,17 @@ def child_fast(job: dict) -> dict:
     from alexnet_tasks.config import PipelineConfig
     from alexnet_tasks.training.feeding import ShuffledBatches
     from alexnet_tasks.training.model import build_alexnet
-    from alexnet_tasks.training.recipe import compile_model, resolve_settings
+    from alexnet_tasks.training.recipe import compile_model, resolve_hyperparameters
 
     images, labels = synthetic_split()
-    settings = dataclasses.replace(resolve_settings(PipelineConfig(recipe="fast", image_size=job["image_size"])),
+    hyperparameters = dataclasses.replace(resolve_hyperparameters(PipelineConfig(recipe="fast", image_size=job["image_size"])),
                                    jit_compile=job["xla"], precision=job.get("precision", "float32"))
-    keras.mixed_precision.set_global_policy(settings.precision)
+    keras.mixed_precision.set_global_policy(hyperparameters.precision)
     keras.utils.set_random_seed(0)
-    model = build_alexnet(settings.image_size, augment=settings.augment, seed=0)
-    compile_model(model, settings)
-    data = ShuffledBatches(images, labels, settings.batch_size, seed=0)
-    result = timed_fit(model, data, job["warmup"], job["steps"], settings.batch_size)
+    model = build_alexnet(hyperparameters.image_size, augment=hyperparameters.augment, seed=0)
+    compile_model(model, hyperparameters)
+    data = ShuffledBatches(images, labels, hyperparameters.batch_size, seed=0)
+    result = timed_fit(model, data, job["warmup"], job["steps"], hyperparameters.batch_size)
     return {**result, "forward_flops": forward_flops(model), **tf_facts()}
 
 
@@ -169,7 +169,7 @@ def child_batch32(job: dict) -> dict:
     from alexnet_tasks.config import PipelineConfig
     from alexnet_tasks.training.feeding import ShuffledBatches
     from alexnet_tasks.training.model import build_alexnet
-    from alexnet_tasks.training.recipe import compile_model, resolve_settings
+    from alexnet_tasks.training.recipe import compile_model, resolve_hyperparameters
 
     size, steps, warmup = job["image_size"], job["steps"], job["warmup"]
     images, labels = synthetic_split()
@@ -187,10 +187,10 @@ def child_batch32(job: dict) -> dict:
     reference.compile(optimizer=keras.optimizers.SGD(0.001), loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"], jit_compile=False)
     out = {"reference": timed_fit(reference, host, warmup, steps, 32)}
-    settings = resolve_settings(PipelineConfig(recipe="reference", image_size=size))
+    hyperparameters = resolve_hyperparameters(PipelineConfig(recipe="reference", image_size=size))
     for name, xla in (("project_no_xla", False), ("project_xla", True)):
         model = build_alexnet(size)
-        compile_model(model, dataclasses.replace(settings, jit_compile=xla))
+        compile_model(model, dataclasses.replace(hyperparameters, jit_compile=xla))
         out[name] = timed_fit(model, ShuffledBatches(images, labels, 32, seed=0), warmup, steps, 32)
     return {**out, **tf_facts()}
 

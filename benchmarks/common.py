@@ -49,8 +49,8 @@ def prepared_shards(image_size: int = 67):
     root = CACHE / "artifacts"
     config = PipelineConfig(source_url=str(archive), source_md5=md5, image_size=image_size)
     batch_dir = Path(download(str(archive), md5, root)["batch_dir"])
-    manifest = split(batch_dir, config, root)["manifest"]
-    shards = build_shards(batch_dir, Path(manifest), config, root)
+    manifest = split(batch_dir, root, config)["manifest"]
+    shards = build_shards(batch_dir, Path(manifest), root, config)
     return config, Layout(root), Path(shards["shards_dir"]), kind
 
 

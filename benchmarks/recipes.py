@@ -30,6 +30,7 @@ artifacts root, and its figures are written to the JSON as soon as it ends;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -157,7 +158,7 @@ def test_time_augmentation_study(run_dir: Path, work: Path) -> dict:
         scratch = work / "tta" / kind
         scratch.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        result = evaluate(run_dir / "model.keras", shards, scratch, config.source_md5, test_time_augmentation=kind)
+        result = evaluate(run_dir / "model.keras", shards, scratch, dataclasses.replace(config, test_time_augmentation=kind))
         results[kind] = {"test_accuracy": round(result["test_accuracy"], 4),
                          "evaluate_seconds": round(time.monotonic() - started, 1)}
         print(f"test-time augmentation {kind}: {results[kind]['test_accuracy']:.4f}", flush=True)

@@ -71,7 +71,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOper
 from airflow.sdk import Asset, Param, dag, task
 
 from alexnet_tasks.config import param_specs
-from alexnet_tasks.dag_tasks import (  # noqa: F401  (retry_policy, task_settings as _settings: for tests and scripts)
+from alexnet_tasks.dag_tasks import (  # noqa: F401  (retry_policy: for tests and scripts)
     GPU_QUEUE,
     TRAIN_TIMEOUT,
     build_shards_step,
@@ -82,13 +82,11 @@ from alexnet_tasks.dag_tasks import (  # noqa: F401  (retry_policy, task_setting
     publish_step,
     retry_policy,
     split_step,
-    task_settings,
+    task_config,
     train_step,
 )
 from alexnet_tasks.ops.alerts import run_deadline
 from alexnet_tasks.progress import report
-
-_settings = task_settings
 
 # Nightly at 02:00 UTC; ALEXNET_SCHEDULE sets another cron expression, or "none" for manual runs only.
 SCHEDULE = os.environ.get("ALEXNET_SCHEDULE", "0 2 * * *")
@@ -122,7 +120,7 @@ class PromotionApproval(ApprovalOperator):
         from alexnet_tasks.release import approval
         from alexnet_tasks.release.publish import read_decision
 
-        config, layout, run_id = task_settings(context)
+        config, layout, run_id = task_config(context)
         if config.publish_mode != "approval":
             raise AirflowSkipException(f"publish_mode {config.publish_mode}: no approval asked")
         decision = read_decision(layout.run(run_id))
@@ -142,7 +140,7 @@ class PromotionApproval(ApprovalOperator):
         chosen = answer["chosen_options"][0]
         outcome = "timed_out" if event.get("timedout") else "approved" if chosen == self.APPROVE else "rejected"
         user = answer["responded_by_user"]
-        _, layout, run_id = task_settings(context)
+        _, layout, run_id = task_config(context)
         run_dir = layout.run(run_id)
         decision = read_decision(run_dir) or {}
         recorded = approval.record(
@@ -184,35 +182,35 @@ def _ui_base_path() -> str:
 def alexnet_cifar10():
     @task
     def download(**context) -> dict:
-        config, layout, _ = task_settings(context)
+        config, layout, _ = task_config(context)
         return download_step(config, layout)
 
     @task
     def split(**context) -> dict:
-        config, layout, _ = task_settings(context)
+        config, layout, _ = task_config(context)
         return split_step(config, layout)
 
     @task
     def build_shards(**context) -> dict:
-        config, layout, _ = task_settings(context)
+        config, layout, _ = task_config(context)
         return build_shards_step(config, layout)
 
     @task(queue=GPU_QUEUE, execution_timeout=TRAIN_TIMEOUT)
     def train(**context) -> dict:
-        return train_step(*task_settings(context))
+        return train_step(*task_config(context))
 
     @task
     def evaluate(**context) -> dict:
-        return evaluate_step(*task_settings(context))
+        return evaluate_step(*task_config(context))
 
     @task
     def gate(**context) -> dict:
-        return gate_step(*task_settings(context))
+        return gate_step(*task_config(context))
 
     # Runs after approve whether it asked (approved or not) or was skipped.
     @task(outlets=[MODEL_ASSET], trigger_rule="none_failed")
     def publish(outlet_events=None, **context) -> dict:
-        return publish_step(*task_settings(context), outlet_events, MODEL_ASSET, dag_id=context["dag"].dag_id)
+        return publish_step(*task_config(context), outlet_events, MODEL_ASSET, dag_id=context["dag"].dag_id)
 
     approve = PromotionApproval(
         task_id="approve",

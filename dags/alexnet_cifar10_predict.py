@@ -54,7 +54,7 @@ def alexnet_cifar10_predict():
         layout = Layout()
         params = context["params"]
         output = Path(params["output"]) if params["output"] else layout.scored(context["run_id"])
-        summary = predict(params["input"] or str(layout.inbox), output, layout.published)
+        summary = predict(params["input"] or str(layout.inbox), layout.published, output)
         return {key: summary[key] for key in ("champion", "images", "scored", "predictions", "summary")} | {
             "skipped": len(summary["skipped"])}
 

@@ -61,8 +61,8 @@ def alexnet_cifar10_promote():
 
         params = context["params"]
         report("promote: %s, by %s", params["run_id"], _user(context["dag_run"]))
-        result = promote_run(Layout().published, params["run_id"], params["reason"], _user(context["dag_run"]),
-                             dag_id=DAG_ID, dag_run_id=context["run_id"])
+        result = promote_run(Layout().published, run_id=params["run_id"], comment=params["reason"],
+                             user=_user(context["dag_run"]), dag_id=DAG_ID, dag_run_id=context["run_id"])
         outlet_events[MODEL_ASSET].extra = {
             "run_id": result["run_id"],
             "test_accuracy": result["test_accuracy"],

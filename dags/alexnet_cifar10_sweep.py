@@ -43,7 +43,7 @@ from alexnet_tasks.dag_tasks import (
     gate_step,
     publish_step,
     split_step,
-    task_settings,
+    task_config,
     train_step,
 )
 from alexnet_tasks.progress import report
@@ -56,10 +56,10 @@ PARAMS = {name: Param(**spec) for name, spec in {**param_specs(), **sweep_param_
 MODEL_ASSET_NAME = "alexnet_cifar10_model"
 
 
-def _pipeline_settings(context, params: dict | None = None):
+def _pipeline_config(context, params: dict | None = None):
     """The task's config, layout and run id; the sweep's own params left out."""
     pipeline, _ = split_params(dict(context["params"]) if params is None else params)
-    return task_settings(context, pipeline)
+    return task_config(context, pipeline)
 
 
 @dag(
@@ -89,17 +89,17 @@ def alexnet_cifar10_sweep():
 
     @task
     def download(**context) -> dict:
-        config, layout, _ = _pipeline_settings(context)
+        config, layout, _ = _pipeline_config(context)
         return download_step(config, layout)
 
     @task
     def split(**context) -> dict:
-        config, layout, _ = _pipeline_settings(context)
+        config, layout, _ = _pipeline_config(context)
         return split_step(config, layout)
 
     @task
     def build_shards(**context) -> dict:
-        config, layout, _ = _pipeline_settings(context)
+        config, layout, _ = _pipeline_config(context)
         return build_shards_step(config, layout)
 
     @task(queue=GPU_QUEUE, execution_timeout=TRAIN_TIMEOUT, max_active_tis_per_dagrun=GPU_WORKERS,
@@ -108,7 +108,7 @@ def alexnet_cifar10_sweep():
         from alexnet_tasks.atomic import slot_lock
 
         get_current_context()["trial_name"] = f"{trial['index'] + 1}: {trial['label']}"
-        config, layout, run_id = _pipeline_settings(context, trial["params"])
+        config, layout, run_id = _pipeline_config(context, trial["params"])
         parallel = int(context["params"].get("parallel") or GPU_WORKERS)
         with slot_lock(layout.sweep_slots(run_id), parallel):
             return train_step(config, layout, trial_run_id(run_id, trial["index"]))
@@ -122,22 +122,22 @@ def alexnet_cifar10_sweep():
         # and the same ValueError fails this task at once (retry_policy). No finished trial:
         # NoTrialFinishedError, a PermanentError, fails it at once too.
         trials = plan_trials(dict(context["params"]), GPU_WORKERS)
-        _, layout, run_id = _pipeline_settings(context)
-        return select_trial(layout, run_id, trials, context["dag"].dag_id)
+        _, layout, run_id = _pipeline_config(context)
+        return select_trial(trials, layout, sweep_run_id=run_id, dag_id=context["dag"].dag_id)
 
     @task
     def evaluate(chosen: dict, **context) -> dict:
-        config, layout, _ = _pipeline_settings(context, chosen["params"])
+        config, layout, _ = _pipeline_config(context, chosen["params"])
         return evaluate_step(config, layout, chosen["run_id"])
 
     @task
     def gate(chosen: dict, **context) -> dict:
-        config, layout, _ = _pipeline_settings(context, chosen["params"])
+        config, layout, _ = _pipeline_config(context, chosen["params"])
         return gate_step(config, layout, chosen["run_id"])
 
     @task(outlets=[model_asset])
     def publish(chosen: dict, outlet_events=None, **context) -> dict:
-        config, layout, run_id = _pipeline_settings(context, chosen["params"])
+        config, layout, run_id = _pipeline_config(context, chosen["params"])
         return publish_step(config, layout, chosen["run_id"], outlet_events, model_asset,
                             sweep={"sweep": run_id, "trial": chosen["label"]})
 

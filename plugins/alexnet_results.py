@@ -244,7 +244,7 @@ def compare_page(a: str = "", b: str = "") -> HTMLResponse:
                 for label, run in (("A", first), ("B", second))]
     return _page(
         "alexnet_compare.html", plugin_root="", airflow_root="../", first=first, second=second,
-        settings=comparison.settings, headline=comparison.headline, per_class=comparison.per_class,
+        params=comparison.params, headline=comparison.headline, per_class=comparison.per_class,
         paired=comparison.paired, paired_missing=comparison.paired_missing, compared_as=comparison.compared_as,
         loss_chart=loss_chart, accuracy_chart=accuracy_chart, matrices=matrices, swap=compare_link(b, a),
     )

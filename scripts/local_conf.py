@@ -110,7 +110,7 @@ def closing_lines(artifacts: Path, since: float, airflow_home: Path) -> list[str
     if decision_path.is_file():
         decision = json.loads(decision_path.read_text())
         lines.append("gate: " + ("blessed, published as latest" if decision.get("blessed") else
-                                 f"not blessed, recorded only ({decision.get('reason', '')})"))
+                                 f"not blessed, recorded only ({'; '.join(decision.get('reasons') or [])})"))
         if decision.get("run_id"):
             run_id = decision["run_id"]
             if dag_id == SWEEP_DAG_ID:  # the chosen trial's run id: the sweep's run id plus the trial

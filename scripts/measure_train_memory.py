@@ -3,7 +3,7 @@
 Each case runs in a fresh process: TensorFlow and Keras are imported and run
 one op (the runtime), then ``images`` random 32x32x3 float32 images are made
 (as ``train`` loads the shards), the model is built and compiled as ``train``
-does (``resolve_settings``, ``build_alexnet``, ``compile_model``) and fitted
+does (``resolve_hyperparameters``, ``build_alexnet``, ``compile_model``) and fitted
 for one epoch at ``batch``. The process reports its resident memory after
 the runtime started and its peak (``VmHWM``: the high-water mark of this process image, which, unlike
 ``ru_maxrss``, does not carry over the resident memory of the parent that forked it)::
@@ -35,20 +35,20 @@ tf.constant(1.0) + 1.0
 runtime = rss()
 from alexnet_tasks.config import PipelineConfig
 from alexnet_tasks.training.model import build_alexnet
-from alexnet_tasks.training.recipe import compile_model, resolve_settings
+from alexnet_tasks.training.recipe import compile_model, resolve_hyperparameters
 
-settings = resolve_settings(PipelineConfig(image_size=image_size, batch_size=batch,
+hyperparameters = resolve_hyperparameters(PipelineConfig(image_size=image_size, batch_size=batch,
                                            recipe_options={"precision": "float32"}))
 rng = np.random.default_rng(0)
 x = rng.standard_normal((images, 32, 32, 3), dtype=np.float32)
 y = rng.integers(0, 10, images).astype(np.uint8)
-keras.mixed_precision.set_global_policy(settings.precision)
-model = build_alexnet(image_size, augment=settings.augment, seed=1, dropout=settings.dropout)
-compile_model(model, settings)
+keras.mixed_precision.set_global_policy(hyperparameters.precision)
+model = build_alexnet(image_size, augment=hyperparameters.augment, seed=1, dropout=hyperparameters.dropout)
+compile_model(model, hyperparameters)
 model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print("RESULT", json.dumps({"runtime": runtime, "peak": peak, "precision": settings.precision,
-                            "momentum": settings.momentum, "ema": settings.ema_momentum is not None}))
+print("RESULT", json.dumps({"runtime": runtime, "peak": peak, "precision": hyperparameters.precision,
+                            "momentum": hyperparameters.momentum, "ema": hyperparameters.ema_momentum is not None}))
 """
 
 

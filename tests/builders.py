@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -57,7 +58,7 @@ def write_train_summary(run_dir: Path, fingerprint: str | None = None, *, epochs
                         epochs_planned: int = 3, stopped_reason: str = "time budget", seconds: float = 12.5,
                         replicas: int = 1, devices: str = "CPU", recipe: str = "fast", image_size: int = 67,
                         batch_size: int = 16, learning_rate: float = 0.01, seed: int = 42,
-                        train_settings: dict | None = None, truncated: bool | None = None) -> dict:
+                        hyperparameters: dict | None = None, truncated: bool | None = None) -> dict:
     """``train_summary.json`` in ``run_dir`` as train writes it (train's own summary function); returns it.
 
     ``fingerprint``: 64 hex digits (default: the SHA-256 of ``run_dir``).
@@ -76,7 +77,7 @@ def write_train_summary(run_dir: Path, fingerprint: str | None = None, *, epochs
     history = [{"epoch": epoch + 1, "epoch_seconds": seconds / max(epochs_run, 1)} for epoch in range(epochs_run)]
     progress = SimpleNamespace(history=history, epochs_planned=epochs_planned, stopped_reason=stopped_reason,
                                seconds_spent=lambda: seconds)
-    parts = {"settings": train_settings or {"recipe": recipe}, "data_key": "d", "shards_sha256": "0" * 64,
+    parts = {"settings": hyperparameters or {"recipe": recipe}, "data_key": "d", "shards_sha256": "0" * 64,
              "code_version": TEST_CODE_VERSION}
     summary = _summary(settings, progress, {"fingerprint": fingerprint, "parts": parts}, replicas, devices)
     save_json(Path(run_dir) / TRAIN_SUMMARY, summary)
@@ -157,9 +158,9 @@ def evaluate_gate_publish(trained_dir: Path, shards_dir: Path, root: Path, run_i
     layout = Layout(root)
     run_dir = layout.run(run_id)
     shutil.copytree(trained_dir, run_dir)
-    evaluate(run_dir / MODEL, shards_dir, run_dir, config.source_md5, test_time_augmentation=test_time_augmentation)
-    decision = gate(run_dir, layout.published, config, shards_dir, run_id)
-    publish(run_dir, run_id, layout.published, config, dag_id=dag_id)
+    evaluate(run_dir / MODEL, shards_dir, run_dir, replace(config, test_time_augmentation=test_time_augmentation))
+    decision = gate(shards_dir, layout.published, run_dir, config, run_id=run_id)
+    publish(run_dir, layout.published, config, run_id=run_id, dag_id=dag_id)
     return decision
 
 

@@ -151,8 +151,8 @@ def prepare_shards(archive: tuple[Path, str], root: Path, **settings):
     path, md5 = archive
     config = PipelineConfig(**{"source_url": str(path), "source_md5": md5, "validation_size": 50, **settings})
     batch_dir = Path(download(str(path), md5, root)["batch_dir"])
-    manifest = split(batch_dir, config, root)["manifest"]
-    build_shards(batch_dir, manifest, config, root)
+    manifest = split(batch_dir, root, config)["manifest"]
+    build_shards(batch_dir, manifest, root, config)
     return config, Layout(root).shards(config)
 
 

@@ -24,7 +24,6 @@ WRONG_MD5 = "0" * 32
 UNBLESSED = {  # as the gate writes decision.json
     "blessed": False,
     "reasons": ["test accuracy 0.1000 is below the floor 0.25", "worse than the champion by 0.4200"],
-    "reason": "test accuracy 0.1000 is below the floor 0.25; worse than the champion by 0.4200",
     "test_accuracy": 0.1,
     "champion": "scheduled__2026-11-27T02:00:00+00:00",
     "champion_accuracy": 0.52,

@@ -54,8 +54,8 @@ def _run_step(step: str, root: Path, config: PipelineConfig) -> dict:
     if step == "download":
         return download(config.source_url, config.source_md5, root)
     if step == "split":
-        return split(layout.batches(config.source_md5), config, root)
-    return build_shards(layout.batches(config.source_md5), layout.split(config) / "manifest.json", config, root)
+        return split(layout.batches(config.source_md5), root, config)
+    return build_shards(layout.batches(config.source_md5), layout.split(config) / "manifest.json", root, config)
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -213,7 +213,7 @@ def test_an_unusable_shard_folder_is_moved_aside_not_deleted(small_archive, tmp_
     with open(train_shard, "rb") as reader:  # a run still reading the old set
         layout = Layout(tmp_path)
         rebuilt = build_shards(layout.batches(config.source_md5), layout.split(config) / "manifest.json",
-                               config, tmp_path)
+                               tmp_path, config)
         assert reader.read() == corrupt
     assert rebuilt["reused"] is False and load_split(train_shard)[0].shape == (150, 32, 32, 3)
     [aside] = shards_dir.parent.glob(f"{shards_dir.name}.broken-*")
@@ -240,9 +240,9 @@ def test_a_failed_read_of_good_shards_keeps_them_and_can_be_retried(small_archiv
     monkeypatch.setattr(shards_module.h5py, "File", failing_file)
     layout = Layout(tmp_path)
     with pytest.raises(ShardReadError, match="validation.h5") as raised:
-        build_shards(layout.batches(config.source_md5), layout.split(config) / "manifest.json", config, tmp_path)
+        build_shards(layout.batches(config.source_md5), layout.split(config) / "manifest.json", tmp_path, config)
     assert not isinstance(raised.value, PermanentError)
     assert _digests(shards_dir) == before and not list(shards_dir.parent.glob("*.broken-*"))
     monkeypatch.setattr(shards_module.h5py, "File", real_file)
-    again = build_shards(layout.batches(config.source_md5), layout.split(config) / "manifest.json", config, tmp_path)
+    again = build_shards(layout.batches(config.source_md5), layout.split(config) / "manifest.json", tmp_path, config)
     assert again["reused"] is True

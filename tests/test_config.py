@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from alexnet_tasks.config import SECTIONS, PipelineConfig, seed_for_date, settings_for_run
+from alexnet_tasks.config import SECTIONS, PipelineConfig, seed_for_date, config_for_run
 from alexnet_tasks.layout import Layout, artifacts_root, run_folder_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,15 +96,15 @@ def test_scheduled_runs_train_with_the_dates_seed_manual_runs_with_the_forms():
 
     night = datetime(2026, 11, 29, 2, 0, tzinfo=timezone.utc)
     form = PipelineConfig(seed=5, split_seed=9, image_size=67)
-    scheduled = settings_for_run(form, "scheduled", night)
+    scheduled = config_for_run(form, "scheduled", night)
     assert scheduled.seed == seed_for_date(night)
     assert scheduled == PipelineConfig(seed=seed_for_date(night), split_seed=9, image_size=67)  # nothing else moves
-    assert settings_for_run(form, "backfill", night).seed == seed_for_date(night)  # a backfill replays its night
+    assert config_for_run(form, "backfill", night).seed == seed_for_date(night)  # a backfill replays its night
     for run_type in ("manual", "asset_triggered", "operator_triggered"):
-        assert settings_for_run(form, run_type, night) == form
-        assert settings_for_run(form, run_type, None) == form
+        assert config_for_run(form, run_type, night) == form
+        assert config_for_run(form, run_type, None) == form
     with pytest.raises(ValueError, match="scheduled run without a logical date"):
-        settings_for_run(form, "scheduled", None)
+        config_for_run(form, "scheduled", None)
 
 
 def test_run_ids_become_safe_folder_names(tmp_path):
@@ -128,25 +128,25 @@ def test_two_run_ids_never_share_a_folder(tmp_path):
     assert len(run_folder_name(long_one)) <= 120 and run_folder_name(long_one) != run_folder_name(long_two)
 
 
-def test_settings_digest_follows_the_resolved_settings():
+def test_config_digest_follows_the_resolved_hyperparameters():
     a = PipelineConfig(image_size=67, epochs=1)
-    assert a.settings_digest() == PipelineConfig.from_dict({"epochs": 1, "image_size": 67}).settings_digest()
-    assert a.settings_digest() != PipelineConfig(image_size=67, epochs=2).settings_digest()
-    assert re.fullmatch(r"[0-9a-f]{64}", a.settings_digest())
+    assert a.config_digest() == PipelineConfig.from_dict({"epochs": 1, "image_size": 67}).config_digest()
+    assert a.config_digest() != PipelineConfig(image_size=67, epochs=2).config_digest()
+    assert re.fullmatch(r"[0-9a-f]{64}", a.config_digest())
 
 
 def test_gate_settings_change_neither_the_run_folder_key_nor_the_training():
-    from alexnet_tasks.config import GATE_SETTINGS
-    from alexnet_tasks.training.recipe import resolve_settings
+    from alexnet_tasks.config import GATE_PARAMS
+    from alexnet_tasks.training.recipe import resolve_hyperparameters
 
     a = PipelineConfig(image_size=67, epochs=1)
     gated = PipelineConfig(image_size=67, epochs=1, accuracy_floor=0.6, gate_tolerance=0.02, publish_mode="approval",
                            approval_timeout=0.5)
-    assert set(GATE_SETTINGS) == {"accuracy_floor", "gate_tolerance", "publish_mode", "approval_timeout"}
+    assert set(GATE_PARAMS) == {"accuracy_floor", "gate_tolerance", "publish_mode", "approval_timeout"}
     # A step tested alone finds the same run folder whatever the gate's settings...
-    assert gated.settings_digest() == a.settings_digest()
+    assert gated.config_digest() == a.config_digest()
     # ...and the fingerprint hashes the resolved training settings, which do not hold them: no retraining.
-    assert resolve_settings(gated) == resolve_settings(a)
+    assert resolve_hyperparameters(gated) == resolve_hyperparameters(a)
     assert gated.to_dict() != a.to_dict()  # the index line still records them
 
 
@@ -284,9 +284,9 @@ def test_bad_recipe_options_name_the_key(options, message):
 
 
 def test_no_recipe_options_is_one_setting_whichever_way_it_is_given():
-    assert PipelineConfig.from_dict({"recipe_options": {}}).settings_digest() == PipelineConfig().settings_digest()
-    assert PipelineConfig.from_dict({"recipe_options": {"dropout": 0.3}}).settings_digest() != \
-        PipelineConfig().settings_digest()
+    assert PipelineConfig.from_dict({"recipe_options": {}}).config_digest() == PipelineConfig().config_digest()
+    assert PipelineConfig.from_dict({"recipe_options": {"dropout": 0.3}}).config_digest() != \
+        PipelineConfig().config_digest()
 
 
 def test_test_time_augmentation_follows_the_recipe_unless_set():

@@ -112,7 +112,7 @@ def test_params_are_generated_from_the_config_fields(dag):
 
 def test_the_form_shows_the_params_in_sections(dag):
     """Airflow's form groups params by ``section``, in the order the sections first appear."""
-    from alexnet_tasks.config import GATE_SETTINGS, SECTIONS
+    from alexnet_tasks.config import GATE_PARAMS, SECTIONS
 
     sections = {}
     for name in dag.params:
@@ -120,7 +120,7 @@ def test_the_form_shows_the_params_in_sections(dag):
     assert list(sections) == list(SECTIONS) == ["Data", "Training", "Evaluation", "Gate and publish"]
     assert set(sections["Data"]) == {"source_url", "source_md5", "validation_size", "split_seed", "train_limit"}
     assert sections["Evaluation"] == ["test_time_augmentation"]
-    assert tuple(sections["Gate and publish"]) == GATE_SETTINGS  # what is published, not what is trained
+    assert tuple(sections["Gate and publish"]) == GATE_PARAMS  # what is published, not what is trained
 
 
 def test_the_pipeline_checks_params_against_the_schemas_airflow_holds(dag, server_params):
@@ -210,8 +210,8 @@ def test_an_integral_float_is_that_integer_for_airflow_and_the_pipeline(server_p
             PipelineConfig.from_dict(fraction)
 
 
-def _task_settings(run_type: str, logical_date, params: dict):
-    """What the DAG's ``_settings()`` resolves inside a task of a run of ``run_type``."""
+def _task_config(run_type: str, logical_date, params: dict):
+    """What the DAG's ``task_config()`` resolves inside a task of a run of ``run_type``."""
     import importlib.util
 
     import pendulum
@@ -230,7 +230,7 @@ def _task_settings(run_type: str, logical_date, params: dict):
     context = {"params": params, "run_id": run_id, "dag_run": dag_run}
     if logical_date is not None:
         context["logical_date"] = logical_date
-    return module._settings(context)  # the context each task takes by keyword
+    return module.task_config(context)  # the context each task takes by keyword
 
 
 def test_scheduled_runs_take_the_training_seed_from_the_logical_date_manual_runs_from_the_form():
@@ -240,14 +240,14 @@ def test_scheduled_runs_take_the_training_seed_from_the_logical_date_manual_runs
 
     night = pendulum.datetime(2026, 11, 29, 2, tz="UTC")
     form = {"seed": 5, "split_seed": 9, "image_size": 67}
-    config, _, run_id = _task_settings("scheduled", night, form)
+    config, _, run_id = _task_config("scheduled", night, form)
     assert config == PipelineConfig(seed=seed_for_date(night), split_seed=9, image_size=67)
     assert run_id.startswith("scheduled__")
-    next_night, _, _ = _task_settings("scheduled", night.add(days=1), form)
+    next_night, _, _ = _task_config("scheduled", night.add(days=1), form)
     assert next_night.seed != config.seed and next_night.split_seed == 9  # new training seed, same data
-    manual, _, _ = _task_settings("manual", night, form)
+    manual, _, _ = _task_config("manual", night, form)
     assert manual == PipelineConfig.from_dict(form)
-    without_date, _, _ = _task_settings("manual", None, form)
+    without_date, _, _ = _task_config("manual", None, form)
     assert without_date.seed == 5
 
 
@@ -326,7 +326,7 @@ def test_full_dag_run_publishes_metrics_latest_and_tensorboard(small_archive, tm
     config = PipelineConfig.from_dict(conf)
     assert line["config"] == config.to_dict()  # the run's resolved settings; a manual run keeps the form's seed
     assert line["fingerprint"] == metrics["fingerprint"]  # null until train writes train_summary.json
-    assert line["train_settings"]["epochs"] == 1 and line["train_settings"]["learning_rate"] == 0.001  # as resolved
+    assert line["hyperparameters"]["epochs"] == 1 and line["hyperparameters"]["learning_rate"] == 0.001  # as resolved
     assert line["blessed"] is True and line["reasons"]  # publish_mode always, or the checks held
     assert line["code_version"]["git_commit"] and line["devices"] == "CPU" and line["seconds"] > 0
     assert line["epochs_run"] == line["epochs_planned"] == 1 and line["truncated"] is False

@@ -1,5 +1,6 @@
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def test_wrong_prediction_shape_is_refused():
 @pytest.mark.slow
 def test_evaluate_writes_metrics_picture_and_tensorboard(trained_run):
     config, shards_dir, run_dir, _ = trained_run
-    result = evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    result = evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test_images"] == 60 and metrics["test_accuracy"] == result["test_accuracy"]
     matrix = np.array(metrics["confusion_matrix"])
@@ -54,7 +55,7 @@ def test_evaluate_writes_metrics_picture_and_tensorboard(trained_run):
     tags = scalar_tags(run_dir / "tensorboard" / "test")
     assert {"test/test_accuracy", "test/test_loss", "test/confusion_matrix"} <= tags
     # Evaluating again replaces the test logs instead of duplicating them.
-    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
     assert len(list((run_dir / "tensorboard" / "test").glob("events.out.tfevents.*"))) == 1
 
 
@@ -71,7 +72,7 @@ def test_metrics_carry_the_training_fingerprint_and_schedule(trained_run, tmp_pa
     shutil.copy(trained_dir / "model.keras", run_dir / "model.keras")
     summary = write_train_summary(run_dir, "f" * 64, truncated=True, epochs_run=2, epochs_planned=3,
                                   seconds=41.0, devices="CPU")
-    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {key: metrics[key] for key in TRAINING_FIELDS} == {key: summary[key] for key in TRAINING_FIELDS}
     assert metrics["fingerprint"] == "f" * 64 and metrics["truncated"] is True
@@ -102,7 +103,7 @@ def test_evaluate_stores_per_image_predictions_and_the_data_it_scored(trained_ru
     run_dir.mkdir()
     for name in ("model.keras", "history.json"):
         shutil.copy(trained_dir / name, run_dir / name)
-    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
     predictions = np.load(run_dir / "predictions.npy", allow_pickle=False)
     assert predictions.dtype == np.uint8 and predictions.shape == (60,)
     # One predicted class per test image, in the test shard's order.
@@ -116,11 +117,11 @@ def test_evaluate_stores_per_image_predictions_and_the_data_it_scored(trained_ru
     assert metrics["validation_accuracy"] == history[-1]["val_accuracy"]
     assert not [path for path in run_dir.iterdir() if ".tmp-" in path.name]
     # The published copy carries the predictions too.
-    published = publish(run_dir, "run-with-predictions", tmp_path / "published")
+    published = publish(run_dir, tmp_path / "published", run_id="run-with-predictions")
     assert (Path(published["published"]) / "predictions.npy").read_bytes() == (run_dir / "predictions.npy").read_bytes()
     # Without a history (a run trained elsewhere), the validation accuracy is unknown.
     (run_dir / "history.json").unlink()
-    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
     assert json.loads((run_dir / "metrics.json").read_text())["validation_accuracy"] is None
 
 
@@ -184,7 +185,7 @@ def test_a_diverged_model_is_evaluated_into_valid_json(small_archive, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     model.save(run_dir / "model.keras")
-    result = evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    result = evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
     text = (run_dir / "metrics.json").read_text()
     metrics = json.loads(text)
     assert "NaN" not in text
@@ -225,7 +226,7 @@ def test_flip_averaging_keeps_the_plain_figures_beside_the_augmented(trained_run
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(trained_dir / "model.keras", run_dir / "model.keras")
-    result = evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5, test_time_augmentation="flip")
+    result = evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="flip"))
     images, labels = load_split(shard_path(shards_dir, "test"))
     model = keras.models.load_model(run_dir / "model.keras")
     plain = model.predict(images, verbose=0).astype(np.float64)
@@ -242,7 +243,7 @@ def test_flip_averaging_keeps_the_plain_figures_beside_the_augmented(trained_run
     np.testing.assert_array_equal(np.load(run_dir / "predictions_plain.npy"), plain.argmax(axis=1))
     assert "test/test_accuracy_plain" in scalar_tags(run_dir / "tensorboard" / "test")
     # Evaluated again without augmentation: plain figures only, and no stale plain file beside them.
-    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test_time_augmentation"] == "none" and metrics["test_accuracy_augmented"] is None
     assert metrics["test_accuracy"] == metrics["test_accuracy_plain"]

@@ -70,12 +70,12 @@ def test_killed_build_shards_leaves_nothing_trusted_and_rebuilds_identically(big
     root = tmp_path / "killed"
     config = PipelineConfig(source_url=str(path), source_md5=md5, validation_size=1000)
     batch_dir = Path(download(str(path), md5, root)["batch_dir"])
-    manifest = split(batch_dir, config, root)["manifest"]
+    manifest = split(batch_dir, root, config)["manifest"]
     code = (
         "from pathlib import Path\n"
         "from alexnet_tasks.config import PipelineConfig\n"
         "from alexnet_tasks.data.shards import build_shards\n"
-        f"build_shards(Path({str(batch_dir)!r}), Path({manifest!r}), PipelineConfig(**{config.to_dict()!r}), Path({str(root)!r}))\n"
+        f"build_shards(Path({str(batch_dir)!r}), Path({manifest!r}), Path({str(root)!r}), PipelineConfig(**{config.to_dict()!r}))\n"
     )
     final = Layout(root).shards(config)
     process = subprocess.Popen([sys.executable, "-c", code], env=SUBPROCESS_ENV, stderr=subprocess.PIPE)
@@ -94,9 +94,9 @@ def test_killed_build_shards_leaves_nothing_trusted_and_rebuilds_identically(big
     with pytest.raises(ShardError, match="shard is missing"):
         load_split(shard_path(final, "train"))
 
-    rebuilt = build_shards(batch_dir, Path(manifest), config, root)
+    rebuilt = build_shards(batch_dir, Path(manifest), root, config)
     assert rebuilt["reused"] is False and not _temps(final.parent)
-    reference = build_shards(batch_dir, Path(manifest), config, tmp_path / "uninterrupted")
+    reference = build_shards(batch_dir, Path(manifest), tmp_path / "uninterrupted", config)
     for name in ("train", "validation", "test"):
         ours, theirs = load_split(rebuilt[name]), load_split(reference[name])
         assert hashlib.sha256(ours[0].tobytes()).digest() == hashlib.sha256(theirs[0].tobytes()).digest()
@@ -115,14 +115,14 @@ def test_training_refuses_a_corrupted_shard_naming_it(small_archive, tmp_path):
         train(shards_dir, tmp_path / "runs" / "r", config)
     # The next run's build_shards notices, rebuilds, and training can go on.
     batch_dir = Layout(tmp_path).batches(config.source_md5)
-    rebuilt = build_shards(batch_dir, Layout(tmp_path).split(config) / "manifest.json", config, tmp_path)
+    rebuilt = build_shards(batch_dir, Layout(tmp_path).split(config) / "manifest.json", tmp_path, config)
     assert rebuilt["reused"] is False and load_split(train_shard)[0].shape == (150, 32, 32, 3)
 
 
 # --------------------------------------------------------------------------- 4. killed publish
 def test_killed_publish_keeps_latest_on_the_previous_run(tmp_path):
     published = tmp_path / "published"
-    publish(fake_run(tmp_path, "previous", 0.5), "previous", published)
+    publish(fake_run(tmp_path, "previous", 0.5), published, run_id="previous")
     big = fake_run(tmp_path, "big", 0.9)
     with open(big / "model.keras", "wb") as handle:  # a large model makes the copy take a while
         for _ in range(400):
@@ -130,7 +130,7 @@ def test_killed_publish_keeps_latest_on_the_previous_run(tmp_path):
     code = (
         "from pathlib import Path\n"
         "from alexnet_tasks.release.publish import publish\n"
-        f"publish(Path({str(big)!r}), 'big', Path({str(published)!r}))\n"
+        f"publish(Path({str(big)!r}), Path({str(published)!r}), run_id='big')\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code], env=SUBPROCESS_ENV, stderr=subprocess.PIPE)
     _wait_for(lambda: _temps(published / "runs"), 60, "the publish copy to start", process)
@@ -142,7 +142,7 @@ def test_killed_publish_keeps_latest_on_the_previous_run(tmp_path):
     assert (published / "index.jsonl").read_text().endswith("\n")
     assert not (published / "runs" / big_folder).exists()
     # Publishing again completes and cleans up the killed attempt.
-    publish(big, "big", published)
+    publish(big, published, run_id="big")
     assert os.readlink(published / "latest") == f"runs/{big_folder}" and not _temps(published)
     assert [line["run_id"] for line in read_index(published)] == ["previous", "big"]
 
@@ -167,12 +167,12 @@ def test_full_disk_gives_a_clear_error_and_no_truncated_artifact(small_archive, 
     root = small_filesystem / "artifacts"
     config = PipelineConfig(source_url=str(path), source_md5=md5, validation_size=50)
     batch_dir = Path(download(str(path), md5, root)["batch_dir"])
-    manifest = split(batch_dir, config, root)["manifest"]
+    manifest = split(batch_dir, root, config)["manifest"]
     with pytest.raises(DiskFullError, match=r"no space left on the filesystem of .* while writing shards-"):
-        build_shards(batch_dir, Path(manifest), config, root)
+        build_shards(batch_dir, Path(manifest), root, config)
     assert not Layout(root).shards(config).exists() and not _temps(root)
     # What was complete before stays complete and usable.
-    assert split(batch_dir, config, root)["reused"] is True
+    assert split(batch_dir, root, config)["reused"] is True
     assert download(str(path), md5, root)["reused"] is True
     # A download that cannot fit fails the same way and leaves no source folder.
     filler = small_filesystem / "filler"
@@ -191,8 +191,8 @@ def test_reruns_reuse_identical_data_artifacts(small_archive, tmp_path):
 
     def data_steps(root: Path) -> tuple[dict, dict, dict]:
         source = download(str(path), md5, root)
-        manifest = split(Path(source["batch_dir"]), config, root)
-        shards = build_shards(Path(source["batch_dir"]), Path(manifest["manifest"]), config, root)
+        manifest = split(Path(source["batch_dir"]), root, config)
+        shards = build_shards(Path(source["batch_dir"]), Path(manifest["manifest"]), root, config)
         return source, manifest, shards
 
     first = data_steps(tmp_path / "a")

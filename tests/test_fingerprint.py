@@ -9,7 +9,7 @@ import pytest
 
 from alexnet_tasks.training.checkpoints import resumable_state
 from alexnet_tasks.training.fingerprint import code_version, run_fingerprint
-from alexnet_tasks.training.recipe import resolve_settings
+from alexnet_tasks.training.recipe import resolve_hyperparameters
 from conftest import ROOT, prepare_shards
 
 
@@ -42,18 +42,18 @@ def test_code_version_outside_a_git_checkout_has_no_commit(tmp_path):
 
 def test_fingerprint_covers_settings_data_and_code(shards):
     (config, shards_dir), (other_config, other_dir) = shards
-    settings = resolve_settings(config)
-    first = run_fingerprint(config, settings, shards_dir)
-    assert first == run_fingerprint(config, settings, shards_dir)  # stable
+    hyperparameters = resolve_hyperparameters(config)
+    first = run_fingerprint(config, hyperparameters, shards_dir)
+    assert first == run_fingerprint(config, hyperparameters, shards_dir)  # stable
     assert len(first["fingerprint"]) == 64 and int(first["fingerprint"], 16) >= 0
     parts = first["parts"]
     assert set(parts) == {"settings", "data_key", "shards_sha256", "code_version"}
     assert parts["settings"]["learning_rate"] == 0.04 and parts["code_version"] == code_version()
     assert parts["data_key"] == {"source_md5": config.source_md5, "shards_key": config.shards_key()}
-    # Other settings, other data, the same settings on other shard content: all other fingerprints.
-    other_rate = run_fingerprint(config, resolve_settings(config.__class__(**{**config.to_dict(), "learning_rate": 0.02})), shards_dir)
-    other_data = run_fingerprint(other_config, resolve_settings(other_config), other_dir)
-    same_key_other_content = run_fingerprint(config, settings, other_dir)
+    # Other hyperparameters, other data, the same hyperparameters on other shard content: all other fingerprints.
+    other_rate = run_fingerprint(config, resolve_hyperparameters(config.__class__(**{**config.to_dict(), "learning_rate": 0.02})), shards_dir)
+    other_data = run_fingerprint(other_config, resolve_hyperparameters(other_config), other_dir)
+    same_key_other_content = run_fingerprint(config, hyperparameters, other_dir)
     assert len({first["fingerprint"], other_rate["fingerprint"], other_data["fingerprint"],
                 same_key_other_content["fingerprint"]}) == 4
     assert same_key_other_content["parts"]["shards_sha256"] != parts["shards_sha256"]
@@ -61,7 +61,7 @@ def test_fingerprint_covers_settings_data_and_code(shards):
 
 def test_a_state_of_another_fingerprint_is_not_resumed_and_the_log_says_why(shards, tmp_path, caplog):
     (config, shards_dir), _ = shards
-    saved = run_fingerprint(config, resolve_settings(config), shards_dir)
+    saved = run_fingerprint(config, resolve_hyperparameters(config), shards_dir)
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "epoch-0001.keras").write_bytes(b"checkpoint")
@@ -69,7 +69,7 @@ def test_a_state_of_another_fingerprint_is_not_resumed_and_the_log_says_why(shar
              "fingerprint_parts": saved["parts"], "history": [{"epoch": 1}]}
     (run_dir / "state.json").write_text(json.dumps(state))
     assert resumable_state(run_dir, saved) == state
-    changed = run_fingerprint(config.__class__(**{**config.to_dict(), "epochs": 9}), resolve_settings(
+    changed = run_fingerprint(config.__class__(**{**config.to_dict(), "epochs": 9}), resolve_hyperparameters(
         config.__class__(**{**config.to_dict(), "epochs": 9})), shards_dir)
     with caplog.at_level(logging.WARNING):
         assert resumable_state(run_dir, changed) is None

@@ -114,15 +114,15 @@ def settings(**values) -> PipelineConfig:
 def crown(tmp_path, shards, count=6, name="champion") -> dict:
     """Gate and publish a run right on ``count`` images: it becomes the champion."""
     run = evaluated_run(tmp_path, name, right(count))
-    decision = gate(run, tmp_path / "published", settings(), shards, name)
+    decision = gate(shards, tmp_path / "published", run, settings(), run_id=name)
     assert decision["blessed"] is True
-    publish(run, name, tmp_path / "published")
+    publish(run, tmp_path / "published", run_id=name)
     return decision
 
 
 def test_without_a_champion_sanity_alone_decides(tmp_path, shards):
     run = evaluated_run(tmp_path, "first", right(3))  # 0.3, above the 0.25 floor
-    decision = gate(run, tmp_path / "published", settings(), shards, "first")
+    decision = gate(shards, tmp_path / "published", run, settings(), run_id="first")
     assert decision["blessed"] is True and decision["champion"] is None and decision["paired"] is None
     assert decision["reasons"] == ["sanity checks hold", "no champion yet: the sanity checks decide"]
     assert json.loads((run / DECISION).read_text()) == decision
@@ -135,7 +135,7 @@ def test_a_better_run_is_blessed_with_the_paired_comparison(tmp_path, shards):
     predictions = right(8)
     predictions[5] = 9
     run = evaluated_run(tmp_path, "better", predictions)
-    decision = gate(run, tmp_path / "published", settings(), shards, "better")
+    decision = gate(shards, tmp_path / "published", run, settings(), run_id="better")
     assert decision["blessed"] is True and decision["champion"] == "champion"
     assert decision["test_accuracy"] == 0.7 and decision["champion_accuracy"] == 0.6
     assert decision["paired"] == {"images": 10, "both_right": 5, "both_wrong": 2, "only_challenger_right": 2,
@@ -146,22 +146,22 @@ def test_a_better_run_is_blessed_with_the_paired_comparison(tmp_path, shards):
 def test_a_worse_run_is_refused_unless_within_the_tolerance(tmp_path, shards):
     crown(tmp_path, shards, 6)
     run = evaluated_run(tmp_path, "worse", right(5))
-    refused = gate(run, tmp_path / "published", settings(), shards, "worse")
+    refused = gate(shards, tmp_path / "published", run, settings(), run_id="worse")
     assert refused["blessed"] is False and refused["sanity_passed"] is True
     assert refused["checks"]["not_worse_than_champion"]["passed"] is False
     assert "0.5000 is not at least the champion champion's 0.6000" in "; ".join(refused["reasons"])
     assert refused["paired"]["only_champion_right"] == 1 and refused["paired"]["only_challenger_right"] == 0
     # One image in ten is within a tolerance of 0.1 (not below 0.05).
-    assert gate(run, tmp_path / "published", settings(gate_tolerance=0.1), shards, "worse")["blessed"] is True
-    assert gate(run, tmp_path / "published", settings(gate_tolerance=0.05), shards, "worse")["blessed"] is False
+    assert gate(shards, tmp_path / "published", run, settings(gate_tolerance=0.1), run_id="worse")["blessed"] is True
+    assert gate(shards, tmp_path / "published", run, settings(gate_tolerance=0.05), run_id="worse")["blessed"] is False
     # An equal accuracy is not worse.
     same = evaluated_run(tmp_path, "same", right(6))
-    assert gate(same, tmp_path / "published", settings(), shards, "same")["blessed"] is True
+    assert gate(shards, tmp_path / "published", same, settings(), run_id="same")["blessed"] is True
 
 
 def test_a_diverged_run_fails_the_finite_loss_check(tmp_path, shards):
     run = evaluated_run(tmp_path, "diverged", [0] * 10, loss=None, nonfinite=["test_loss"])
-    decision = gate(run, tmp_path / "published", settings(accuracy_floor=0.0), shards, "diverged")
+    decision = gate(shards, tmp_path / "published", run, settings(accuracy_floor=0.0), run_id="diverged")
     assert decision["blessed"] is False and decision["checks"]["finite_loss"]["passed"] is False
     assert "; ".join(decision["reasons"]) == "test loss is not finite (the model diverged): test_loss not finite"
     assert decision["test_loss"] is None
@@ -169,14 +169,14 @@ def test_a_diverged_run_fails_the_finite_loss_check(tmp_path, shards):
 
 def test_the_accuracy_floor(tmp_path, shards):
     run = evaluated_run(tmp_path, "weak", right(2))  # 0.2
-    decision = gate(run, tmp_path / "published", settings(), shards, "weak")
+    decision = gate(shards, tmp_path / "published", run, settings(), run_id="weak")
     assert decision["blessed"] is False and "; ".join(decision["reasons"]) == "test accuracy 0.2000 is below the floor 0.25"
-    assert gate(run, tmp_path / "published", settings(accuracy_floor=0.2), shards, "weak")["blessed"] is True
+    assert gate(shards, tmp_path / "published", run, settings(accuracy_floor=0.2), run_id="weak")["blessed"] is True
 
 
 def test_a_truncated_run_is_refused(tmp_path, shards):
     run = evaluated_run(tmp_path, "cut", right(9), truncated=True)
-    decision = gate(run, tmp_path / "published", settings(), shards, "cut")
+    decision = gate(shards, tmp_path / "published", run, settings(), run_id="cut")
     assert decision["blessed"] is False
     assert "; ".join(decision["reasons"]) == "training was truncated before its schedule ended"
 
@@ -184,7 +184,7 @@ def test_a_truncated_run_is_refused(tmp_path, shards):
 def test_other_class_names_than_the_champions_are_refused(tmp_path, shards):
     crown(tmp_path, shards, 6)
     run = evaluated_run(tmp_path, "renamed", right(9), classes=[*CLASSES[:9], "lorry"])
-    decision = gate(run, tmp_path / "published", settings(), shards, "renamed")
+    decision = gate(shards, tmp_path / "published", run, settings(), run_id="renamed")
     assert decision["blessed"] is False and decision["checks"]["class_names"]["passed"] is False
     assert "differ from the champion's" in "; ".join(decision["reasons"])
 
@@ -192,7 +192,7 @@ def test_other_class_names_than_the_champions_are_refused(tmp_path, shards):
 def test_runs_scored_on_other_test_images_are_not_compared(tmp_path, shards):
     crown(tmp_path, shards, 6)
     run = evaluated_run(tmp_path, "elsewhere", right(9), images_sha="b" * 64)
-    decision = gate(run, tmp_path / "published", settings(), shards, "elsewhere")
+    decision = gate(shards, tmp_path / "published", run, settings(), run_id="elsewhere")
     assert decision["blessed"] is False and decision["paired"] is None
     assert "scored on other test images" in "; ".join(decision["reasons"])
 
@@ -203,14 +203,14 @@ def test_labels_from_a_shard_of_other_images_are_refused(tmp_path, shards):
         handle.attrs["images_sha256"] = "c" * 64
     run = evaluated_run(tmp_path, "next", right(7))
     with pytest.raises(ValueError, match="test.h5: holds other test images"):
-        gate(run, tmp_path / "published", settings(), shards, "next")
+        gate(shards, tmp_path / "published", run, settings(), run_id="next")
     assert not (run / DECISION).exists()
 
 
 def test_a_champion_without_predictions_is_compared_by_accuracy(tmp_path, shards):
     crown(tmp_path, shards, 6)
     (tmp_path / "published" / "latest" / "predictions.npy").unlink()  # published before they existed
-    decision = gate(evaluated_run(tmp_path, "next", right(7)), tmp_path / "published", settings(), shards, "next")
+    decision = gate(shards, tmp_path / "published", evaluated_run(tmp_path, "next", right(7)), settings(), run_id="next")
     assert decision["blessed"] is True and decision["paired"] is None
     assert "compared by accuracy alone" in "; ".join(decision["reasons"])
 
@@ -218,7 +218,7 @@ def test_a_champion_without_predictions_is_compared_by_accuracy(tmp_path, shards
 def test_publish_mode_always_blesses_and_records_what_the_checks_found(tmp_path, shards):
     crown(tmp_path, shards, 6)
     run = evaluated_run(tmp_path, "forced", right(1), truncated=True)
-    decision = gate(run, tmp_path / "published", settings(publish_mode="always"), shards, "forced")
+    decision = gate(shards, tmp_path / "published", run, settings(publish_mode="always"), run_id="forced")
     assert decision["blessed"] is True and decision["publish_mode"] == "always"
     assert decision["sanity_passed"] is False and decision["checks_passed"] is False
     assert "; ".join(decision["reasons"]).startswith("publish_mode always: published although test accuracy 0.1000 is below")
@@ -229,17 +229,17 @@ def test_gate_needs_evaluate_first(tmp_path, shards):
     run = tmp_path / "runs" / "bare"
     run.mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="metrics.json: missing; evaluate must finish"):
-        gate(run, tmp_path / "published", settings(), shards, "bare")
+        gate(shards, tmp_path / "published", run, settings(), run_id="bare")
     (run / "metrics.json").write_text(json.dumps({"test_accuracy": 0.5, "test_loss": 1.0}))
     with pytest.raises(FileNotFoundError, match="predictions.npy: missing"):
-        gate(run, tmp_path / "published", settings(), shards, "bare")
+        gate(shards, tmp_path / "published", run, settings(), run_id="bare")
 
 
 def test_a_champion_without_a_test_accuracy_leaves_the_decision_to_sanity(tmp_path, shards):
     crown(tmp_path, shards, 6)
     metrics_path = tmp_path / "published" / "latest" / "metrics.json"
     metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "test_accuracy": None}))
-    decision = gate(evaluated_run(tmp_path, "next", right(3)), tmp_path / "published", settings(), shards, "next")
+    decision = gate(shards, tmp_path / "published", evaluated_run(tmp_path, "next", right(3)), settings(), run_id="next")
     assert decision["blessed"] is True and decision["champion_accuracy"] is None
     assert "has no test accuracy to compare with" in "; ".join(decision["reasons"])
 
@@ -249,7 +249,7 @@ def test_a_broken_latest_is_named(tmp_path, shards):
     published.mkdir()
     (published / "latest").symlink_to("runs/gone")
     with pytest.raises(FileNotFoundError, match="latest points to a run without metrics"):
-        gate(evaluated_run(tmp_path, "next", right(7)), published, settings(), shards, "next")
+        gate(shards, published, evaluated_run(tmp_path, "next", right(7)), settings(), run_id="next")
 
 
 # --------------------------------------------------------------------------- publish follows the decision
@@ -258,8 +258,8 @@ def test_an_unblessed_run_is_recorded_without_its_model_and_latest_stays(tmp_pat
     crown(tmp_path, shards, 6)
     champion_target = os.readlink(published / "latest")
     run = evaluated_run(tmp_path, "worse", right(4))
-    gate(run, published, settings(), shards, "worse")
-    result = publish(run, "worse", published, settings())
+    gate(shards, published, run, settings(), run_id="worse")
+    result = publish(run, published, settings(), run_id="worse")
     assert result["blessed"] is False and result["action"] == "recorded"
     assert os.readlink(published / "latest") == champion_target
     champion, worse = read_index(published)
@@ -271,8 +271,8 @@ def test_an_unblessed_run_is_recorded_without_its_model_and_latest_stays(tmp_pat
     assert (run / "model.keras").is_file()  # the run folder keeps its model
 
     # Published anyway later (publish_mode always): the same training, now with its model, becomes latest.
-    gate(run, published, settings(publish_mode="always"), shards, "worse")
-    again = publish(run, "worse", published, settings(publish_mode="always"))
+    gate(shards, published, run, settings(publish_mode="always"), run_id="worse")
+    again = publish(run, published, settings(publish_mode="always"), run_id="worse")
     assert again["blessed"] is True and again["action"] == "published"
     assert (record / "model.keras").read_bytes() == b"model-worse"
     assert os.readlink(published / "latest") == worse["path"]
@@ -283,11 +283,11 @@ def test_an_unblessed_run_is_recorded_without_its_model_and_latest_stays(tmp_pat
 
 def test_a_decision_for_another_training_is_refused(tmp_path, shards):
     run = evaluated_run(tmp_path, "run", right(5), fingerprint="1" * 64)
-    gate(run, tmp_path / "published", settings(), shards, "run")
+    gate(shards, tmp_path / "published", run, settings(), run_id="run")
     metrics = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").write_text(json.dumps({**metrics, "fingerprint": "2" * 64}))  # retrained, re-evaluated
     with pytest.raises(ValueError, match="decision.json: made for another training.*run the gate again"):
-        publish(run, "run", tmp_path / "published")
+        publish(run, tmp_path / "published", run_id="run")
     assert read_index(tmp_path / "published") == []
 
 
@@ -297,8 +297,8 @@ def test_an_unblessed_retraining_of_the_champions_run_id_keeps_the_champion(tmp_
     before = read_index(published)
     rerun = tmp_path / "rerun"
     run = evaluated_run(rerun, "nightly", right(2), fingerprint="3" * 64)
-    gate(run, published, settings(), shards, "nightly")
-    assert publish(run, "nightly", published)["action"] == "kept"
+    gate(shards, published, run, settings(), run_id="nightly")
+    assert publish(run, published, run_id="nightly")["action"] == "kept"
     assert read_index(published) == before
     assert (published / "latest" / "model.keras").read_bytes() == b"model-nightly"
     assert math.isclose(json.loads((published / "latest" / "metrics.json").read_text())["test_accuracy"], 0.6)
@@ -306,10 +306,10 @@ def test_an_unblessed_retraining_of_the_champions_run_id_keeps_the_champion(tmp_
 
 def test_runs_with_the_same_test_time_augmentation_compare_their_augmented_figures(tmp_path, shards):
     champion = evaluated_run(tmp_path, "champion", right(6), plain=right(5))
-    assert gate(champion, tmp_path / "published", settings(), shards, "champion")["blessed"]
-    publish(champion, "champion", tmp_path / "published")
+    assert gate(shards, tmp_path / "published", champion, settings(), run_id="champion")["blessed"]
+    publish(champion, tmp_path / "published", run_id="champion")
     run = evaluated_run(tmp_path, "new", right(7), plain=right(4))
-    decision = gate(run, tmp_path / "published", settings(), shards, "new")
+    decision = gate(shards, tmp_path / "published", run, settings(), run_id="new")
     assert decision["compared_as"] == "flip" and decision["blessed"] is True
     assert (decision["compared_accuracy"], decision["champion_accuracy"]) == (0.7, 0.6)
     assert decision["paired"]["only_challenger_right"] == 1
@@ -319,7 +319,7 @@ def test_runs_with_other_test_time_augmentations_compare_their_plain_figures(tmp
     # The champion predicted plainly; the new run's augmented 0.7 would beat its 0.6, its plain 0.5 does not.
     crown(tmp_path, shards, 6)
     run = evaluated_run(tmp_path, "flipped", right(7), plain=right(5))
-    decision = gate(run, tmp_path / "published", settings(), shards, "flipped")
+    decision = gate(shards, tmp_path / "published", run, settings(), run_id="flipped")
     assert decision["compared_as"] == "none" and decision["blessed"] is False
     assert decision["test_accuracy"] == 0.7 and decision["compared_accuracy"] == 0.5
     assert decision["champion_accuracy"] == 0.6 and decision["paired"]["only_champion_right"] == 1
@@ -327,11 +327,11 @@ def test_runs_with_other_test_time_augmentations_compare_their_plain_figures(tmp
     # The other way round: an augmented champion (published with its plain predictions) and a plain run.
     other = tmp_path / "other"
     champion = evaluated_run(other, "champion", right(9), plain=right(5), views="flip_shift")
-    assert gate(champion, other / "published", settings(), shards, "champion")["blessed"]
-    publish(champion, "champion", other / "published")
+    assert gate(shards, other / "published", champion, settings(), run_id="champion")["blessed"]
+    publish(champion, other / "published", run_id="champion")
     assert (other / "published" / "latest" / "predictions_plain.npy").is_file()
     run = evaluated_run(other, "plain", right(6))
-    decision = gate(run, other / "published", settings(), shards, "plain")
+    decision = gate(shards, other / "published", run, settings(), run_id="plain")
     assert decision["compared_as"] == "none" and decision["blessed"] is True
     assert (decision["compared_accuracy"], decision["champion_accuracy"]) == (0.6, 0.5)
     assert decision["paired"] is not None

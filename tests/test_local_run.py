@@ -170,7 +170,7 @@ def test_build_shards_before_split_names_the_manifest_the_split_step_and_the_par
     download(str(path), md5, layout.root)
     manifest = layout.split(config) / "manifest.json"
     with pytest.raises(MissingInputError) as missing:
-        build_shards(layout.batches(md5), manifest, config, layout.root)
+        build_shards(layout.batches(md5), manifest, layout.root, config)
     assert str(missing.value) == (
         f"{manifest}: missing; the split step makes it: run split first (or the whole DAG) with the same "
         "source_url, source_md5, validation_size, split_seed and train_limit")

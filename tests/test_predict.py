@@ -7,6 +7,7 @@ import time
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,9 @@ def champion(trained_run, tmp_path_factory) -> tuple[Path, Path, object]:
     run_id = "manual__2026-11-30T10:00:00+00:00"
     run_dir = layout.run(run_id)
     shutil.copytree(trained_dir, run_dir)
-    evaluate(run_dir / "model.keras", shards_dir, run_dir, config.source_md5)
-    gate(run_dir, layout.published, config, shards_dir, run_id)
-    publish(run_dir, run_id, layout.published, config)
+    evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
+    gate(shards_dir, layout.published, run_dir, config, run_id=run_id)
+    publish(run_dir, layout.published, config, run_id=run_id)
     return layout.published, shards_dir, config
 
 
@@ -75,7 +76,7 @@ def test_scores_every_readable_image_as_training_saw_it_and_skips_the_unreadable
     (images / "notes.txt").write_text("not an image, not listed")
 
     output = tmp_path / "out"
-    summary = predict(str(images), output, published)
+    summary = predict(str(images), published, output)
 
     rows = read_rows(output / "predictions.csv")
     class_names = summary["class_names"]
@@ -107,7 +108,7 @@ def test_without_a_champion_or_a_folder_it_fails_naming_what_is_missing(tmp_path
 
     (tmp_path / "inbox").mkdir()
     with pytest.raises(PermanentError, match="no champion"):
-        predict(str(tmp_path / "inbox"), tmp_path / "out", tmp_path / "published")
+        predict(str(tmp_path / "inbox"), tmp_path / "published", tmp_path / "out")
     assert not (tmp_path / "out").exists(), "nothing written"
     with pytest.raises(MissingInputError, match="nowhere"):
         list_images(str(tmp_path / "nowhere"))

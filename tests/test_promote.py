@@ -131,9 +131,9 @@ def test_a_run_recorded_without_its_model_cannot_become_the_champion(published, 
 
     root = copy_of(published, tmp_path)
     with pytest.raises(PermanentError, match=re.escape(f"run '{REFUSED}' has no model in ")):
-        promote_run(root / "published", REFUSED, "override the gate", "alice")
-    with pytest.raises(ValueError, match="reason must be a non-empty string"):
-        promote_run(root / "published", FIRST, "  ", "alice")
+        promote_run(root / "published", run_id=REFUSED, comment="override the gate", user="alice")
+    with pytest.raises(ValueError, match="comment must be a non-empty string"):
+        promote_run(root / "published", run_id=FIRST, comment="  ", user="alice")
     assert Registry(root / "published").champion()["run_id"] == SECOND
 
 
@@ -145,8 +145,8 @@ def test_the_history_page_and_the_make_champion_link(published, tmp_path, tokens
     from alexnet_tasks.release.promote import promote_run
 
     root = copy_of(published, tmp_path)
-    promote_run(root / "published", FIRST, "rollback <after> an incident", "alice", "alexnet_cifar10_promote",
-                "manual__rollback")
+    promote_run(root / "published", run_id=FIRST, comment="rollback <after> an incident", user="alice",
+                dag_id="alexnet_cifar10_promote", dag_run_id="manual__rollback")
     monkeypatch.setenv("ALEXNET_ARTIFACTS", str(root))
     module = load_plugin_module()
     parent = FastAPI()

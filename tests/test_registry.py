@@ -49,7 +49,7 @@ def test_a_malformed_line_is_skipped_with_a_warning_by_every_reader(tmp_path, ca
                for text in warnings) == 2
     # Retention reads the same entries: the malformed lines stop nothing.
     (tmp_path / "runs").mkdir()
-    assert prune_runs(tmp_path / "runs", tmp_path / "published") == []
+    assert prune_runs(tmp_path / "published", tmp_path / "runs") == []
 
 
 def test_a_partial_last_line_is_not_read_and_the_next_append_cuts_it(tmp_path):
@@ -70,14 +70,18 @@ def test_a_runs_last_line_is_its_entry(tmp_path):
     assert len((tmp_path / "published" / INDEX).read_text().splitlines()) == 3
 
 
-def test_old_lines_with_blessed_reason_read_as_reasons(tmp_path):
+def test_old_lines_with_blessed_reason_and_train_settings_read_under_the_new_names(tmp_path):
     published = tmp_path / "published"
     published.mkdir()
     old = {"run_id": "old", "published_at": "2026-11-01T00:00:00+00:00", "test_accuracy": 0.4, "test_loss": 1.5,
-           "path": "runs/old", "blessed": False, "blessed_reason": "test accuracy 0.4000 is below the floor 0.5"}
+           "path": "runs/old", "blessed": False, "blessed_reason": "test accuracy 0.4000 is below the floor 0.5",
+           "train_settings": {"recipe": "fast", "epochs": 3}}
     (published / INDEX).write_text(json.dumps(old) + "\n")
     [line] = read_index(published)
     assert line["reasons"] == ["test accuracy 0.4000 is below the floor 0.5"] and "blessed_reason" not in line
+    assert line["hyperparameters"] == {"recipe": "fast", "epochs": 3} and "train_settings" not in line
+    [entry] = Registry(published).page().runs  # the lookup table reads the old names too
+    assert entry["hyperparameters"] == {"recipe": "fast", "epochs": 3} and "train_settings" not in entry
     assert set(line) == set(INDEX_FIELDS)
 
 
@@ -179,7 +183,7 @@ def test_publish_and_gate_agree_on_the_champion_through_the_registry(tmp_path):
         run.mkdir(parents=True)
         (run / "model.keras").write_bytes(b"model")
         (run / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_loss": 1.0}))
-        publish(run, run_id, published)
+        publish(run, published, run_id=run_id)
     registry = Registry(published)
     assert registry.champion()["run_id"] == "second" == champion_of(published)["run_id"]
     assert os.readlink(published / "latest") == registry.find("second")["path"]

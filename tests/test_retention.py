@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def test_a_trained_run_without_checkpoints_still_evaluates_and_is_smaller(traine
     assert folder_bytes(run) == before - checkpoints
     for name in ("model.keras", "history.json", "config.json", "state.json", "train_summary.json", "tensorboard"):
         assert (run / name).exists(), name
-    metrics = evaluate(run / "model.keras", shards_dir, run, config.source_md5)
+    metrics = evaluate(run / "model.keras", shards_dir, run, replace(config, test_time_augmentation="none"))
     assert 0 <= metrics["test_accuracy"] <= 1
 
 
@@ -108,14 +109,14 @@ def test_old_runs_that_are_neither_champion_nor_blessed_are_pruned(tmp_path, cap
     for number, run in runs.items():
         age(run, (20 - number) * DAY)
     caplog.set_level(logging.INFO, logger="alexnet_tasks.release.retention")
-    pruned = prune_runs(artifacts / "runs", published, keep=5)
+    pruned = prune_runs(published, artifacts / "runs", keep=5)
     assert sorted(pruned) == sorted(folder(f"r{n:02d}") for n in (0, 2, 5, 6))
     left = sorted(path.name for path in (artifacts / "runs").iterdir() if not path.name.startswith("."))
     assert left == sorted(folder(f"r{n:02d}") for n in (1, 3, 4, 7, 8, 9, 10, 11))
     assert f"retention: removed {artifacts / 'runs' / folder('r02')} (published, not blessed" in caplog.text
     assert f"retention: removed {artifacts / 'runs' / folder('r00')} (never published" in caplog.text
     assert (published / "index.jsonl").read_text().count("\n") == 4  # the index and published/ are untouched
-    assert prune_runs(artifacts / "runs", published, keep=5) == []
+    assert prune_runs(published, artifacts / "runs", keep=5) == []
 
 
 def test_runs_being_written_or_trained_are_never_pruned(tmp_path):
@@ -130,10 +131,10 @@ def test_runs_being_written_or_trained_are_never_pruned(tmp_path):
         age(run, (10 + n) * DAY)
     with exclusive_pid_lock(old[0] / "train.lock", "training this run"):
         age(old[0], 10 * DAY)  # a long epoch: nothing written for days, but the training is alive
-        pruned = prune_runs(runs_root, tmp_path / "published", keep=1)
+        pruned = prune_runs(tmp_path / "published", runs_root, keep=1)
     assert sorted(pruned) == ["old1", "old2"]
     assert newest.is_dir() and recent.is_dir() and old[0].is_dir()
-    assert prune_runs(runs_root, tmp_path / "published", keep=1, min_idle_seconds=1800) == [
+    assert prune_runs(tmp_path / "published", runs_root, keep=1, min_idle_seconds=1800) == [
         "recent-unfinished", "old0"]
 
 
@@ -148,7 +149,7 @@ def test_protected_runs_and_stray_entries_are_left_alone_and_killed_prunes_finis
     killed = runs_root / f".gone{'.pruned-'}1-abcdef12"
     killed.mkdir()
     (killed / "model.keras").write_bytes(b"x")
-    assert prune_runs(runs_root, tmp_path / "published", keep=1, protect=["r0"]) == ["r1"]
+    assert prune_runs(tmp_path / "published", runs_root, keep=1, protect=["r0"]) == ["r1"]
     assert runs[0].is_dir() and building.is_dir() and (runs_root / "notes.txt").is_file()
     assert not killed.exists()
 
@@ -170,13 +171,13 @@ def test_publish_drops_the_runs_checkpoints_and_prunes_old_runs(tmp_path, monkey
     old = [fake_run(tmp_path, folder(f"old{n}"), 0.5) for n in range(4)]
     for n, run in enumerate(old):
         age(run, (30 - n) * DAY)
-    first = publish(old[0], "old0", published, keep_runs=10)  # no gate decision: blessed, as before the gate
+    first = publish(old[0], published, run_id="old0", keep_runs=10)  # no gate decision: blessed, as before the gate
     assert first["pruned_runs"] == [] and first["checkpoint_bytes_freed"] == 0
     age(old[0], 30 * DAY)
     new = fake_run(tmp_path, folder("new"), 0.6)
     checkpoint = add_checkpoint(new, 5000)
     caplog.set_level(logging.INFO, logger="alexnet_tasks.release.retention")
-    result = publish(new, "new", published)
+    result = publish(new, published, run_id="new")
     assert result["checkpoint_bytes_freed"] == 5000 and not checkpoint.exists()
     # newest two: new and old3; old0 is published (blessed), old1 and old2 were never published.
     assert sorted(result["pruned_runs"]) == sorted([folder("old1"), folder("old2")])
@@ -184,7 +185,7 @@ def test_publish_drops_the_runs_checkpoints_and_prunes_old_runs(tmp_path, monkey
     assert "dropped the checkpoints of" in caplog.text and "retention: removed" in caplog.text
     monkeypatch.setenv("ALEXNET_KEEP_RUNS", "none")
     with pytest.raises(ValueError, match="ALEXNET_KEEP_RUNS"):
-        publish(new, "new", published)
+        publish(new, published, run_id="new")
 
 
 @pytest.mark.slow

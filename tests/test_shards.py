@@ -17,8 +17,8 @@ def built(small_archive, artifacts):
     path, md5 = small_archive
     batch_dir = Path(download(str(path), md5, artifacts)["batch_dir"])
     config = PipelineConfig(source_md5=md5, validation_size=50)
-    manifest = split(batch_dir, config, artifacts)["manifest"]
-    return batch_dir, manifest, config, build_shards(batch_dir, manifest, config, artifacts)
+    manifest = split(batch_dir, artifacts, config)["manifest"]
+    return batch_dir, manifest, config, build_shards(batch_dir, manifest, artifacts, config)
 
 
 def test_standardize_matches_tensorflow():
@@ -61,7 +61,7 @@ def test_shards_hold_standardized_native_images_with_labels_and_attributes(built
 
 def test_rebuild_reuses_intact_shards(built, artifacts):
     batch_dir, manifest, config, first = built
-    again = build_shards(batch_dir, manifest, config, artifacts)
+    again = build_shards(batch_dir, manifest, artifacts, config)
     assert again["reused"] is True and again["train"] == first["train"]
 
 
@@ -71,7 +71,7 @@ def test_corrupted_shard_fails_loudly_naming_the_file_and_is_rebuilt(built, arti
     flip_one_image_byte(Path(result["train"]))
     with pytest.raises(ShardError, match=f"{result['train']}: shard data is corrupt"):
         load_split(result["train"])
-    rebuilt = build_shards(batch_dir, manifest, config, artifacts)
+    rebuilt = build_shards(batch_dir, manifest, artifacts, config)
     assert rebuilt["reused"] is False
     np.testing.assert_array_equal(load_split(rebuilt["train"])[0], before)
 
@@ -93,8 +93,8 @@ def test_training_seeds_share_one_shard_set_a_split_seed_gets_its_own(small_arch
 
     def data_steps(**seeds) -> tuple[dict, dict]:
         config = PipelineConfig(source_md5=md5, validation_size=50, **seeds)
-        manifest = split(batch_dir, config, artifacts)
-        return manifest, build_shards(batch_dir, manifest["manifest"], config, artifacts)
+        manifest = split(batch_dir, artifacts, config)
+        return manifest, build_shards(batch_dir, manifest["manifest"], artifacts, config)
 
     first_split, first = data_steps(seed=1, split_seed=42)
     other_split, other_training_seed = data_steps(seed=2, split_seed=42)

@@ -21,7 +21,7 @@ def source(small_archive, artifacts):
 def test_manifest_holds_exact_disjoint_stratified_indices(source, artifacts):
     batch_dir, md5 = source
     config = PipelineConfig(source_md5=md5, validation_size=50, split_seed=3)
-    result = split(batch_dir, config, artifacts)
+    result = split(batch_dir, artifacts, config)
     assert (result["train"], result["validation"], result["test"]) == (150, 50, 60)
     manifest = json.loads(Path(result["manifest"]).read_text())
     parts = manifest["splits"]
@@ -39,16 +39,16 @@ def test_manifest_holds_exact_disjoint_stratified_indices(source, artifacts):
 
 def test_same_split_seed_same_split_other_split_seed_other_split(source, artifacts):
     batch_dir, md5 = source
-    first = json.loads(Path(split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, split_seed=1), artifacts)["manifest"]).read_text())
-    again = split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, split_seed=1), artifacts)
+    first = json.loads(Path(split(batch_dir, artifacts, PipelineConfig(source_md5=md5, validation_size=50, split_seed=1))["manifest"]).read_text())
+    again = split(batch_dir, artifacts, PipelineConfig(source_md5=md5, validation_size=50, split_seed=1))
     assert again["reused"] is True
-    other = json.loads(Path(split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, split_seed=2), artifacts)["manifest"]).read_text())
+    other = json.loads(Path(split(batch_dir, artifacts, PipelineConfig(source_md5=md5, validation_size=50, split_seed=2))["manifest"]).read_text())
     assert first["splits"]["validation"]["indices"] != other["splits"]["validation"]["indices"]
 
 
 def test_train_limit_caps_training_images_stratified(source, artifacts):
     batch_dir, md5 = source
-    result = split(batch_dir, PipelineConfig(source_md5=md5, validation_size=50, train_limit=30), artifacts)
+    result = split(batch_dir, artifacts, PipelineConfig(source_md5=md5, validation_size=50, train_limit=30))
     manifest = json.loads(Path(result["manifest"]).read_text())
     assert result["train"] == 30 and manifest["splits"]["train"]["class_counts"] == [3] * 10
 
@@ -56,7 +56,7 @@ def test_train_limit_caps_training_images_stratified(source, artifacts):
 def test_validation_larger_than_the_training_set_fails_clearly(source, artifacts):
     batch_dir, md5 = source
     with pytest.raises(ValueError, match="validation_size=500 leaves no training images: the archive has 200"):
-        split(batch_dir, PipelineConfig(source_md5=md5, validation_size=500), artifacts)
+        split(batch_dir, artifacts, PipelineConfig(source_md5=md5, validation_size=500))
 
 
 def test_identical_image_in_two_splits_fails_with_the_count(tmp_path, artifacts):
@@ -76,7 +76,7 @@ def test_identical_image_in_two_splits_fails_with_the_count(tmp_path, artifacts)
     batch_dir = Path(download(str(path), md5, artifacts)["batch_dir"])
     config = PipelineConfig(source_md5=md5, validation_size=50)
     with pytest.raises(ValueError, match="2 identical image"):
-        split(batch_dir, config, artifacts)
+        split(batch_dir, artifacts, config)
     assert not Layout(artifacts).split(config).exists()
 
 

@@ -252,9 +252,9 @@ def test_the_data_steps_build_once_through_the_store_and_another_host_fetches_th
             "source": stored_folder(store, key(layout.source(config.source_md5)), step(
                 lambda root: download(config.source_url, config.source_md5, root)), cache),
             "split": stored_folder(store, key(layout.split(config)), step(
-                lambda root: split(layout.batches(config.source_md5), config, root)), cache),
+                lambda root: split(layout.batches(config.source_md5), root, config)), cache),
             "shards": stored_folder(store, key(layout.shards(config)), step(
-                lambda root: build_shards(layout.batches(config.source_md5), layout.manifest(config), config, root)),
+                lambda root: build_shards(layout.batches(config.source_md5), layout.manifest(config), root, config)),
                 cache),
         }
 

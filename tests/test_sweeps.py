@@ -19,12 +19,12 @@ from alexnet_tasks.layout import Layout
 from alexnet_tasks.release.registry import Registry, read_index
 from alexnet_tasks.release.sweeps import read_sweep
 from alexnet_tasks.sweeps import (
-    TRIAL_SETTINGS,
+    TRIAL_PARAMS,
     best_trial,
     expand_grid,
     plan_trials,
     setting_value,
-    swept_settings,
+    swept_params,
     trial_label,
     trial_run_id,
 )
@@ -114,7 +114,7 @@ def test_each_trial_is_the_main_params_with_its_overrides_validated_whole():
         assert config.recipe_options["max_shift"] == 2  # the form's options kept, the trial's merged in
         assert config.recipe_options["dropout"] == trial["overrides"]["recipe_options"]["dropout"]
         assert config.learning_rate == trial["overrides"]["learning_rate"]
-    assert swept_settings(trials) == ["learning_rate", "recipe_options.dropout"]
+    assert swept_params(trials) == ["learning_rate", "recipe_options.dropout"]
     assert [setting_value(trial, "recipe_options.dropout") for trial in trials] == [0.3, 0.5, 0.3, 0.5]
 
 
@@ -147,8 +147,8 @@ def test_bad_trials_are_refused_before_anything_runs_naming_the_trial_and_the_ke
 
 
 def test_a_trial_may_change_every_training_setting_and_no_data_setting():
-    assert set(TRIAL_SETTINGS) >= {"learning_rate", "batch_size", "epochs", "seed", "recipe_options", "recipe"}
-    assert not set(TRIAL_SETTINGS) & {"source_url", "source_md5", "validation_size", "split_seed", "train_limit"}
+    assert set(TRIAL_PARAMS) >= {"learning_rate", "batch_size", "epochs", "seed", "recipe_options", "recipe"}
+    assert not set(TRIAL_PARAMS) & {"source_url", "source_md5", "validation_size", "split_seed", "train_limit"}
 
 
 def test_labels_and_run_ids_name_the_trial():
@@ -245,7 +245,7 @@ def test_a_sweep_trains_every_trial_tests_only_the_best_on_validation_and_publis
     view = load_sweep(layout.published, sweep_run_id)
     order = sorted(range(3), key=lambda index: (-epochs[index]["val_accuracy"], epochs[index]["val_loss"], index))
     assert [trial.number - 1 for trial in view.trials] == order and view.chosen.number - 1 == expected
-    assert [trial.settings for trial in sorted(view.trials, key=lambda trial: trial.number)] == [
+    assert [trial.params for trial in sorted(view.trials, key=lambda trial: trial.number)] == [
         {"learning_rate": 0.001}, {"learning_rate": 0.01}, {"learning_rate": 0.05}]
     monkeypatch.setenv("ALEXNET_ARTIFACTS", str(artifacts))
     plugin = load_plugin_module()

@@ -9,7 +9,7 @@ import pytest
 from alexnet_tasks.config import PipelineConfig
 from alexnet_tasks.training.recipe import learning_rate_at, onednn_enabled, per_replica_batch, precision_policy, xla_pays
 from alexnet_tasks.recipes import RECIPE_DEFAULTS
-from alexnet_tasks.training.train import ShuffledBatches, resolve_settings
+from alexnet_tasks.training.train import ShuffledBatches, resolve_hyperparameters
 from builders import SUBPROCESS_ENV, kill_after_first_epoch, run_python, scalar_tags
 from conftest import prepare_shards, train_script
 
@@ -22,16 +22,16 @@ DETERMINISTIC = "import tensorflow as tf\ntf.config.experimental.enable_op_deter
 
 
 def test_recipes_resolve_with_explicit_overrides():
-    reference = resolve_settings(PipelineConfig(recipe="reference"))
+    reference = resolve_hyperparameters(PipelineConfig(recipe="reference"))
     assert (reference.epochs, reference.batch_size, reference.learning_rate) == (50, 32, 0.001)
     assert reference.momentum == 0 and not reference.augment and reference.label_smoothing == 0
     # The tutorial exactly: no XLA, float32 even on a GPU.
     assert not reference.jit_compile and reference.decay == "constant" and reference.warmup_epochs == 0
-    assert resolve_settings(PipelineConfig(recipe="reference"), 1, (9, 0)).precision == "float32"
-    fast = resolve_settings(PipelineConfig(recipe="fast", epochs=3))
+    assert resolve_hyperparameters(PipelineConfig(recipe="reference"), 1, (9, 0)).precision == "float32"
+    fast = resolve_hyperparameters(PipelineConfig(recipe="fast", epochs=3))
     assert fast.epochs == 3 and fast.batch_size == RECIPE_DEFAULTS["fast"]["batch_size"] and fast.augment
     assert (fast.batch_size, fast.learning_rate, fast.jit_compile, fast.precision) == (256, 0.04, False, "float32")
-    on_gpu = resolve_settings(PipelineConfig(recipe="fast"), 1, (9, 0))
+    on_gpu = resolve_hyperparameters(PipelineConfig(recipe="fast"), 1, (9, 0))
     assert (on_gpu.precision, on_gpu.jit_compile) == ("mixed_bfloat16", True)
 
 
@@ -46,7 +46,7 @@ def test_xla_compiles_the_step_on_one_gpu_or_on_a_cpu_without_onednn(wanted, rep
     # (docs/performance.md).
     assert xla_pays(wanted, replicas, capability, onednn) is xla
     config = PipelineConfig(recipe="fast" if wanted else "reference")
-    assert resolve_settings(config, replicas, capability, onednn).jit_compile is xla
+    assert resolve_hyperparameters(config, replicas, capability, onednn).jit_compile is xla
 
 
 def test_onednn_is_read_from_tensorflow_and_decides_the_cpu_step():
@@ -62,7 +62,7 @@ def test_onednn_is_read_from_tensorflow_and_decides_the_cpu_step():
 
 def test_batch_size_and_learning_rate_are_global_whatever_the_replicas():
     config = PipelineConfig(recipe="fast", batch_size=64, learning_rate=0.02)
-    mirrored = resolve_settings(config, replicas=4)
+    mirrored = resolve_hyperparameters(config, replicas=4)
     assert (mirrored.batch_size, mirrored.learning_rate, mirrored.jit_compile) == (64, 0.02, False)
     assert per_replica_batch(mirrored, 4) == 16
     with pytest.raises(ValueError, match="batch_size=64 does not split evenly over 3 replicas"):
@@ -88,12 +88,12 @@ def test_bfloat16_on_the_cpu_only_where_onednn_has_amx(tmp_path):
     assert cpu_bfloat16_pays(True, flags) and not cpu_bfloat16_pays(False, flags)
     assert not cpu_bfloat16_pays(True, {"avx512f", "avx512_bf16"})  # AVX512-BF16 alone (AMD EPYC): float32
     fast = PipelineConfig(recipe="fast")
-    assert resolve_settings(fast, cpu_bfloat16=True).precision == "mixed_bfloat16"
-    assert resolve_settings(fast, cpu_bfloat16=False).precision == "float32"
-    assert resolve_settings(PipelineConfig(recipe="reference"), cpu_bfloat16=True).precision == "float32"
+    assert resolve_hyperparameters(fast, cpu_bfloat16=True).precision == "mixed_bfloat16"
+    assert resolve_hyperparameters(fast, cpu_bfloat16=False).precision == "float32"
+    assert resolve_hyperparameters(PipelineConfig(recipe="reference"), cpu_bfloat16=True).precision == "float32"
     pinned = PipelineConfig(recipe="fast", recipe_options={"precision": "float32"})
-    assert resolve_settings(pinned, cpu_bfloat16=True).precision == "float32"
-    assert resolve_settings(pinned, 1, (9, 0)).precision == "float32"
+    assert resolve_hyperparameters(pinned, cpu_bfloat16=True).precision == "float32"
+    assert resolve_hyperparameters(pinned, 1, (9, 0)).precision == "float32"
 
 
 def test_mixed_float16_training_scales_the_loss():
@@ -102,73 +102,73 @@ def test_mixed_float16_training_scales_the_loss():
     from alexnet_tasks.training.model import build_alexnet
     from alexnet_tasks.training.recipe import compile_model
 
-    settings = resolve_settings(PipelineConfig(recipe="fast", image_size=67), 1, (7, 5))
-    keras.mixed_precision.set_global_policy(settings.precision)
+    hyperparameters = resolve_hyperparameters(PipelineConfig(recipe="fast", image_size=67), 1, (7, 5))
+    keras.mixed_precision.set_global_policy(hyperparameters.precision)
     try:
         model = build_alexnet(67, augment=True, seed=1)
-        compile_model(model, settings)
+        compile_model(model, hyperparameters)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
 
 
 def test_schedule_warms_up_then_decays_to_zero_at_the_planned_end():
-    settings = resolve_settings(PipelineConfig(recipe="fast", epochs=10, learning_rate=0.1))
+    hyperparameters = resolve_hyperparameters(PipelineConfig(recipe="fast", epochs=10, learning_rate=0.1))
     steps = 20
-    assert learning_rate_at(settings, 0, steps, 10) == pytest.approx(0.01)
-    assert learning_rate_at(settings, steps, steps, 10) == pytest.approx(0.1)  # warm-up ends after one epoch
+    assert learning_rate_at(hyperparameters, 0, steps, 10) == pytest.approx(0.01)
+    assert learning_rate_at(hyperparameters, steps, steps, 10) == pytest.approx(0.1)  # warm-up ends after one epoch
     for planned in (3, 10):
-        rates = [learning_rate_at(settings, step, steps, planned) for step in range(planned * steps)]
+        rates = [learning_rate_at(hyperparameters, step, steps, planned) for step in range(planned * steps)]
         assert rates[steps - 1] < rates[steps] and all(a >= b for a, b in zip(rates[steps:], rates[steps + 1:]))
-        assert rates[-1] < 0.002 and learning_rate_at(settings, planned * steps, steps, planned) == 0
+        assert rates[-1] < 0.002 and learning_rate_at(hyperparameters, planned * steps, steps, planned) == 0
     # The first epoch does not depend on the plan (a budget fixes the plan after it).
-    assert [learning_rate_at(settings, s, steps, 3) for s in range(steps)] == [
-        learning_rate_at(settings, s, steps, 10) for s in range(steps)]
-    reference = resolve_settings(PipelineConfig(recipe="reference"))
+    assert [learning_rate_at(hyperparameters, s, steps, 3) for s in range(steps)] == [
+        learning_rate_at(hyperparameters, s, steps, 10) for s in range(steps)]
+    reference = resolve_hyperparameters(PipelineConfig(recipe="reference"))
     assert {learning_rate_at(reference, step, 5, 2) for step in range(10)} == {0.001}
 
 
 def test_the_epoch_line_shows_the_rate_the_epoch_trained_at_not_the_rate_after_it():
     from alexnet_tasks.training.callbacks import Progress, epoch_learning_rate
 
-    settings = resolve_settings(PipelineConfig(recipe="fast", epochs=1, learning_rate=0.04))
+    hyperparameters = resolve_hyperparameters(PipelineConfig(recipe="fast", epochs=1, learning_rate=0.04))
     steps = 20
-    progress = Progress(settings, steps_per_epoch=steps, epochs_planned=1, plan_fixed=True, budget_seconds=None)
-    rates = [learning_rate_at(settings, step, steps, 1) for step in range(steps)]
-    assert learning_rate_at(settings, steps, steps, 1) == 0  # the optimizer's rate once the only epoch ends
+    progress = Progress(hyperparameters, steps_per_epoch=steps, epochs_planned=1, plan_fixed=True, budget_seconds=None)
+    rates = [learning_rate_at(hyperparameters, step, steps, 1) for step in range(steps)]
+    assert learning_rate_at(hyperparameters, steps, steps, 1) == 0  # the optimizer's rate once the only epoch ends
     assert epoch_learning_rate(progress, 0) == pytest.approx(sum(rates) / steps) and min(rates) > 0
-    two = Progress(settings, steps_per_epoch=steps, epochs_planned=2, plan_fixed=True, budget_seconds=None)
+    two = Progress(hyperparameters, steps_per_epoch=steps, epochs_planned=2, plan_fixed=True, budget_seconds=None)
     assert epoch_learning_rate(two, 1) == pytest.approx(
-        sum(learning_rate_at(settings, step, steps, 2) for step in range(steps, 2 * steps)) / steps)
+        sum(learning_rate_at(hyperparameters, step, steps, 2) for step in range(steps, 2 * steps)) / steps)
 
 
 def test_every_recipe_option_is_a_training_setting_and_overrides_the_recipe():
     import dataclasses
 
     from alexnet_tasks.config import RECIPE_OPTIONS
-    from alexnet_tasks.training.recipe import TrainSettings
+    from alexnet_tasks.training.recipe import Hyperparameters
 
-    fields = {field.name for field in dataclasses.fields(TrainSettings)}
+    fields = {field.name for field in dataclasses.fields(Hyperparameters)}
     assert set(RECIPE_OPTIONS) <= fields
     options = {"dropout": 0.3, "decay": "linear", "max_shift": 2, "batchnorm_momentum": 0.9,
                "kernel_initializer": "he_normal", "weight_decay_norm_and_bias": False, "ema_momentum": 0.99,
                "label_smoothing": 0.0, "warmup_epochs": 0.5}
-    settings = resolve_settings(PipelineConfig(recipe="fast", recipe_options=options))
-    assert {name: getattr(settings, name) for name in options} == options
-    assert settings.momentum == RECIPE_DEFAULTS["fast"]["momentum"]  # what no option names stays the recipe's
-    assert resolve_settings(PipelineConfig(recipe="fast")).test_time_augmentation == "flip"
-    assert resolve_settings(PipelineConfig(recipe="fast", test_time_augmentation="none")).test_time_augmentation \
+    hyperparameters = resolve_hyperparameters(PipelineConfig(recipe="fast", recipe_options=options))
+    assert {name: getattr(hyperparameters, name) for name in options} == options
+    assert hyperparameters.momentum == RECIPE_DEFAULTS["fast"]["momentum"]  # what no option names stays the recipe's
+    assert resolve_hyperparameters(PipelineConfig(recipe="fast")).test_time_augmentation == "flip"
+    assert resolve_hyperparameters(PipelineConfig(recipe="fast", test_time_augmentation="none")).test_time_augmentation \
         == "none"
 
 
 def test_linear_decay_falls_on_a_line_to_zero_at_the_planned_end():
-    settings = resolve_settings(PipelineConfig(recipe="fast", epochs=4, learning_rate=0.1,
+    hyperparameters = resolve_hyperparameters(PipelineConfig(recipe="fast", epochs=4, learning_rate=0.1,
                                                recipe_options={"decay": "linear", "warmup_epochs": 0}))
     steps = 10
-    rates = [learning_rate_at(settings, step, steps, 4) for step in range(40)]
+    rates = [learning_rate_at(hyperparameters, step, steps, 4) for step in range(40)]
     assert rates[0] == pytest.approx(0.1) and rates[20] == pytest.approx(0.05)
     assert np.allclose(np.diff(rates), -0.1 / 40)
-    constant = resolve_settings(PipelineConfig(recipe="fast", recipe_options={"decay": "constant"}))
+    constant = resolve_hyperparameters(PipelineConfig(recipe="fast", recipe_options={"decay": "constant"}))
     assert learning_rate_at(constant, 10_000, steps, 4) == pytest.approx(0.04)
 
 
@@ -180,10 +180,10 @@ def test_weight_decay_can_spare_batchnorm_and_biases():
 
     decayed = {}
     for spare in (False, True):
-        settings = resolve_settings(PipelineConfig(recipe="fast", image_size=67,
+        hyperparameters = resolve_hyperparameters(PipelineConfig(recipe="fast", image_size=67,
                                                    recipe_options={"weight_decay_norm_and_bias": not spare}))
         model = build_alexnet(67, seed=1)
-        compile_model(model, settings)
+        compile_model(model, hyperparameters)
         model.optimizer.build(model.trainable_variables)
         decayed[spare] = {v.path for v in model.trainable_variables if model.optimizer._use_weight_decay(v)}
     kernels = {path for path in decayed[False] if path.endswith("kernel")}
@@ -200,12 +200,12 @@ def test_batchnorm_statistics_are_recomputed_as_the_mean_over_batches():
 
     model = build_alexnet(67, seed=1)
     images = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype("float32")
-    settings = resolve_settings(PipelineConfig(recipe="fast", image_size=67, batch_size=16))
-    assert recompute_batchnorm_statistics(model, images, settings) == 64
+    hyperparameters = resolve_hyperparameters(PipelineConfig(recipe="fast", image_size=67, batch_size=16))
+    assert recompute_batchnorm_statistics(model, images, hyperparameters) == 64
     norm = model.get_layer("bn1")
     assert norm.momentum == 0.99  # restored
     # The same mean, by hand: bn1 sees conv1's output; the batch means averaged over the 4 batches.
-    order = np.random.default_rng(settings.seed).permutation(64)
+    order = np.random.default_rng(hyperparameters.seed).permutation(64)
     upto_conv1 = keras.Sequential(model.layers[:2])
     means = [np.asarray(upto_conv1(images[np.sort(order[i:i + 16])])).mean(axis=(0, 1, 2)) for i in range(0, 64, 16)]
     np.testing.assert_allclose(np.asarray(norm.moving_mean), np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
@@ -361,9 +361,9 @@ def test_time_budget_callback_plans_from_the_first_epoch_and_marks_an_overrun_tr
 
     from alexnet_tasks.training.callbacks import Progress, TimeBudget
 
-    settings = resolve_settings(PipelineConfig(recipe="fast", epochs=30))
+    hyperparameters = resolve_hyperparameters(PipelineConfig(recipe="fast", epochs=30))
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    progress = Progress(settings, 10, settings.epochs, plan_fixed=False, budget_seconds=100.0)
+    progress = Progress(hyperparameters, 10, hyperparameters.epochs, plan_fixed=False, budget_seconds=100.0)
     budget = TimeBudget(progress)
     budget.set_model(model)
     model.stop_training = False  # as fit sets it

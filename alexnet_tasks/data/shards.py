@@ -117,13 +117,10 @@ def _write_split(
     return digest.hexdigest()
 
 
-def build_shards(
-    batch_dir: Path,
-    manifest_path: Path,
-    config: PipelineConfig,
-    artifacts_root: Path | None = None,
-) -> dict:
-    """Write ``train.h5``, ``validation.h5`` and ``test.h5`` for the manifest's splits.
+def build_shards(batch_dir: Path, manifest_path: Path, artifacts_root: Path | None, config: PipelineConfig) -> dict:
+    """Write ``train.h5``, ``validation.h5`` and ``test.h5`` for the manifest's splits under ``artifacts_root``.
+
+    ``artifacts_root`` None: the default (``alexnet_tasks.layout.Layout()``).
 
     A complete, intact shard set already there is reused; one with bad
     content is rebuilt and moved aside to ``shards-….broken-*`` (not deleted:

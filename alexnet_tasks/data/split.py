@@ -70,12 +70,10 @@ def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
     return np.bincount(labels, minlength=num_classes).astype(int).tolist()
 
 
-def split(
-    batch_dir: Path,
-    config: PipelineConfig,
-    artifacts_root: Path | None = None,
-) -> dict:
-    """Write ``data/<md5>/split-<key>/manifest.json``; reuse it when already there.
+def split(batch_dir: Path, artifacts_root: Path | None, config: PipelineConfig) -> dict:
+    """Write ``data/<md5>/split-<key>/manifest.json`` under ``artifacts_root``; reuse it when already there.
+
+    ``artifacts_root`` None: the default (``alexnet_tasks.layout.Layout()``).
 
     Returns ``{"manifest", "train", "validation", "test", "reused"}`` with the
     image count of each split. Concurrent calls for one split take turns on

@@ -139,14 +139,11 @@ def not_blessed_alert(decision: dict, run_id: str, dag_id: str = DEFAULT_DAG_ID,
                       try_number: int | None = None) -> Alert:
     """The alert for a model the gate refused: ``decision`` as the gate wrote it to ``decision.json``.
 
-    Its ``reasons`` (or ``reason``) make the reason; the test accuracy, the
+    Its ``reasons``, joined, make the alert's ``reason``; the test accuracy, the
     champion, its accuracy and the paired comparison are added when present.
     """
     reasons = decision.get("reasons")
-    if isinstance(reasons, list) and reasons:
-        reason = "; ".join(str(item) for item in reasons)
-    else:
-        reason = str(decision.get("reason") or "no reason given")
+    reason = "; ".join(str(item) for item in reasons) if isinstance(reasons, list) and reasons else "no reason given"
     facts = {"DAG": dag_id, "run": run_id, "task": task_id, "try": try_number, "reason": reason}
     for key in ("test_accuracy", "champion", "champion_accuracy", "publish_mode"):
         if decision.get(key) is not None:

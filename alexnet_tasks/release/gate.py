@@ -344,12 +344,14 @@ def _write(run: _Gate, decision: dict) -> None:
              "; ".join(decision["reasons"]))
 
 
-def gate(run_dir: Path, published_root: Path, config: PipelineConfig, shards_dir: Path,
+def gate(shards_dir: Path, published_root: Path, run_dir: Path, config: PipelineConfig, *,
          run_id: str | None = None) -> dict:
     """Decide whether ``run_dir`` (evaluated) is blessed; write ``decision.json`` there and return the decision.
 
-    ``config`` gives ``accuracy_floor``, ``gate_tolerance`` and
-    ``publish_mode``; ``shards_dir`` the test labels. The decision holds
+    Reads ``shards_dir``'s test labels, ``published_root``'s champion and
+    ``run_dir``'s metrics and predictions; ``config`` gives
+    ``accuracy_floor``, ``gate_tolerance`` and ``publish_mode``; ``run_id``
+    goes into the decision (None: the folder's name in the log line). The decision holds
     ``blessed``, ``reasons`` (a list of strings: why), every check, both
     accuracies, the champion's run id and path, and the paired counts with
     their McNemar p-value (null where the champion has no per-image

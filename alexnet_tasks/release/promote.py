@@ -23,12 +23,13 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def promote_run(published_root: Path, run_id: str, reason: str, user: str, dag_id: str | None = None,
+def promote_run(published_root: Path, *, run_id: str, comment: str, user: str, dag_id: str | None = None,
                 dag_run_id: str | None = None) -> dict:
     """Make the published run ``run_id`` the champion; returns what the publish task's asset event carries.
 
-    ``reason`` (non-empty) is recorded in the promotion history with
-    ``user`` (who asked), the reason ``by_hand`` and the Airflow run
+    ``comment`` (non-empty: why, in the user's words; the promote DAG's
+    ``reason`` param) is recorded in the promotion history with ``user``
+    (who asked), the promotion reason ``by_hand`` and the Airflow run
     (``dag_id``, ``dag_run_id``). Returns ``run_id``, ``published`` (the
     folder), ``test_accuracy``, ``fingerprint``, ``previous_run_id`` and
     ``changed`` (False when it already was the champion).
@@ -38,9 +39,9 @@ def promote_run(published_root: Path, run_id: str, reason: str, user: str, dag_i
     ``model.keras`` (recorded without it: not blessed), when its
     ``metrics.json`` is unreadable, its test loss or accuracy is not finite,
     or its class names or test images differ from the champion's; ValueError
-    for an empty ``run_id``, ``reason`` or ``user``.
+    for an empty ``run_id``, ``comment`` or ``user``.
     """
-    for name, value in (("run_id", run_id), ("reason", reason), ("user", user)):
+    for name, value in (("run_id", run_id), ("comment", comment), ("user", user)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"promote: {name} must be a non-empty string, got {value!r}")
     registry = Registry(published_root)
@@ -70,11 +71,11 @@ def promote_run(published_root: Path, run_id: str, reason: str, user: str, dag_i
                             f"{champion['run_id']} ({theirs[:12]})")
     if problems:
         raise PermanentError(f"run {run_id!r} cannot become the champion: {'; '.join(problems)}")
-    line = registry.promote(entry["path"], "by_hand", user=user, comment=reason.strip(), dag_id=dag_id,
+    line = registry.promote(entry["path"], "by_hand", user=user, comment=comment.strip(), dag_id=dag_id,
                             dag_run_id=dag_run_id)
     previous = None if champion is None else champion["run_id"]
     report("promote: %s is the champion (test accuracy %.4f)%s; by %s: %s", run_id, metrics["test_accuracy"],
-           "" if line is None else f", was {previous or 'none'}", user, reason.strip())
+           "" if line is None else f", was {previous or 'none'}", user, comment.strip())
     return {
         "run_id": run_id,
         "published": str(folder),

@@ -282,7 +282,7 @@ def _write_index(run: _Publish, config: PipelineConfig | None, sweep: dict | Non
                              dag_id=run.dag_id, dag_run_id=run.run_id if run.dag_id else None)
 
 
-def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineConfig | None = None,
+def publish(run_dir: Path, published_root: Path, config: PipelineConfig | None = None, *, run_id: str,
             keep_runs: int | None = None, dag_id: str | None = None, sweep: dict | None = None) -> dict:
     """Publish ``run_dir`` as ``run_id`` as the gate decided; returns the published path and headline metrics.
 
@@ -311,6 +311,10 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
     with who rejected it or that no answer came. Raises FileNotFoundError when the
     model or metrics are missing and ValueError when they or the decision
     belong to another training.
+
+    Phases, in order: read (metrics and decision), check, compare (does a
+    refused run keep the champion's copy?), write (the copy, the index line,
+    the champion), report, then retention.
     """
     run_dir, published_root = Path(run_dir), Path(published_root)
     keep = retention.keep_runs(keep_runs)  # a bad setting is refused before anything is published
@@ -327,15 +331,20 @@ def publish(run_dir: Path, run_id: str, published_root: Path, config: PipelineCo
         else:
             action = _write_copy(run)
             _write_index(run, config, sweep)
+    _report(run, action)
+    return {**_result(run, published_root, action), **retention.retain(published_root, run_dir, keep=keep)}
+
+
+def _report(run: _Publish, action: str) -> None:
+    """One progress line for what publish did (none when it kept the champion: that was logged)."""
     if action == "kept":
-        pass
-    elif run.promote:
+        return
+    if run.promote:
         report("publish: %s %s (test accuracy %.4f, fingerprint %s); latest -> %s",
                action, run.final, run.metrics["test_accuracy"], run.fingerprint or "unknown", run.final.name)
     else:
         report("publish: %s %s without its model: not blessed (%s); latest stays on %s", action, run.final,
                "; ".join(run.reasons), run.registry.store.champion_path() or "nothing")
-    return {**_result(run, published_root, action), **retention.retain(run_dir, published_root, keep)}
 
 
 def _result(run: _Publish, published_root: Path, action: str) -> dict:

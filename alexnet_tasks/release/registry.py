@@ -59,10 +59,12 @@ TRAINING_INDEX_FIELDS = ("fingerprint", "truncated", "epochs_run", "epochs_plann
 # Every field of an index line. The first five are in every line ever written; lines written
 # before the others existed lack them, and reading fills them with None.
 INDEX_FIELDS = ("run_id", "published_at", "test_accuracy", "test_loss", "path") + TRAINING_INDEX_FIELDS + (
-    "config", "data_key", "code_version", "blessed", "reasons", "train_settings", "approval", "sweep", "trial",
+    "config", "data_key", "code_version", "blessed", "reasons", "hyperparameters", "approval", "sweep", "trial",
 )
 # Lines written before ``reasons`` held the decision's reasons joined by "; " as ``blessed_reason``.
 _OLD_REASONS = "blessed_reason"
+# Lines written before ``hyperparameters`` held them as ``train_settings``.
+_OLD_HYPERPARAMETERS = "train_settings"
 LATER_INDEX_FIELDS = INDEX_FIELDS[5:]
 # The columns a page of runs can be filtered on: name -> the value an entry gives it.
 FILTERS = {
@@ -92,7 +94,7 @@ def index_line(
     config: PipelineConfig | None,
     code_version: dict | str | None = None,
     decision: dict | None = None,
-    train_settings: dict | None = None,
+    hyperparameters: dict | None = None,
     approval: dict | None = None,
     sweep: dict | None = None,
 ) -> dict:
@@ -117,7 +119,7 @@ def index_line(
         "code_version": code_version,
         "blessed": None if decision is None else decision["blessed"],
         "reasons": None if decision is None else list(decision.get("reasons", [])),
-        "train_settings": train_settings,
+        "hyperparameters": hyperparameters,
         "approval": approval,
         "sweep": None if sweep is None else sweep["sweep"],
         "trial": None if sweep is None else sweep["trial"],
@@ -158,10 +160,12 @@ def parse_history_line(text: str | bytes, where: str) -> dict | None:
 
 
 def _with_every_field(line: dict) -> dict:
-    """``line`` with the old name of ``reasons`` read, and the fields it lacks set to None."""
+    """``line`` with the old names of ``reasons`` and ``hyperparameters`` read, and the fields it lacks set to None."""
     if _OLD_REASONS in line:
         old = line.pop(_OLD_REASONS)
         line.setdefault("reasons", [old] if isinstance(old, str) and old else None)
+    if _OLD_HYPERPARAMETERS in line:
+        line.setdefault("hyperparameters", line.pop(_OLD_HYPERPARAMETERS))
     for key in INDEX_FIELDS:
         line.setdefault(key, None)
     return line

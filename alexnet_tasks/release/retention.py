@@ -4,7 +4,7 @@
   checkpoints (``checkpoints/``, weights and optimizer state, only needed to
   resume a training) are removed; the model, metrics, history, summaries,
   predictions, pictures, TensorBoard logs and ``state.json`` stay.
-* ``prune_runs(runs_root, published_root, keep)``: the run folders in
+* ``prune_runs(published_root, runs_root, keep=)``: the run folders in
   ``runs/`` beyond the newest ``keep`` (``ALEXNET_KEEP_RUNS``, default 10)
   are removed unless they are the champion (``published/latest``) or blessed
   (their line in ``published/index.jsonl`` says ``blessed: true``, or has no
@@ -152,7 +152,7 @@ def _kept_by_the_index(published_root: Path) -> tuple[str | None, set[str], set[
     return None if champion is None else Path(champion).name, blessed, published
 
 
-def prune_runs(runs_root: Path, published_root: Path, keep: int | None = None,
+def prune_runs(published_root: Path, runs_root: Path, *, keep: int | None = None,
                protect: Iterable[str] = (), min_idle_seconds: float = DEFAULT_MIN_IDLE_SECONDS,
                now: float | None = None) -> list[str]:
     """Remove the run folders of ``runs_root`` beyond the newest ``keep`` that nothing keeps; returns their names.
@@ -205,9 +205,12 @@ def prune_runs(runs_root: Path, published_root: Path, keep: int | None = None,
     return pruned
 
 
-def retain(run_dir: Path, published_root: Path, keep: int | None = None) -> dict:
-    """After publishing ``run_dir``: drop its checkpoints, then prune ``runs/`` (keeping ``run_dir``)."""
+def retain(published_root: Path, run_dir: Path, *, keep: int | None = None) -> dict:
+    """After publishing ``run_dir``: drop its checkpoints, then prune ``runs/`` (keeping ``run_dir``).
+
+    ``published_root``'s index says which runs are kept (``prune_runs``).
+    """
     run_dir = Path(run_dir)
     freed = drop_checkpoints(run_dir)
-    pruned = prune_runs(run_dir.parent, published_root, keep, protect=(run_dir.name,))
+    pruned = prune_runs(published_root, run_dir.parent, keep=keep, protect=(run_dir.name,))
     return {"checkpoint_bytes_freed": freed, "pruned_runs": pruned}

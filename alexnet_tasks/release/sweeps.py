@@ -22,7 +22,7 @@ from alexnet_tasks.errors import PermanentError
 from alexnet_tasks.jsonio import save_json
 from alexnet_tasks.layout import HISTORY, Layout, run_folder_name, sweep_record_path
 from alexnet_tasks.progress import report
-from alexnet_tasks.sweeps import best_trial, swept_settings, trial_run_id
+from alexnet_tasks.sweeps import best_trial, swept_params, trial_run_id
 from alexnet_tasks.training.run_summary import read_train_summary
 
 
@@ -68,7 +68,7 @@ def trial_result(layout: Layout, sweep_run_id: str, trial: dict) -> dict[str, An
     }
 
 
-def select_trial(layout: Layout, sweep_run_id: str, trials: list[dict], dag_id: str | None = None) -> dict:
+def select_trial(trials: list[dict], layout: Layout, *, sweep_run_id: str, dag_id: str | None = None) -> dict:
     """Choose the best finished trial on validation, record the sweep, return the chosen trial's result.
 
     Writes ``published/sweeps/<run>.json`` (``read_sweep``) with every
@@ -82,7 +82,7 @@ def select_trial(layout: Layout, sweep_run_id: str, trials: list[dict], dag_id: 
         "sweep": sweep_run_id,
         "dag_id": dag_id,
         "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "swept": swept_settings(results),
+        "swept": swept_params(results),
         "chosen": None if chosen is None else chosen["index"],
         "chosen_run_id": None if chosen is None else chosen["run_id"],
         "trials": results,

@@ -1,6 +1,6 @@
 """Score a folder of images with the champion: one line per image and a summary.
 
-``predict(input_folder, output_dir, published_root)`` lists the PNG and JPEG
+``predict(input_folder, published_root, output_dir)`` lists the PNG and JPEG
 files under ``input_folder`` (recursively, in name order), reads each one in
 any size and colour mode, converts it to RGB, resizes it to 32x32 and
 standardizes it with ``alexnet_tasks.data.shards.standardize``: exactly what
@@ -109,7 +109,7 @@ def champion_model(published_root: Path) -> tuple[dict, Path, list[str]]:
     return champion, model_path, [str(name) for name in names]
 
 
-def predict(input_folder: str, output_dir: Path, published_root: Path, batch_images: int = BATCH_IMAGES) -> dict:
+def predict(input_folder: str, published_root: Path, output_dir: Path, *, batch_images: int = BATCH_IMAGES) -> dict:
     """Score every image under ``input_folder`` with the champion; write ``predictions.csv`` and ``summary.json``.
 
     Returns the summary (``champion``, ``model``, ``images``, ``scored``,

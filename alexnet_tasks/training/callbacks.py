@@ -19,7 +19,7 @@ import numpy as np
 from alexnet_tasks.progress import report
 from alexnet_tasks.training.checkpoints import commit_epoch
 from alexnet_tasks.training.model import reseed_random_layers
-from alexnet_tasks.training.recipe import TrainSettings, learning_rate_at
+from alexnet_tasks.training.recipe import Hyperparameters, learning_rate_at
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ TIME_BUDGET = "time budget"
 class Progress:
     """The run's plan and record, shared by the callbacks and saved in ``state.json``."""
 
-    settings: TrainSettings  # the resolved recipe
+    hyperparameters: Hyperparameters  # the resolved recipe
     steps_per_epoch: int  # optimizer steps in one epoch
     epochs_planned: int  # the epoch the learning-rate schedule ends with
     plan_fixed: bool  # False until a time budget has sized the plan from the first epoch
@@ -65,7 +65,7 @@ class SeedsAndSchedule(keras.callbacks.Callback):
         progress = self.progress
         step = self.epoch * progress.steps_per_epoch + batch
         self.model.optimizer.learning_rate = learning_rate_at(
-            progress.settings, step, progress.steps_per_epoch, progress.epochs_planned
+            progress.hyperparameters, step, progress.steps_per_epoch, progress.epochs_planned
         )
 
 
@@ -101,7 +101,7 @@ def epoch_learning_rate(progress: Progress, epoch: int) -> float:
     """
     steps = progress.steps_per_epoch
     first = epoch * steps
-    rates = [learning_rate_at(progress.settings, step, steps, progress.epochs_planned)
+    rates = [learning_rate_at(progress.hyperparameters, step, steps, progress.epochs_planned)
              for step in range(first, first + steps)]
     return float(sum(rates) / len(rates)) if rates else 0.0
 
@@ -123,11 +123,11 @@ class TimeBudget(keras.callbacks.Callback):
         seconds = (logs or {}).get("epoch_seconds", 0.0)
         if progress.budget_seconds is not None and not progress.plan_fixed:
             fits = int(progress.budget_seconds // (max(seconds, 1e-9) * PLAN_HEADROOM))
-            progress.epochs_planned = max(done, min(progress.settings.epochs, fits))
+            progress.epochs_planned = max(done, min(progress.hyperparameters.epochs, fits))
             progress.plan_fixed = True
             log.info(
                 "time budget %.2f min: epoch %d took %.1f s, so the schedule ends after epoch %d of %d",
-                progress.budget_seconds / 60, done, seconds, progress.epochs_planned, progress.settings.epochs,
+                progress.budget_seconds / 60, done, seconds, progress.epochs_planned, progress.hyperparameters.epochs,
             )
         if done >= progress.epochs_planned:
             self.model.stop_training = True  # the schedule is complete

@@ -1,6 +1,6 @@
 """One fingerprint per run: what was trained, on which data, by which code.
 
-``run_fingerprint`` hashes the resolved training settings, the data key
+``run_fingerprint`` hashes the resolved training hyperparameters, the data key
 (source MD5 and shard key), the content of the shard set (each split's image
 digest and labels) and the code version (package version, git commit and
 whether the tree had uncommitted changes). Two runs with the same fingerprint
@@ -83,10 +83,10 @@ def shards_sha256(shards_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(config, settings, shards_dir: Path) -> dict:
-    """``{"fingerprint": sha256 hex, "parts": {...}}`` for training ``settings`` on ``shards_dir``."""
+def run_fingerprint(config, hyperparameters, shards_dir: Path) -> dict:
+    """``{"fingerprint": sha256 hex, "parts": {...}}`` for training ``hyperparameters`` on ``shards_dir``."""
     parts = {
-        "settings": dataclasses.asdict(settings),
+        "settings": dataclasses.asdict(hyperparameters),  # the key saved runs were hashed with: kept
         "data_key": {"source_md5": config.source_md5, "shards_key": config.shards_key()},
         "shards_sha256": shards_sha256(Path(shards_dir)),
         "code_version": code_version(),

@@ -1,7 +1,7 @@
-"""What a run trains with: the resolved settings, the learning-rate schedule, the loss and the precision.
+"""What a run trains with: the resolved hyperparameters, the learning-rate schedule, the loss and the precision.
 
 Everything here is a pure function of the pipeline config (and the device's
-compute capability), so a run's settings can be saved, compared and
+compute capability), so a run's hyperparameters can be saved, compared and
 fingerprinted before any training starts.
 """
 
@@ -22,7 +22,7 @@ MIXED_FLOAT16 = "mixed_float16"
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class Hyperparameters:
     """The resolved training recipe; saved as ``config.json`` beside the results."""
 
     recipe: str  # "reference" or "fast"
@@ -123,13 +123,13 @@ def xla_pays(
     return compute_capability is not None or not onednn
 
 
-def resolve_settings(
+def resolve_hyperparameters(
     config: PipelineConfig,
     replicas: int = 1,
     compute_capability: tuple[int, int] | None = None,
     onednn: bool = True,
     cpu_bfloat16: bool = False,
-) -> TrainSettings:
+) -> Hyperparameters:
     """The recipe's defaults, overridden by whatever the config sets explicitly.
 
     ``compute_capability``: the (lowest) GPU's, or None on the CPU; the fast
@@ -148,29 +148,29 @@ def resolve_settings(
     values.update(config.recipe_options or {})
     values["test_time_augmentation"] = config.resolved_test_time_augmentation()
     values["jit_compile"] = xla_pays(values.get("jit_compile", False), replicas, compute_capability, onednn)
-    return TrainSettings(
+    return Hyperparameters(
         recipe=config.recipe, image_size=config.image_size, seed=config.seed,
         max_train_minutes=config.max_train_minutes, **values,
     )
 
 
-def per_replica_batch(settings: TrainSettings, replicas: int) -> int:
+def per_replica_batch(hyperparameters: Hyperparameters, replicas: int) -> int:
     """The global batch split over the replicas; a ValueError when it does not split evenly."""
-    if settings.batch_size % replicas:
+    if hyperparameters.batch_size % replicas:
         raise ValueError(
-            f"batch_size={settings.batch_size} does not split evenly over {replicas} replicas: "
+            f"batch_size={hyperparameters.batch_size} does not split evenly over {replicas} replicas: "
             f"use a multiple of {replicas}"
         )
-    return settings.batch_size // replicas
+    return hyperparameters.batch_size // replicas
 
 
 # --------------------------------------------------------------------------- schedule
-def warmup_steps(settings: TrainSettings, steps_per_epoch: int) -> int:
+def warmup_steps(hyperparameters: Hyperparameters, steps_per_epoch: int) -> int:
     """Warm-up length: ``warmup_epochs``, but never more than a fifth of the recipe's epochs."""
-    return int(min(settings.warmup_epochs, 0.2 * settings.epochs) * steps_per_epoch)
+    return int(min(hyperparameters.warmup_epochs, 0.2 * hyperparameters.epochs) * steps_per_epoch)
 
 
-def learning_rate_at(settings: TrainSettings, step: int, steps_per_epoch: int, epochs_planned: int) -> float:
+def learning_rate_at(hyperparameters: Hyperparameters, step: int, steps_per_epoch: int, epochs_planned: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based) in a run planned for ``epochs_planned``.
 
     Linear warm-up from 10% of the peak, then (``decay``) a half cosine or a
@@ -179,15 +179,15 @@ def learning_rate_at(settings: TrainSettings, step: int, steps_per_epoch: int, e
     made after the first epoch (a time budget) leaves the steps already run
     unchanged.
     """
-    peak = settings.learning_rate
-    warmup = warmup_steps(settings, steps_per_epoch)
+    peak = hyperparameters.learning_rate
+    warmup = warmup_steps(hyperparameters, steps_per_epoch)
     if step < warmup:
         return peak * (0.1 + 0.9 * step / warmup)
-    if settings.decay == "constant":
+    if hyperparameters.decay == "constant":
         return peak
     decay_steps = max(epochs_planned * steps_per_epoch - warmup, 1)
     progress = min((step - warmup) / decay_steps, 1.0)
-    if settings.decay == "linear":
+    if hyperparameters.decay == "linear":
         return peak * (1.0 - progress)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -214,7 +214,7 @@ class SparseCrossentropyWithSmoothing(keras.losses.Loss):
 NORM_AND_BIAS = ("bias", "gamma", "beta")
 
 
-def compile_model(model, settings: TrainSettings, steps_per_epoch: int | None = None) -> None:
+def compile_model(model, hyperparameters: Hyperparameters, steps_per_epoch: int | None = None) -> None:
     """SGD at the schedule's first rate; the schedule callback sets the rate of every step.
 
     Under the ``mixed_float16`` policy Keras wraps the optimizer in a
@@ -224,20 +224,20 @@ def compile_model(model, settings: TrainSettings, steps_per_epoch: int | None = 
     schedule moved into a callback.
     """
     optimizer = keras.optimizers.SGD(
-        learning_rate=learning_rate_at(settings, 0, max(steps_per_epoch or 1, 1), settings.epochs),
-        momentum=settings.momentum,
-        nesterov=settings.nesterov,
-        weight_decay=settings.weight_decay,
-        use_ema=settings.ema_momentum is not None,
-        ema_momentum=settings.ema_momentum or 0.99,
+        learning_rate=learning_rate_at(hyperparameters, 0, max(steps_per_epoch or 1, 1), hyperparameters.epochs),
+        momentum=hyperparameters.momentum,
+        nesterov=hyperparameters.nesterov,
+        weight_decay=hyperparameters.weight_decay,
+        use_ema=hyperparameters.ema_momentum is not None,
+        ema_momentum=hyperparameters.ema_momentum or 0.99,
     )
-    if settings.weight_decay and not settings.weight_decay_norm_and_bias:
+    if hyperparameters.weight_decay and not hyperparameters.weight_decay_norm_and_bias:
         optimizer.exclude_from_weight_decay(var_names=list(NORM_AND_BIAS))
     model.compile(
         optimizer=optimizer,
-        loss=SparseCrossentropyWithSmoothing(settings.label_smoothing)
-        if settings.label_smoothing
+        loss=SparseCrossentropyWithSmoothing(hyperparameters.label_smoothing)
+        if hyperparameters.label_smoothing
         else "sparse_categorical_crossentropy",
         metrics=["accuracy"],
-        jit_compile=settings.jit_compile,
+        jit_compile=hyperparameters.jit_compile,
     )

@@ -5,7 +5,7 @@
 1. pick the devices and resolve the recipe for them (``recipe.py``), and
    refuse at once a run whose estimated memory exceeds the device's
    (``memory.py``: ``InsufficientMemoryError``, permanent);
-2. fingerprint the run: settings, data, shard content, code (``fingerprint.py``);
+2. fingerprint the run: hyperparameters, data, shard content, code (``fingerprint.py``);
 3. load the shards;
 4. under the distribution strategy: build and compile the model, and restore
    the last committed epoch if ``state.json`` carries this fingerprint
@@ -66,22 +66,22 @@ from alexnet_tasks.training.feeding import ShuffledBatches
 from alexnet_tasks.training.fingerprint import run_fingerprint
 from alexnet_tasks.training.recipe import (
     SparseCrossentropyWithSmoothing,
-    TrainSettings,
+    Hyperparameters,
     compile_model,
     cpu_bfloat16_pays,
     learning_rate_at,
     onednn_enabled,
     per_replica_batch,
     precision_policy,
-    resolve_settings,
+    resolve_hyperparameters,
 )
 from alexnet_tasks.data.shards import load_split, read_attrs, shard_path
 from alexnet_tasks.training.memory import check_training_memory
 
 __all__ = [
     "CHECKPOINTS", "STATE", "ShuffledBatches", "SparseCrossentropyWithSmoothing",
-    "TrainSettings", "compile_model", "distribution_strategy", "learning_rate_at", "precision_policy",
-    "resolve_settings", "train",
+    "Hyperparameters", "compile_model", "distribution_strategy", "learning_rate_at", "precision_policy",
+    "resolve_hyperparameters", "train",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,14 @@ log = logging.getLogger(__name__)
 VALIDATION_BATCH = 512
 
 
-def train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: list[str] | None = None) -> dict:
+def train(shards_dir: Path, run_dir: Path, config: PipelineConfig, *, devices: list[str] | None = None) -> dict:
     """Train on ``train.h5`` with ``validation.h5`` every epoch; write the model, logs and summary.
 
     ``devices``: train data-parallel over these (``["/cpu:0", "/cpu:1"]``);
     by default over every GPU when the worker sees several.
 
     Returns ``{"model", "history", "config", "tensorboard", "epochs",
-    "val_accuracy", "resumed_from", "seconds", "fingerprint", "truncated"}``
+    "validation_accuracy", "resumed_from", "seconds", "fingerprint", "truncated"}``
     (``seconds``: this attempt's training time). Refuses to run while another
     live process trains the same ``run_dir`` (a duplicate task delivery).
     """
@@ -112,27 +112,28 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
     replicas = strategy.num_replicas_in_sync
     device_names, compute_capability = describe_devices(devices, replicas)
     onednn = onednn_enabled()
-    settings = resolve_settings(config, replicas, compute_capability, onednn,
+    hyperparameters = resolve_hyperparameters(config, replicas, compute_capability, onednn,
                                 cpu_bfloat16=compute_capability is None and cpu_bfloat16_pays(onednn))
-    per_device_batch = per_replica_batch(settings, replicas)
+    per_device_batch = per_replica_batch(hyperparameters, replicas)
     check_training_memory(
-        settings.image_size, per_device_batch, gpu="CPU" not in device_names, replicas=replicas,
+        hyperparameters.image_size, per_device_batch, gpu="CPU" not in device_names, replicas=replicas,
         data_images=sum(read_attrs(shard_path(shards_dir, name))["images_shape"][0] for name in ("train", "validation")),
-        momentum=settings.momentum > 0, ema=settings.ema_momentum is not None, precision=settings.precision,
+        momentum=hyperparameters.momentum > 0, ema=hyperparameters.ema_momentum is not None,
+        precision=hyperparameters.precision,
     )
-    fingerprint = run_fingerprint(config, settings, shards_dir)
+    fingerprint = run_fingerprint(config, hyperparameters, shards_dir)
     save_json(run_dir / CONFIG, {
-        "pipeline": config.to_dict(), "train": dataclasses.asdict(settings), "replicas": replicas,
+        "pipeline": config.to_dict(), "train": dataclasses.asdict(hyperparameters), "replicas": replicas,
         "devices": device_names, "fingerprint": fingerprint["fingerprint"], "fingerprint_parts": fingerprint["parts"],
     })
 
-    (train_images, train_labels), validation = _load_data(shards_dir, config, settings)
-    steps_per_epoch = math.ceil(len(train_labels) / settings.batch_size)
-    keras.mixed_precision.set_global_policy(settings.precision)
+    (train_images, train_labels), validation = _load_data(shards_dir, config, hyperparameters)
+    steps_per_epoch = math.ceil(len(train_labels) / hyperparameters.batch_size)
+    keras.mixed_precision.set_global_policy(hyperparameters.precision)
     state = resumable_state(run_dir, fingerprint)
     with strategy.scope():
-        model = _new_model(settings)
-        progress = _progress(settings, steps_per_epoch, state)
+        model = _new_model(hyperparameters)
+        progress = _progress(hyperparameters, steps_per_epoch, state)
         if state is None:
             shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)  # logs of an abandoned attempt
         else:
@@ -141,20 +142,21 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
         log.info(
             "training %s recipe: %d epochs, global batch %d (%d per replica) on %d replica(s) [%s], lr %g, "
             "%s, image_size %d, %d train / %d validation images, fingerprint %s",
-            settings.recipe, progress.epochs_planned, settings.batch_size, settings.batch_size // replicas, replicas,
-            device_names, settings.learning_rate, settings.precision, settings.image_size, len(train_labels),
-            len(validation[1]), fingerprint["fingerprint"][:12],
+            hyperparameters.recipe, progress.epochs_planned, hyperparameters.batch_size,
+            hyperparameters.batch_size // replicas, replicas, device_names, hyperparameters.learning_rate,
+            hyperparameters.precision, hyperparameters.image_size, len(train_labels), len(validation[1]),
+            fingerprint["fingerprint"][:12],
         )
         started = time.monotonic()
         resumed_from = len(progress.history)
         _fit(model, progress, run_dir, fingerprint, (train_images, train_labels), validation)
         seconds = time.monotonic() - started
 
-    inference = _inference_copy(model, settings)
-    if settings.ema_momentum is not None:
-        recompute_batchnorm_statistics(inference, train_images, settings)
+    inference = _inference_copy(model, hyperparameters)
+    if hyperparameters.ema_momentum is not None:
+        recompute_batchnorm_statistics(inference, train_images, hyperparameters)
     _save_model_and_history(inference, progress, run_dir)
-    summary = _summary(settings, progress, fingerprint, replicas, device_names)
+    summary = _summary(hyperparameters, progress, fingerprint, replicas, device_names)
     save_json(run_dir / SUMMARY, summary)
     history = progress.history
     return {
@@ -163,7 +165,7 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
         "config": str(run_dir / CONFIG),
         "tensorboard": str(run_dir / TENSORBOARD),
         "epochs": len(history),
-        "val_accuracy": history[-1].get("val_accuracy") if history else None,
+        "validation_accuracy": history[-1].get("val_accuracy") if history else None,  # Keras's history key
         "resumed_from": resumed_from,
         "seconds": round(seconds, 2),
         "fingerprint": fingerprint["fingerprint"],
@@ -203,40 +205,41 @@ def describe_devices(devices: list[str] | None, replicas: int) -> tuple[str, tup
 
 
 # --------------------------------------------------------------------------- steps
-def _load_data(shards_dir: Path, config: PipelineConfig, settings: TrainSettings):
+def _load_data(shards_dir: Path, config: PipelineConfig, hyperparameters: Hyperparameters):
     train_images, train_labels = load_split(shard_path(shards_dir, "train"), config.source_md5)
     validation = load_split(shard_path(shards_dir, "validation"), config.source_md5)
-    if len(train_labels) < settings.batch_size:
-        raise ValueError(f"batch_size={settings.batch_size} exceeds the {len(train_labels)} training images")
+    if len(train_labels) < hyperparameters.batch_size:
+        raise ValueError(f"batch_size={hyperparameters.batch_size} exceeds the {len(train_labels)} training images")
     return (train_images, train_labels), validation
 
 
-def _new_model(settings: TrainSettings):
+def _new_model(hyperparameters: Hyperparameters):
     """AlexNet built and compiled in the current (strategy) scope, initialised from the seed."""
     from alexnet_tasks.training.model import build_alexnet
 
-    keras.utils.set_random_seed(settings.seed)
+    keras.utils.set_random_seed(hyperparameters.seed)
     model = build_alexnet(
-        settings.image_size, augment=settings.augment, seed=settings.seed, max_shift=settings.max_shift,
-        dropout=settings.dropout, batchnorm_momentum=settings.batchnorm_momentum,
-        kernel_initializer=settings.kernel_initializer,
+        hyperparameters.image_size, augment=hyperparameters.augment, seed=hyperparameters.seed,
+        max_shift=hyperparameters.max_shift,
+        dropout=hyperparameters.dropout, batchnorm_momentum=hyperparameters.batchnorm_momentum,
+        kernel_initializer=hyperparameters.kernel_initializer,
     )
-    compile_model(model, settings)
+    compile_model(model, hyperparameters)
     return model
 
 
-def _progress(settings: TrainSettings, steps_per_epoch: int, state: dict | None) -> Progress:
+def _progress(hyperparameters: Hyperparameters, steps_per_epoch: int, state: dict | None) -> Progress:
     """The plan and history: fresh, or as the committed state left them."""
-    budget = settings.max_train_minutes * 60 if settings.max_train_minutes else None
+    budget = hyperparameters.max_train_minutes * 60 if hyperparameters.max_train_minutes else None
     if state is None:
-        return Progress(settings, steps_per_epoch, settings.epochs, budget is None, budget)
-    planned = int(state.get("epochs_planned", settings.epochs))
-    return Progress(settings, steps_per_epoch, planned, True, budget, list(state["history"]))
+        return Progress(hyperparameters, steps_per_epoch, hyperparameters.epochs, budget is None, budget)
+    planned = int(state.get("epochs_planned", hyperparameters.epochs))
+    return Progress(hyperparameters, steps_per_epoch, planned, True, budget, list(state["history"]))
 
 
 def _fit(model, progress: Progress, run_dir: Path, fingerprint: dict, train_split, validation) -> None:
     """``fit`` the remaining planned epochs (call inside the strategy scope)."""
-    settings, epochs_done = progress.settings, len(progress.history)
+    hyperparameters, epochs_done = progress.hyperparameters, len(progress.history)
     if epochs_done >= progress.epochs_planned:
         return
     if progress.budget_seconds is not None and progress.seconds_spent() >= progress.budget_seconds:
@@ -247,11 +250,11 @@ def _fit(model, progress: Progress, run_dir: Path, fingerprint: dict, train_spli
     record = {
         "fingerprint": fingerprint["fingerprint"],
         "fingerprint_parts": fingerprint["parts"],
-        "settings": dataclasses.asdict(settings),
+        "settings": dataclasses.asdict(hyperparameters),
     }
     model.fit(
-        ShuffledBatches(*train_split, settings.batch_size, settings.seed, first_epoch=epochs_done),
-        validation_data=ShuffledBatches(*validation, VALIDATION_BATCH, settings.seed, shuffle=False),
+        ShuffledBatches(*train_split, hyperparameters.batch_size, hyperparameters.seed, first_epoch=epochs_done),
+        validation_data=ShuffledBatches(*validation, VALIDATION_BATCH, hyperparameters.seed, shuffle=False),
         epochs=progress.epochs_planned,
         initial_epoch=epochs_done,
         shuffle=False,  # the feeder orders each epoch from (seed, epoch)
@@ -265,7 +268,8 @@ def _save_model_and_history(inference_model, progress: Progress, run_dir: Path) 
     save_json(run_dir / HISTORY, progress.history)
 
 
-def _summary(settings: TrainSettings, progress: Progress, fingerprint: dict, replicas: int, devices: str) -> dict:
+def _summary(hyperparameters: Hyperparameters, progress: Progress, fingerprint: dict, replicas: int,
+             devices: str) -> dict:
     """``train_summary.json``: ``seconds`` is the training time of every attempt together."""
     epochs_run = len(progress.history)
     truncated = epochs_run < progress.epochs_planned
@@ -279,15 +283,15 @@ def _summary(settings: TrainSettings, progress: Progress, fingerprint: dict, rep
         "seconds": round(progress.seconds_spent(), 3),
         "replicas": replicas,
         "devices": devices,
-        "recipe": settings.recipe,
-        "image_size": settings.image_size,
-        "batch_size": settings.batch_size,
-        "learning_rate": settings.learning_rate,
-        "seed": settings.seed,
+        "recipe": hyperparameters.recipe,
+        "image_size": hyperparameters.image_size,
+        "batch_size": hyperparameters.batch_size,
+        "learning_rate": hyperparameters.learning_rate,
+        "seed": hyperparameters.seed,
     }
 
 
-def _inference_copy(model, settings: TrainSettings):
+def _inference_copy(model, hyperparameters: Hyperparameters):
     """The trained weights in a plain float32 AlexNet (no augmentation, no optimizer state).
 
     With ``ema_momentum`` these are the averaged weights: ``fit`` copies
@@ -296,10 +300,10 @@ def _inference_copy(model, settings: TrainSettings):
     """
     from alexnet_tasks.training.model import build_alexnet
 
-    if settings.ema_momentum is not None:
+    if hyperparameters.ema_momentum is not None:
         model.optimizer.finalize_variable_values(model.trainable_weights)
     keras.mixed_precision.set_global_policy("float32")
-    plain = build_alexnet(settings.image_size)
+    plain = build_alexnet(hyperparameters.image_size)
     trained = {layer.name: layer for layer in model.layers}
     for layer in plain.layers:
         if layer.weights:
@@ -310,7 +314,7 @@ def _inference_copy(model, settings: TrainSettings):
 BATCHNORM_RECOMPUTE_IMAGES = 10_240  # training images whose statistics replace BatchNorm's moving ones
 
 
-def recompute_batchnorm_statistics(model, images, settings: TrainSettings,
+def recompute_batchnorm_statistics(model, images, hyperparameters: Hyperparameters,
                                    count: int = BATCHNORM_RECOMPUTE_IMAGES) -> int:
     """Set every BatchNorm layer's moving mean and variance to the averages over ``count`` training images.
 
@@ -324,8 +328,8 @@ def recompute_batchnorm_statistics(model, images, settings: TrainSettings,
     import numpy as np
 
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    order = np.random.default_rng(settings.seed).permutation(len(images))[:count]
-    batch = min(settings.batch_size, len(order))
+    order = np.random.default_rng(hyperparameters.seed).permutation(len(images))[:count]
+    batch = min(hyperparameters.batch_size, len(order))
     momenta = [layer.momentum for layer in norms]
     used = 0
     for index, start in enumerate(range(0, len(order) - batch + 1, batch)):

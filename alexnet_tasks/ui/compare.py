@@ -61,7 +61,7 @@ class Comparison:
 
     first: RunView
     second: RunView
-    settings: list[tuple[str, Any, Any]] = field(default_factory=list)  # (setting, A's value, B's value), differing only
+    params: list[tuple[str, Any, Any]] = field(default_factory=list)  # (param, A's value, B's value), differing only
     headline: list[Row] = field(default_factory=list)
     per_class: list[Row] = field(default_factory=list)
     compared_as: str = "none"  # the predictions the paired table compares: a test-time augmentation or none (plain)
@@ -69,13 +69,13 @@ class Comparison:
     paired_missing: str | None = None  # why there is no paired table
 
 
-def _settings(run: RunView) -> dict:
+def _params(run: RunView) -> dict:
     return {name: value for name, value, _ in run.resolved_config}
 
 
-def differing_settings(first: RunView, second: RunView) -> list[tuple[str, Any, Any]]:
-    """``(setting, first's value, second's value)`` for every setting that differs, in the run page's order."""
-    ours, theirs = _settings(first), _settings(second)
+def differing_params(first: RunView, second: RunView) -> list[tuple[str, Any, Any]]:
+    """``(param, first's value, second's value)`` for every param that differs, in the run page's order."""
+    ours, theirs = _params(first), _params(second)
     names = list(ours) + [name for name in theirs if name not in ours]
     return [(name, ours.get(name), theirs.get(name)) for name in names if ours.get(name) != theirs.get(name)]
 
@@ -147,7 +147,7 @@ def compare_runs(root: Path, first_id: str, second_id: str) -> Comparison | None
     comparison = Comparison(
         first=first,
         second=second,
-        settings=differing_settings(first, second),
+        params=differing_params(first, second),
         headline=[Row(name, read(first), read(second), kind) for name, read, kind in HEADLINE],
         per_class=per_class_rows(first, second),
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from alexnet_tasks.config import GATE_SETTINGS
+from alexnet_tasks.config import GATE_PARAMS
 from alexnet_tasks.layout import (
     CONFIG,
     CONFUSION_MATRIX,
@@ -55,8 +55,8 @@ CHECK_NAMES = {
     "class_names": "same classes as the champion",
     "not_worse_than_champion": "not worse than the champion",
 }
-# Settings of the pipeline that are not training settings: shown after those, in this order.
-PIPELINE_SETTINGS = ("source_url", "source_md5", "validation_size", "split_seed", "train_limit",
+# Params of the pipeline config that are not hyperparameters: shown after those, in this order.
+PIPELINE_PARAMS = ("source_url", "source_md5", "validation_size", "split_seed", "train_limit",
                      "accuracy_floor", "gate_tolerance", "publish_mode")
 
 
@@ -165,10 +165,10 @@ class RunView:
         return f"{run} / {planned}" if planned is not None and planned != run else str(run)
 
     def _setting(self, name: str) -> Any:
-        """A setting as the run trained with it: the resolved training settings, else the pipeline's."""
-        for settings in (self.entry["train_settings"], self.saved_config.get("train"), self.entry["config"]):
-            if isinstance(settings, dict) and settings.get(name) is not None:
-                return settings[name]
+        """A param as the run trained with it: the resolved hyperparameters, else the pipeline's config."""
+        for source in (self.entry["hyperparameters"], self.saved_config.get("train"), self.entry["config"]):
+            if isinstance(source, dict) and source.get(name) is not None:
+                return source[name]
         return None
 
     @property
@@ -207,20 +207,20 @@ class RunView:
     # ---- from the run's files (its own page)
     @property
     def resolved_config(self) -> list[tuple[str, Any, bool]]:
-        """``(setting, value the run used, resolved)`` rows: the training settings, then the pipeline's others.
+        """``(param, value the run used, resolved)`` rows: the hyperparameters, then the pipeline config's others.
 
-        ``resolved`` is True where the form left the setting empty and the
+        ``resolved`` is True where the form left the param empty and the
         recipe gave the value (``batch_size``, ``learning_rate``, ...).
         """
         pipeline = dict(self.saved_config.get("pipeline") or self.entry["config"] or {})
         # The gate's params as the gate and publish used them (the index line's), not as train saw them.
         published = self.entry["config"] if isinstance(self.entry["config"], dict) else {}
-        pipeline.update({name: published[name] for name in GATE_SETTINGS if name in published})
-        train = self.saved_config.get("train") or self.entry["train_settings"] or {}
+        pipeline.update({name: published[name] for name in GATE_PARAMS if name in published})
+        train = self.saved_config.get("train") or self.entry["hyperparameters"] or {}
         rows = [(name, value, pipeline.get(name, value) is None and value is not None)
                 for name, value in sorted(train.items())]
-        rows += [(name, pipeline[name], False) for name in PIPELINE_SETTINGS if name in pipeline]
-        if not train:  # a run without its resolved settings: the pipeline's as they were given
+        rows += [(name, pipeline[name], False) for name in PIPELINE_PARAMS if name in pipeline]
+        if not train:  # a run without its resolved hyperparameters: the config as it was given
             rows = [(name, value, False) for name, value in sorted(pipeline.items())]
         return rows
 

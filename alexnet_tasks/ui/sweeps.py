@@ -34,7 +34,7 @@ class TrialView:
 
     number: int  # from 1, in the order the sweep lists its trials
     label: str  # what it changes
-    settings: dict  # each swept setting's value
+    params: dict  # each swept param's value
     run_id: str
     finished: bool
     chosen: bool
@@ -81,7 +81,7 @@ def load_sweep(published_root: Path, sweep_id: str) -> SweepView | None:
         index = trial.get("index") if isinstance(trial.get("index"), int) else position
         trials.append(TrialView(
             number=index + 1, label=str(trial.get("label") or "base"),
-            settings={name: setting_value(trial, name) for name in swept},
+            params={name: setting_value(trial, name) for name in swept},
             run_id=str(trial.get("run_id") or ""), finished=bool(trial.get("finished")),
             chosen=chosen is not None and index == chosen,
             validation_accuracy=_number(trial.get("validation_accuracy")),
@@ -92,10 +92,10 @@ def load_sweep(published_root: Path, sweep_id: str) -> SweepView | None:
     in_order = sorted(trials, key=lambda trial: trial.number)
     charts = []
     for name in swept:
-        points = [(trial.settings[name], trial.validation_accuracy) for trial in in_order
-                  if trial.settings[name] is not None]
+        points = [(trial.params[name], trial.validation_accuracy) for trial in in_order
+                  if trial.params[name] is not None]
         chosen_at = next((position for position, trial in enumerate(
-            [trial for trial in in_order if trial.settings[name] is not None]) if trial.chosen), None)
+            [trial for trial in in_order if trial.params[name] is not None]) if trial.chosen), None)
         charts.append(setting_chart(name, points, chosen_at))
     best_first = sorted(trials, key=lambda trial: (
         trial.validation_accuracy is None, -(trial.validation_accuracy or 0),
