@@ -27,8 +27,10 @@ def champion(trained_run, tmp_path_factory) -> tuple[Path, Path, object]:
     run_dir = layout.run(run_id)
     shutil.copytree(trained_dir, run_dir)
     evaluate(run_dir / "model.keras", shards_dir, run_dir, replace(config, test_time_augmentation="none"))
-    gate(shards_dir, layout.published, run_dir, config, run_id=run_id)
-    publish(run_dir, layout.published, config, run_id=run_id)
+    # The floor at 0: three epochs on tiny data need not reach the default 25%, and this run must be the champion.
+    gated = replace(config, accuracy_floor=0.0)
+    gate(shards_dir, layout.published, run_dir, gated, run_id=run_id)
+    publish(run_dir, layout.published, gated, run_id=run_id)
     return layout.published, shards_dir, config
 
 
