@@ -133,8 +133,8 @@ class PipelineConfig:
         f"(227 as in the tutorial; {MIN_IMAGE_SIZE} is the smallest). Memory grows with its square: "
         "train estimates what the run needs (weights, gradients, momentum, the activations of the "
         "per-device batch) and refuses at once a run its device cannot hold, naming the largest size "
-        "and batch that fit. With a batch of 256 per device, 227 needs about 6.8 GB and 1024 about 110 GB; "
-        "a 24 GB CPU worker holds up to about 474.",
+        "and batch that fit. With a batch of 256 per device, 227 needs about 6.9 GB and 1024 about 110 GB; "
+        "a 24 GB CPU worker holds up to about 470.",
     )
     validation_size: int = _setting(
         5000, section=DATA, kind="integer", minimum=NUM_CLASSES, maximum=49_000, title="Validation size",

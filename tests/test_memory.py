@@ -69,7 +69,9 @@ def test_the_estimate_covers_a_measured_fit_and_stays_close_to_it():
     measured = measure(MIN_IMAGE_SIZE, 32, 256)
     estimate = estimate_memory(MIN_IMAGE_SIZE, 32, momentum=measured["momentum"] > 0, ema=measured["ema"],
                                precision=measured["precision"], data_images=256)
-    assert measured["peak"] <= estimate.host <= 1.25 * measured["peak"]
+    # The same fit peaked at 1,160 to 1,368 MB across machines and load (training/memory.py's docstring):
+    # the estimate covers it, and is not more than 30% above it.
+    assert measured["peak"] <= estimate.host <= 1.3 * measured["peak"], (measured, estimate)
 
 
 def _too_big_for_this_host(data_images: int) -> int:
@@ -118,7 +120,7 @@ def test_a_run_in_a_cgroup_smaller_than_it_needs_is_refused_naming_the_limit(sma
     parent = _own_memory_cgroup()
     if parent is None or not os.access(parent, os.W_OK):
         pytest.skip("needs a writable cgroup v1 memory controller")
-    limit = 1_400_000_000
+    limit = 1_600_000_000  # above what TensorFlow needs to start, below what 227 with 16 needs
     config, shards_dir = prepare_shards(small_archive, tmp_path, image_size=227, batch_size=16, epochs=1,
                                         recipe="fast", recipe_options={"precision": "float32"})
     assert estimate_memory(227, 16, data_images=200).host > limit

@@ -28,11 +28,12 @@ float32, SGD with momentum), on the CPU, measured with
 TensorFlow had run its first op. Fitted to those, the memory above that
 runtime is 4.30 float32 copies of the parameters, 2.54 times the sum of
 the layer outputs per image of the batch (float32), and 161 MB that depend
-on neither; the estimate rounds each up (4.5 copies, factor 2.6, 900 MB
+on neither; the estimate rounds each up (4.5 copies, factor 2.6, 1,050 MB
 with the runtime). Those four peaks were read as ``ru_maxrss``; the 67:32
 fit measured again as ``VmHWM`` (the script's reading now) peaked at
-1,160.1 MB, and 1,223.5 MB in a later run of the whole suite; the estimate
-(1,298.2 MB) covers both.
+1,160.1 MB, and 1,223.5 MB in a later run of the whole suite; on an Intel
+Xeon with AMX (2 cores) at 1,248.0 MB alone and 1,367.6 MB while the rest of
+the suite ran beside it; the estimate (1,448.2 MB) covers all four.
 Mixed precision (16-bit activations, a 16-bit copy of the weights) and GPU
 memory follow the same parts, unmeasured.
 
@@ -58,8 +59,8 @@ FLOAT32_BYTES = 4
 IMAGE_BYTES = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2] * FLOAT32_BYTES  # 12,288 per 32x32x3 float32 image
 # Resident memory of a training process besides the model and the data: 557 MB once TensorFlow and
 # Keras run, plus 161 MB of compiled step and Keras state (measured, see the module docstring), plus
-# room for the 60 MB by which the 67:32 fit measured again with VmHWM (1,160.1 MB) exceeded ru_maxrss's.
-RUNTIME_BYTES = 900 * 10**6
+# room for the highest peak of the 67:32 fit measured since (1,367.6 MB, beside the rest of the suite).
+RUNTIME_BYTES = 1050 * 10**6
 # Peak activation memory per image over the sum of every layer's output (measured 2.54).
 ACTIVATION_FACTOR = 2.6
 # Float32 copies of the parameters besides the weights, gradients and momentum (measured 1.30 in all 4.30).
