@@ -204,6 +204,19 @@ def images_and_curves(driver) -> dict:
     )
 
 
+def follow_to_airflow_page(driver, url: str, text: str, what: str) -> None:
+    """After a click on a link to one of Airflow's pages in the plugin's frame: the whole window shows ``url``.
+
+    Waits until the top window's URL is ``url``, the plugin's frame is gone and Airflow's page shows ``text``.
+    """
+    driver.switch_to.default_content()
+    wait_for(lambda: driver.current_url == url, timeout=30,
+             message=f"{what}: the window's URL stays {driver.current_url}, expected {url}")
+    wait_for(lambda: not driver.find_elements("css selector", "iframe")
+             and text in driver.find_element("tag name", "body").text,
+             message=f"{what}: Airflow's page for {url} showing {text!r}")
+
+
 @pytest.mark.slow
 def test_results_in_the_airflow_ui_in_a_real_browser(server, browser, token):
     base, line, folder = server
@@ -292,6 +305,20 @@ def browse_the_results(browser, base: str, line: dict, folder: Path, token: str)
     browser.switch_to.default_content()
     screenshot(browser, folder, "ui-history.png")
 
+    # Its link to the Airflow run opens the DAG run's page in the whole window (the frame's sandbox has no
+    # allow-top-navigation: target="_top" alone does nothing), and Back returns to the history in the frame.
+    history_url = browser.current_url
+    enter_plugin_frame(browser)
+    browser.find_element(By.CSS_SELECTOR, "#history tr.change a[target='_top']").click()
+    follow_to_airflow_page(browser, base + f"dags/alexnet_cifar10/runs/{quote(run_id, safe='')}", run_id,
+                           "the history's Airflow-run link")
+    wait_for(lambda: browser.find_element(By.XPATH, "//a[normalize-space()='Results']"),
+             message="the DAG run page's Results tab")
+    browser.back()
+    wait_for(lambda: browser.current_url == history_url, message="Back to the champion history")
+    enter_plugin_frame(browser)
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#history tr.change"), message="the history again")
+
     # The promote page in the plugin's frame (the one run is the champion, so no run page links to it: open it
     # directly): a reason typed in, the button posts to Airflow's REST API with the login cookie.
     enter_plugin_frame(browser)
@@ -316,6 +343,10 @@ def browse_the_results(browser, base: str, line: dict, folder: Path, token: str)
     assert runs[dag_run_id]["run_type"] == "manual"
     browser.switch_to.default_content()
     screenshot(browser, folder, "ui-promote.png")
+    enter_plugin_frame(browser)
+    browser.find_element(By.ID, "promote-run-link").click()  # the DAG run it triggered, in the whole window
+    follow_to_airflow_page(browser, base + f"dags/alexnet_cifar10_promote/runs/{quote(dag_run_id, safe='')}",
+                           dag_run_id, "the promote page's link to the DAG run")
 
     # The DAG run's Results tab.
     browser.get(base + f"dags/alexnet_cifar10/runs/{quote(run_id, safe='')}")
@@ -328,4 +359,18 @@ def browse_the_results(browser, base: str, line: dict, folder: Path, token: str)
     assert run_id in browser.find_element(By.ID, "run-id").text
     browser.switch_to.default_content()
     screenshot(browser, folder, "ui-results-tab.png")
+
+    # The tab's "Airflow run" breadcrumb (relative to the tab's own URL) leads to the DAG run's page in the window.
+    enter_plugin_frame(browser)
+    browser.find_element(By.XPATH, "//nav[@class='crumbs']/a[normalize-space()='Airflow run']").click()
+    follow_to_airflow_page(browser, base + f"dags/alexnet_cifar10/runs/{quote(run_id, safe='')}", run_id,
+                           "the Results tab's Airflow run link")
+
+    # Opened on its own (no frame), the plugin's link to Airflow is a plain link the browser follows.
+    browser.get(base + "alexnet/history")
+    wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "#history tr.change a[target='_top']"),
+             message="the history outside Airflow's frame").click()
+    wait_for(lambda: browser.current_url == base + f"dags/alexnet_cifar10/runs/{quote(run_id, safe='')}",
+             message="the history's Airflow-run link outside the frame")
+    wait_for(lambda: run_id in browser.find_element(By.TAG_NAME, "body").text, message="the DAG run's page")
     print(f"browser steps took {time.monotonic() - started:.1f} s")
