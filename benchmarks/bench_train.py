@@ -58,6 +58,11 @@ FAST_VARIANTS = {
         False, {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "2"}),
     # bfloat16 matmuls and convolutions: fast where oneDNN has AMX (recipe.cpu_bfloat16_pays).
     "no xla, oneDNN on, mixed_bfloat16": (False, {"TF_ENABLE_ONEDNN_OPTS": "1"}, "mixed_bfloat16"),
+    # oneDNN held to AVX512-BF16 kernels (ONEDNN_MAX_CPU_ISA): on a CPU with AMX, the kernels a CPU with
+    # AVX512-BF16 but no AMX (AMD EPYC Zen 4) runs, in float32 and in bfloat16.
+    "no xla, oneDNN on, AVX512-BF16 ISA": (False, {"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}),
+    "no xla, oneDNN on, AVX512-BF16 ISA, mixed_bfloat16": (
+        False, {"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "mixed_bfloat16"),
 }
 BASELINE = "xla, oneDNN default, threads default"
 
