@@ -20,15 +20,17 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-from builders import plugin_env  # noqa: E402
-from cifar_archive import write_archive  # noqa: E402
-
 # Keep TensorFlow quiet, and give in-process Airflow imports an isolated home.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="alexnet-airflow-home-")
 os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+
+# After the environment above: builders copies it for the subprocesses it starts.
+from builders import plugin_env  # noqa: E402
+from cifar_archive import write_archive  # noqa: E402
+
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -39,12 +41,18 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist's ``--dist loadgroup`` (``make test``), the tests that start the native cluster
-    run one after another on one worker: each cluster is several Airflow processes, and two at once
-    would starve the 2 cores the suite is sized for. The other workers take the rest of the suite."""
+    """The groups of pytest-xdist's ``--dist loadgroup`` (``make test``): each group runs on one worker.
+
+    The tests that start the native cluster form one group, so they run one
+    after another: each cluster is several Airflow processes, and two at once
+    would starve the 2 cores the suite is sized for. Every other test is grouped
+    with its module, so a module's fixtures (a training, an api-server, the
+    Redis databases a module's tests take turns with) are made once and never
+    used by two workers at the same time.
+    """
     for item in items:
-        if item.get_closest_marker("cluster") is not None:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+        group = "cluster" if item.get_closest_marker("cluster") is not None else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
