@@ -221,12 +221,9 @@ class LocalStore:
         with file_lock(self.root / f".{INDEX}.lock"):
             yield
 
-    def append_index(self, text: bytes) -> None:
-        """Append complete lines, durably; a partial last line left by a killed writer is cut first.
-
-        Called with ``index_lock`` held.
-        """
-        with open(self.root / INDEX, "a+b") as handle:
+    def _append_lines(self, name: str, text: bytes) -> None:
+        """Append complete lines to ``name``, durably; a partial last line left by a killed writer is cut first."""
+        with open(self.root / name, "a+b") as handle:
             size = handle.seek(0, os.SEEK_END)
             complete = _complete_length(handle, size)
             if complete != size:  # a writer killed mid-line: that line was never complete, nor read
@@ -234,6 +231,10 @@ class LocalStore:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+
+    def append_index(self, text: bytes) -> None:
+        """Append complete lines to the index, durably. Called with ``index_lock`` held."""
+        self._append_lines(INDEX, text)
 
     def champion_path(self) -> str | None:
         """Where ``latest`` points (``runs/<run>``), or None."""
@@ -272,14 +273,7 @@ class LocalStore:
 
     def append_history(self, text: bytes) -> None:
         """Append complete lines to the promotion history, durably. Called with ``champion_lock`` held."""
-        with open(self.root / PROMOTIONS, "a+b") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            complete = _complete_length(handle, size)
-            if complete != size:  # a writer killed mid-line: that line was never complete, nor read
-                handle.truncate(complete)
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        self._append_lines(PROMOTIONS, text)
 
     def read_json(self, path: str, name: str) -> dict | None:
         """A JSON object of a published run folder (``path`` as in its index line), or None if unreadable."""
