@@ -17,6 +17,7 @@ Heavy modules (TensorFlow, the gate's h5py) are imported inside the builders tha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -262,6 +263,21 @@ def load_plugin_module():
         sys.modules["alexnet_results"] = module
         spec.loader.exec_module(module)
     return sys.modules["alexnet_results"]
+
+
+@contextlib.contextmanager
+def plugin_client(token: str):
+    """A browser-like client of the plugin (artifacts from ``$ALEXNET_ARTIFACTS``): its app mounted at its
+    prefix under an Airflow-like base URL, ``token`` as the ``_token`` cookie."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    module = load_plugin_module()
+    parent = FastAPI()
+    parent.mount(module.URL_PREFIX, module.app)
+    with TestClient(parent, base_url="http://airflow.test") as client:
+        client.cookies.set("_token", token)
+        yield client
 
 
 def quoted(run_id: str) -> str:

@@ -21,7 +21,7 @@ from urllib.parse import urljoin
 
 import pytest
 
-from builders import PLUGIN_FILE, evaluate_gate_publish, links, load_plugin_module, plugin_env, quoted
+from builders import PLUGIN_FILE, evaluate_gate_publish, links, plugin_client, plugin_env, quoted
 from conftest import ROOT
 
 OLD_RUN = "manual__2026-11-28T10:00:00+00:00"
@@ -175,16 +175,9 @@ def published(trained_run, tmp_path_factory) -> Path:
 @pytest.fixture
 def client(published, tokens, monkeypatch):
     """A browser-like client: the plugin app mounted at its prefix, the viewer's ``_token`` cookie."""
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
     monkeypatch.setenv("ALEXNET_ARTIFACTS", str(published))
     monkeypatch.setenv("ALEXNET_TENSORBOARD_URL", "http://tensorboard.example:6006")
-    module = load_plugin_module()
-    parent = FastAPI()
-    parent.mount(module.URL_PREFIX, module.app)
-    with TestClient(parent, base_url="http://airflow.test") as test_client:
-        test_client.cookies.set("_token", tokens["viewer"])
+    with plugin_client(tokens["viewer"]) as test_client:
         yield test_client
 
 

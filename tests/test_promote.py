@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import evaluate_gate_publish, links, load_plugin_module, quoted
+from builders import evaluate_gate_publish, links, load_plugin_module, plugin_client, quoted
 from conftest import airflow_bin, airflow_env
 
 FIRST = "manual__2026-11-20T10:00:00+00:00"
@@ -139,20 +139,13 @@ def test_a_run_recorded_without_its_model_cannot_become_the_champion(published, 
 
 @pytest.mark.slow
 def test_the_history_page_and_the_make_champion_link(published, tmp_path, tokens, monkeypatch):  # noqa: F811
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
     from alexnet_tasks.release.promote import promote_run
 
     root = copy_of(published, tmp_path)
     promote_run(root / "published", run_id=FIRST, comment="rollback <after> an incident", user="alice",
                 dag_id="alexnet_cifar10_promote", dag_run_id="manual__rollback")
     monkeypatch.setenv("ALEXNET_ARTIFACTS", str(root))
-    module = load_plugin_module()
-    parent = FastAPI()
-    parent.mount(module.URL_PREFIX, module.app)
-    with TestClient(parent, base_url="http://airflow.test") as client:
-        client.cookies.set("_token", tokens["viewer"])
+    with plugin_client(tokens["viewer"]) as client:
         page = client.get("/alexnet/history")
         assert page.status_code == 200
         rows = page.text.split('<tr class="change"')[1:]
@@ -172,18 +165,11 @@ def test_the_history_page_and_the_make_champion_link(published, tmp_path, tokens
 @pytest.mark.slow
 def test_the_promote_page_fills_in_the_run_and_posts_only_to_airflows_api(published, tmp_path, tokens,  # noqa: F811
                                                                            monkeypatch):
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
     from alexnet_tasks.release.registry import Registry
 
     root = copy_of(published, tmp_path)
     monkeypatch.setenv("ALEXNET_ARTIFACTS", str(root))
-    module = load_plugin_module()
-    parent = FastAPI()
-    parent.mount(module.URL_PREFIX, module.app)
-    with TestClient(parent, base_url="http://airflow.test") as client:
-        client.cookies.set("_token", tokens["viewer"])
+    with plugin_client(tokens["viewer"]) as client:
         page = client.get(f"/alexnet/promote?run={quoted(FIRST)}")
         assert page.status_code == 200, page.text
         form = page.text.split('<form id="promote-form"')[1].split("</form>")[0]
@@ -209,7 +195,7 @@ def test_the_promote_page_fills_in_the_run_and_posts_only_to_airflows_api(publis
         assert client.get("/alexnet/promote").status_code == 400
         # The plugin has no POST route: the trigger goes to Airflow's own API.
         assert client.post("/alexnet/promote", json={"run_id": FIRST, "reason": "x"}).status_code == 405
-        assert {method for route in module.app.routes for method in getattr(route, "methods", ())} <= {"GET", "HEAD"}
+        assert {method for route in load_plugin_module().app.routes for method in getattr(route, "methods", ())} <= {"GET", "HEAD"}
         # Without a login the page is refused like every other.
         client.cookies.clear()
         assert client.get(f"/alexnet/promote?run={quoted(FIRST)}").status_code == 401
