@@ -5,7 +5,8 @@ An Airflow 3 plugin with:
 - a FastAPI app under ``/alexnet`` serving server-rendered pages (Jinja2,
   inline SVG charts, relative URLs only, so it works under an
   ``[api] base_url`` sub-path; no JavaScript but the few inline lines of the
-  promote page):
+  promote page and the shared script that opens links to Airflow's own pages
+  in the whole window):
   ``runs`` (the published runs, newest first, a page at a time:
   ``?page=2&size=50``, filtered with ``?blessed=true``, ``?recipe=fast`` and
   ``?sweep=<sweep run id>``),
