@@ -25,6 +25,7 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from alexnet_tasks.errors import PermanentError
@@ -197,7 +198,7 @@ class ObjectStore:
     a key only through its ``contents.json``.
     """
 
-    def __init__(self, location: Location, filesystem=None):
+    def __init__(self, location: Location, filesystem=None, client=None):
         if location.is_local:
             raise ValueError(f"{location.value}: a local folder, not an object store")
         if filesystem is None:
@@ -206,6 +207,7 @@ class ObjectStore:
             filesystem = fsspec.filesystem(location.scheme)
         self.location = location
         self.filesystem = filesystem
+        self._client = client
 
     def path(self, key: str) -> str:
         """The filesystem path of ``key`` under the root: ``bucket/prefix/<key>``."""
@@ -278,8 +280,11 @@ class ObjectStore:
             self.filesystem.rm_file(self.path(f"{key}/{OBJECTS}/{sha256}"))
         return {"contents": winner, "adopted": True}
 
-    def fetch_folder(self, key: str, cache: Path | None = None) -> Path:
+    def fetch_folder(self, key: str, cache: Path | None = None, only: tuple[str, ...] | None = None) -> Path:
         """The local copy of data folder ``key`` under ``cache`` (default ``cache_root()``): ``<cache>/<key>``.
+
+        ``only``: fetch just the files whose names start with one of these
+        (``("extracted/", "source.json")``); default every file.
 
         Every file is checked against the store's manifest: a cached file is
         used only when its size and SHA-256 match, else it is fetched again
@@ -294,6 +299,8 @@ class ObjectStore:
             raise MissingInputError(f"{self.url(key)}: no {CONTENTS} on the store; the step that builds it has not run")
         local = Path(cache or cache_root()) / key
         for name, entry in contents["files"].items():
+            if only is not None and not name.startswith(only):
+                continue
             target = local / name
             if target.is_file() and file_digest(target) == (entry["size"], entry["sha256"]):
                 continue
@@ -312,3 +319,304 @@ class ObjectStore:
             finally:
                 temporary.unlink(missing_ok=True)
         return local
+
+    # ----------------------------------------------------------------- a run's files (mutable, not content-addressed)
+    def put_file(self, local: Path, key: str) -> None:
+        """Upload one local file as object ``key`` (a single PUT: readers see the old object or the new one)."""
+        self.filesystem.put_file(str(local), self.path(key))
+
+    def put_files(self, folder: Path, key: str, names: list[str] | None = None) -> list[str]:
+        """Upload files of local ``folder`` under ``key/``: the relative ``names`` given (those that exist), else every file.
+
+        Returns the relative names uploaded, in the order uploaded (sorted).
+        """
+        folder = Path(folder)
+        if names is None:
+            names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+        uploaded = []
+        for name in names:
+            if (folder / name).is_file():
+                self.put_file(folder / name, f"{key}/{_check_key(name)}")
+                uploaded.append(name)
+        return uploaded
+
+    def list_files(self, key: str) -> list[str]:
+        """The relative names of every object under ``key/`` (empty when there are none)."""
+        root = self.path(key)
+        try:
+            found = self.filesystem.find(root, withdirs=False)
+        except FileNotFoundError:
+            return []
+        return sorted(path[len(root) + 1:] for path in found if path.startswith(root + "/"))
+
+    def fetch_files(self, key: str, folder: Path, names: list[str] | None = None) -> list[str]:
+        """Download objects under ``key/`` into local ``folder``: the relative ``names`` given (those that exist), else all.
+
+        Each file is written under a temporary name and renamed into place,
+        so a reader of ``folder`` never sees half of one. Returns the names fetched.
+        """
+        available = set(self.list_files(key))
+        wanted = sorted(available) if names is None else [name for name in names if name in available]
+        for name in wanted:
+            target = Path(folder) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f"{target.name}.fetching-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                self.filesystem.get_file(self.path(f"{key}/{name}"), str(temporary))
+                os.replace(temporary, target)
+            finally:
+                temporary.unlink(missing_ok=True)
+        return wanted
+
+    def read(self, key: str) -> bytes | None:
+        """The bytes of object ``key``, or None when it does not exist."""
+        try:
+            return self.filesystem.cat_file(self.path(key))
+        except FileNotFoundError:
+            return None
+
+    def remove(self, key: str) -> None:
+        """Remove object ``key``, or every object under ``key/``; nothing there is not an error."""
+        for name in self.list_files(key):
+            self.filesystem.rm_file(self.path(f"{key}/{name}"))
+        try:
+            self.filesystem.rm_file(self.path(key))
+        except FileNotFoundError:
+            pass
+        self.filesystem.invalidate_cache()
+
+    # ----------------------------------------------------------------- conditional writes (S3's If-None-Match, If-Match)
+    @property
+    def client(self):
+        """The boto3 S3 client of the conditional writes (fsspec exposes no compare-and-swap).
+
+        Default: boto3's, with its usual credentials and ``AWS_ENDPOINT_URL``;
+        ``open_store(..., conn_id=...)`` sets the one of an Airflow connection.
+        Raises ``UnsupportedStoreError`` for a store that is not S3.
+        """
+        if self._client is None:
+            if self.location.scheme not in ("s3", "s3a"):
+                raise UnsupportedStoreError(
+                    f"{self.location.value}: conditional writes (the training lease, the champion pointer) "
+                    f"are implemented for s3:// only")
+            import boto3
+
+            self._client = boto3.client("s3")
+        return self._client
+
+    @property
+    def bucket(self) -> str:
+        return self.location.path.partition("/")[0]
+
+    def object_key(self, key: str) -> str:
+        """``key`` as the bucket's object key (the root's prefix before it)."""
+        return self.path(key).partition("/")[2]
+
+    def read_tagged(self, key: str) -> Tagged | None:
+        """Object ``key`` with its ETag, its last change and the server's clock, or None when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        from email.utils import parsedate_to_datetime
+
+        headers = answer["ResponseMetadata"].get("HTTPHeaders", {})
+        server_now = parsedate_to_datetime(headers["date"]) if "date" in headers else None
+        return Tagged(answer["Body"].read(), answer["ETag"], answer["LastModified"], server_now)
+
+    def _conditional_put(self, key: str, data: bytes, **condition) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.object_key(key), Body=data, **condition)["ETag"]
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in CONFLICTS:
+                return None
+            raise
+
+    def create(self, key: str, data: bytes) -> str | None:
+        """Create object ``key`` only if it does not exist (``If-None-Match: *``); its ETag, or None when it existed."""
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def replace(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace object ``key`` only while its ETag is ``etag`` (``If-Match``); the new ETag, or None on a conflict."""
+        return self._conditional_put(key, data, IfMatch=etag)
+
+    def delete_object(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+
+
+# S3's answers to a conditional write that lost: 412, or 409 while another conditional write is in flight.
+CONFLICTS = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """An object read with what a conditional write needs: its bytes, its ETag, its last change, the server's clock."""
+
+    data: bytes
+    etag: str
+    last_modified: datetime
+    server_now: datetime | None
+
+
+def open_store(location: Location, conn_id: str | None = None, airflow: bool = False) -> ObjectStore:
+    """The ``ObjectStore`` of an object-store ``location``.
+
+    With ``airflow`` (the DAG's tasks, the plugin), its credentials come from
+    the Airflow connection ``conn_id`` (default ``connection_id()``): the
+    filesystem through ``ObjectStoragePath``, the client of conditional
+    writes through Airflow's S3 hook. Otherwise from the library's usual
+    credentials (for S3 boto3's: ``AWS_*`` variables, shared files, the
+    instance role; ``AWS_ENDPOINT_URL`` for a server other than AWS).
+    """
+    if not airflow:
+        return ObjectStore(location)
+    conn_id = conn_id or connection_id()
+    client = None
+    if location.scheme in ("s3", "s3a"):
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        client = S3Hook(aws_conn_id=conn_id).get_conn()
+    return ObjectStore(location, airflow_filesystem(location, conn_id), client=client)
+
+
+def store_cache(location: Location) -> Path:
+    """This host's cache folder for one store: ``<cache_root()>/<scheme>/<bucket>/<prefix>``, the store's layout below it."""
+    return cache_root() / location.scheme / location.path
+
+
+# --------------------------------------------------------------------------- leases
+LEASE_SECONDS_ENV = "ALEXNET_LEASE_SECONDS"
+DEFAULT_LEASE_SECONDS = 300
+
+
+class LeaseHeldError(RuntimeError):
+    """Another live owner holds the lease (a duplicate delivery of the task); a later try may take it over."""
+
+
+class LeaseLostError(RuntimeError):
+    """This owner's lease was taken over (it missed its renewals): it must stop writing under the lease."""
+
+
+def lease_seconds() -> float:
+    """How long a lease lives without a renewal: ``$ALEXNET_LEASE_SECONDS`` or 300 s."""
+    return float(os.environ.get(LEASE_SECONDS_ENV) or DEFAULT_LEASE_SECONDS)
+
+
+class Lease:
+    """An exclusive, expiring claim on object ``key`` of ``store``: one owner at a time across hosts.
+
+    ``acquire`` creates the object (``If-None-Match: *``) holding the owner
+    (host, pid, what for) and ``seconds``, the lease's life without a renewal.
+    A lease whose object has not changed for ``seconds`` by the store's own
+    clock (its ``Last-Modified`` against the response's ``Date``, so the hosts'
+    clocks never matter) has expired: the next owner replaces it,
+    conditional on its ETag (``If-Match``), so two hosts taking over one
+    expired lease cannot both win. While held, a thread renews it every
+    third of ``seconds`` the same way; a renewal that loses (another owner
+    took the lease over) marks it lost, and ``check`` then raises
+    ``LeaseLostError``. ``release`` deletes the object if it is still this
+    owner's. Use it as a context manager.
+    """
+
+    def __init__(self, store: ObjectStore, key: str, purpose: str, seconds: float | None = None):
+        import socket
+
+        self.store, self.key = store, key
+        self.seconds = float(seconds if seconds is not None else lease_seconds())
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
+                      "token": uuid.uuid4().hex, "seconds": self.seconds}
+        self.etag: str | None = None
+        self.lost: str | None = None
+        self.took_over: dict | None = None  # the expired owner this lease replaced, if any
+        self._stop = None
+        self._thread = None
+
+    def _body(self, renewals: int) -> bytes:
+        return json.dumps({**self.owner, "renewals": renewals}, sort_keys=True).encode()
+
+    def acquire(self) -> Lease:
+        """Take the lease or raise ``LeaseHeldError`` naming its live owner; starts the renewals."""
+        for _ in range(10):
+            etag = self.store.create(self.key, self._body(0))
+            if etag is not None:
+                self.etag = etag
+                break
+            current = self.store.read_tagged(self.key)
+            if current is None:
+                continue  # released between the create and the read: create again
+            holder = _lease_holder(current.data)
+            age = (current.server_now - current.last_modified).total_seconds() if current.server_now else 0.0
+            life = float(holder.get("seconds") or self.seconds)
+            if age <= life:
+                raise LeaseHeldError(
+                    f"{self.store.url(self.key)}: held by {holder.get('host')} pid {holder.get('pid')} "
+                    f"({holder.get('purpose')}), renewed {age:.0f} s ago, expires in {life - age:.0f} s; refusing to "
+                    f"run twice")
+            etag = self.store.replace(self.key, self._body(0), current.etag)
+            if etag is not None:
+                self.etag, self.took_over = etag, {**holder, "silent_seconds": round(age, 1)}
+                break
+        else:
+            raise LeaseHeldError(f"{self.store.url(self.key)}: still contended after 10 attempts")
+        self._start_renewals()
+        return self
+
+    def _start_renewals(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_until_stopped, name=f"lease {self.key}", daemon=True)
+        self._thread.start()
+
+    def _renew_until_stopped(self) -> None:
+        renewals = 0
+        while not self._stop.wait(self.seconds / 3):
+            renewals += 1
+            try:
+                etag = self.store.replace(self.key, self._body(renewals), self.etag)
+            except Exception as error:  # a store that cannot be reached: try again at the next renewal
+                import logging
+
+                logging.getLogger(__name__).warning("%s: renewal failed (%s)", self.store.url(self.key), error)
+                continue
+            if etag is None:
+                self.lost = f"{self.store.url(self.key)}: taken over by another owner"
+                return
+            self.etag = etag
+
+    def check(self) -> None:
+        """Raise ``LeaseLostError`` if another owner took the lease over."""
+        if self.lost:
+            raise LeaseLostError(f"{self.lost}; this owner ({self.owner['host']} pid {self.owner['pid']}) stops")
+
+    def release(self) -> None:
+        """Stop the renewals and delete the lease if it is still this owner's."""
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+        if self.lost or self.etag is None:
+            return
+        current = self.store.read_tagged(self.key)
+        if current is not None and _lease_holder(current.data).get("token") == self.owner["token"]:
+            self.store.delete_object(self.key)
+        self.etag = None
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lease_holder(data: bytes) -> dict:
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
