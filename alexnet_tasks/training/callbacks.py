@@ -147,23 +147,30 @@ class TimeBudget(keras.callbacks.Callback):
 
 
 class CommitEpoch(keras.callbacks.Callback):
-    """Record the epoch, checkpoint model + optimizer, then commit ``state.json``: the epoch is done."""
+    """Record the epoch, checkpoint model + optimizer, then commit ``state.json``: the epoch is done.
 
-    def __init__(self, progress: Progress, run_dir: Path, record: dict):
+    ``on_commit(epochs_done, checkpoint)``, when given, runs after each local
+    commit (an object-store root puts the epoch on the store there).
+    """
+
+    def __init__(self, progress: Progress, run_dir: Path, record: dict, on_commit=None):
         super().__init__()
-        self.progress, self.run_dir, self.record = progress, run_dir, record
+        self.progress, self.run_dir, self.record, self.on_commit = progress, run_dir, record, on_commit
 
     def on_epoch_end(self, epoch, logs=None):
         self.progress.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
-        commit_epoch(
+        checkpoint = commit_epoch(
             self.run_dir,
             self.model,
             epoch + 1,
             {**self.record, "epochs_planned": self.progress.epochs_planned, "history": self.progress.history},
         )
+        if self.on_commit is not None:
+            self.on_commit(epoch + 1, checkpoint)
 
 
-def training_callbacks(progress: Progress, run_dir: Path, record: dict, train_images: int, tensorboard_dir: Path):
+def training_callbacks(progress: Progress, run_dir: Path, record: dict, train_images: int, tensorboard_dir: Path,
+                       on_commit=None):
     """The callbacks in the order they must run.
 
     The seeds and the rate come first; EpochLog puts the learning rate into
@@ -177,5 +184,5 @@ def training_callbacks(progress: Progress, run_dir: Path, record: dict, train_im
         EpochLog(progress, train_images),
         tensorboard,
         TimeBudget(progress),
-        CommitEpoch(progress, run_dir, record),
+        CommitEpoch(progress, run_dir, record, on_commit),
     ]

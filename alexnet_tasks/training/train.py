@@ -89,11 +89,13 @@ log = logging.getLogger(__name__)
 VALIDATION_BATCH = 512
 
 
-def train(shards_dir: Path, run_dir: Path, config: PipelineConfig, *, devices: list[str] | None = None) -> dict:
+def train(shards_dir: Path, run_dir: Path, config: PipelineConfig, *, devices: list[str] | None = None,
+          on_commit=None) -> dict:
     """Train on ``train.h5`` with ``validation.h5`` every epoch; write the model, logs and summary.
 
     ``devices``: train data-parallel over these (``["/cpu:0", "/cpu:1"]``);
-    by default over every GPU when the worker sees several.
+    by default over every GPU when the worker sees several. ``on_commit(epochs_done,
+    checkpoint path)`` runs after each epoch's local commit (``state.json`` written).
 
     Returns ``{"model", "history", "config", "tensorboard", "epochs",
     "validation_accuracy", "resumed_from", "seconds", "fingerprint", "truncated"}``
@@ -104,10 +106,11 @@ def train(shards_dir: Path, run_dir: Path, config: PipelineConfig, *, devices: l
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with exclusive_pid_lock(run_dir / LOCK, "training this run"):
-        return _train(Path(shards_dir), run_dir, config, devices)
+        return _train(Path(shards_dir), run_dir, config, devices, on_commit)
 
 
-def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: list[str] | None) -> dict:
+def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: list[str] | None,
+           on_commit=None) -> dict:
     strategy = distribution_strategy(devices)
     replicas = strategy.num_replicas_in_sync
     device_names, compute_capability = describe_devices(devices, replicas)
@@ -149,7 +152,7 @@ def _train(shards_dir: Path, run_dir: Path, config: PipelineConfig, devices: lis
         )
         started = time.monotonic()
         resumed_from = len(progress.history)
-        _fit(model, progress, run_dir, fingerprint, (train_images, train_labels), validation)
+        _fit(model, progress, run_dir, fingerprint, (train_images, train_labels), validation, on_commit)
         seconds = time.monotonic() - started
 
     inference = _inference_copy(model, hyperparameters)
@@ -237,7 +240,8 @@ def _progress(hyperparameters: Hyperparameters, steps_per_epoch: int, state: dic
     return Progress(hyperparameters, steps_per_epoch, planned, True, budget, list(state["history"]))
 
 
-def _fit(model, progress: Progress, run_dir: Path, fingerprint: dict, train_split, validation) -> None:
+def _fit(model, progress: Progress, run_dir: Path, fingerprint: dict, train_split, validation,
+         on_commit=None) -> None:
     """``fit`` the remaining planned epochs (call inside the strategy scope)."""
     hyperparameters, epochs_done = progress.hyperparameters, len(progress.history)
     if epochs_done >= progress.epochs_planned:
@@ -258,7 +262,8 @@ def _fit(model, progress: Progress, run_dir: Path, fingerprint: dict, train_spli
         epochs=progress.epochs_planned,
         initial_epoch=epochs_done,
         shuffle=False,  # the feeder orders each epoch from (seed, epoch)
-        callbacks=training_callbacks(progress, run_dir, record, len(train_split[1]), run_dir / TENSORBOARD),
+        callbacks=training_callbacks(progress, run_dir, record, len(train_split[1]), run_dir / TENSORBOARD,
+                                     on_commit),
         verbose=0,
     )
 
