@@ -153,15 +153,15 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def champion_of(published_root: Path) -> dict | None:
+def champion_of(published_root: Path, registry: Registry | None = None) -> dict | None:
     """The champion (the run ``published/latest`` points to): run id, path, folder, metrics, predictions.
 
     None without one. The run id comes from the registry's entry of that
     folder (the folder's name where none names it). Raises FileNotFoundError
     when ``latest`` points to a folder without metrics, ValueError when they
-    are unreadable.
+    are unreadable. ``registry`` reads ``published/`` on another store (default: the folder ``published_root``).
     """
-    champion = Registry(published_root).champion()
+    champion = (registry or Registry(published_root)).champion()
     if champion is None:
         return None
     folder = champion["folder"]
@@ -228,12 +228,12 @@ class _Gate:
         return None if self.champion is None else self.champion["metrics"]
 
 
-def _read(run_dir: Path, published_root: Path) -> _Gate:
+def _read(run_dir: Path, published_root: Path, registry: Registry | None = None) -> _Gate:
     """Read phase: the run's metrics and predictions, and the champion."""
     metrics = _read_json(run_dir / METRICS, "evaluate must finish before the gate")
     if not (run_dir / PREDICTIONS).is_file():
         raise FileNotFoundError(f"{run_dir / PREDICTIONS}: missing; evaluate must finish before the gate")
-    return _Gate(run_dir, metrics, _read_predictions(run_dir / PREDICTIONS), champion_of(published_root), {})
+    return _Gate(run_dir, metrics, _read_predictions(run_dir / PREDICTIONS), champion_of(published_root, registry), {})
 
 
 def _check(run: _Gate, config: PipelineConfig) -> None:
@@ -345,7 +345,7 @@ def _write(run: _Gate, decision: dict) -> None:
 
 
 def gate(shards_dir: Path, published_root: Path, run_dir: Path, config: PipelineConfig, *,
-         run_id: str | None = None) -> dict:
+         run_id: str | None = None, registry: Registry | None = None) -> dict:
     """Decide whether ``run_dir`` (evaluated) is blessed; write ``decision.json`` there and return the decision.
 
     Reads ``shards_dir``'s test labels, ``published_root``'s champion and
@@ -355,13 +355,15 @@ def gate(shards_dir: Path, published_root: Path, run_dir: Path, config: Pipeline
     ``blessed``, ``reasons`` (a list of strings: why), every check, both
     accuracies, the champion's run id and path, and the paired counts with
     their McNemar p-value (null where the champion has no per-image
-    predictions). Raises FileNotFoundError when evaluate has not finished,
+    predictions). ``registry``: ``published/`` on an object store
+    (``Registry(store=S3Store(...))``; default the folder ``published_root``).
+    Raises FileNotFoundError when evaluate has not finished,
     ValueError for unreadable metrics or predictions.
 
     Phases, in order: read, check (sanity), compare (with the champion),
     decide, write.
     """
-    run = _read(Path(run_dir), Path(published_root))
+    run = _read(Path(run_dir), Path(published_root), registry)
     _check(run, config)
     _compare(run, config, shards_dir)
     decision = _decide(run, config, run_id)

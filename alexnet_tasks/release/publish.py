@@ -223,7 +223,7 @@ class _Publish:
         return [] if self.decision is None else list(self.decision.get("reasons", []))
 
 
-def _read(run_dir: Path, run_id: str, published_root: Path) -> _Publish:
+def _read(run_dir: Path, run_id: str, published_root: Path, registry: Registry | None = None) -> _Publish:
     """Read phase: the run's metrics and decision, checked to belong to its current model."""
     metrics = _read_metrics(run_dir)
     decision = read_decision(run_dir)
@@ -231,7 +231,7 @@ def _read(run_dir: Path, run_id: str, published_root: Path) -> _Publish:
     approval = approvals.read(run_dir) if decision is not None and decision.get("publish_mode") == "approval" else None
     decision = approvals.apply(decision, approval, run_dir)
     final = published_root / published_path(run_id)
-    return _Publish(run_dir, run_id, Registry(published_root), final, metrics, decision, approval)
+    return _Publish(run_dir, run_id, registry or Registry(published_root), final, metrics, decision, approval)
 
 
 def _check(run: _Publish) -> None:
@@ -283,7 +283,8 @@ def _write_index(run: _Publish, config: PipelineConfig | None, sweep: dict | Non
 
 
 def publish(run_dir: Path, published_root: Path, config: PipelineConfig | None = None, *, run_id: str,
-            keep_runs: int | None = None, dag_id: str | None = None, sweep: dict | None = None) -> dict:
+            keep_runs: int | None = None, dag_id: str | None = None, sweep: dict | None = None,
+            registry: Registry | None = None) -> dict:
     """Publish ``run_dir`` as ``run_id`` as the gate decided; returns the published path and headline metrics.
 
     ``config``, the run's pipeline settings, goes into the index line with the
@@ -315,10 +316,15 @@ def publish(run_dir: Path, published_root: Path, config: PipelineConfig | None =
     Phases, in order: read (metrics and decision), check, compare (does a
     refused run keep the champion's copy?), write (the copy, the index line,
     the champion), report, then retention.
+
+    ``registry``: ``published/`` on an object store (``Registry(store=S3Store(...))``).
+    The copy is then built in ``published_root`` (this host's cache) and put on
+    the store before the index line is written; retention then prunes this
+    host's cached runs (the store's runs: ``alexnet_tasks.ops.stored_steps``).
     """
     run_dir, published_root = Path(run_dir), Path(published_root)
     keep = retention.keep_runs(keep_runs)  # a bad setting is refused before anything is published
-    run = _read(run_dir, run_id, published_root)
+    run = _read(run_dir, run_id, published_root, registry)
     run.dag_id = dag_id
     _check(run)
     run.final.parent.mkdir(parents=True, exist_ok=True)
@@ -330,9 +336,11 @@ def publish(run_dir: Path, published_root: Path, config: PipelineConfig | None =
             action = "kept"
         else:
             action = _write_copy(run)
+            run.registry.store.put_folder(published_path(run_id), run.final)
             _write_index(run, config, sweep)
     _report(run, action)
-    return {**_result(run, published_root, action), **retention.retain(published_root, run_dir, keep=keep)}
+    return {**_result(run, published_root, action),
+            **retention.retain(published_root, run_dir, keep=keep, registry=registry)}
 
 
 def _report(run: _Publish, action: str) -> None:

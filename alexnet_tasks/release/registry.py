@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alexnet_tasks.atomic import file_lock, temp_sibling
-from alexnet_tasks.layout import INDEX, INDEX_TABLE, LATEST, METRICS, PROMOTIONS, PUBLISHED, RUNS, data_key, published_path
+from alexnet_tasks.layout import (
+    INDEX, INDEX_TABLE, LATEST, METRICS, MODEL, PROMOTIONS, PUBLISHED, RUNS, TENSORBOARD, data_key, published_path,
+)
 
 if TYPE_CHECKING:
     from alexnet_tasks.config import PipelineConfig
@@ -283,8 +285,14 @@ class LocalStore:
             return None
         return payload if isinstance(payload, dict) else None
 
-    def folder(self, path: str) -> Path:
+    def folder(self, path: str, with_model: bool = False) -> Path:
+        """The published folder ``path`` (``runs/<run>``) on this disk."""
         return self.root / path
+
+    def put_folder(self, path: str, local: Path) -> None:
+        """Make ``local`` the published folder ``path``: here it already is (publish builds it in place)."""
+        if Path(local).resolve() != (self.root / path).resolve():
+            raise ValueError(f"{local}: expected the published folder {self.root / path}")
 
     def table_path(self) -> Path:
         """Where the lookup table lives (for a remote store: a file in the host's cache)."""
@@ -448,9 +456,52 @@ class S3Store:
             return None
         return payload if isinstance(payload, dict) else None
 
-    def folder(self, path: str) -> Path:
-        """Where this host's cache keeps a fetched copy of the published folder ``path``."""
-        return self.cache / PUBLISHED / path
+    def folder(self, path: str, with_model: bool = False) -> Path:
+        """This host's cached copy of the published folder ``path`` (``runs/<run>``), fetched now.
+
+        Every object of the folder is fetched (each under a temporary name,
+        then renamed) except ``model.keras`` and the TensorBoard logs, unless
+        ``with_model``; a folder the store does not have is an empty one.
+        """
+        local = self.cache / PUBLISHED / path
+        for name, size in self._listing(path).items():
+            if (name == MODEL and not with_model) or name.startswith(f"{TENSORBOARD}/"):
+                continue
+            target = local / name
+            if target.is_file() and target.stat().st_size == size and name == MODEL:
+                continue  # the model of a run id is rewritten only by a publish of another training
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = temp_sibling(target)
+            try:
+                self.client.download_file(self.bucket, self.key(f"{path}/{name}"), str(temporary))
+                os.replace(temporary, target)
+            finally:
+                temporary.unlink(missing_ok=True)
+        return local
+
+    def _listing(self, path: str) -> dict[str, int]:
+        """``{relative name: size}`` of every object under the published folder ``path``."""
+        prefix = self.key(f"{path}/")
+        found = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                found[item["Key"][len(prefix):]] = item["Size"]
+        return found
+
+    def put_folder(self, path: str, local: Path) -> None:
+        """Make the published folder ``path`` on the store hold exactly the files of ``local``.
+
+        Every file is uploaded (``metrics.json`` last), then the objects
+        ``local`` does not have are removed. The index line written after it
+        is what makes the folder visible to readers.
+        """
+        local = Path(local)
+        names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        names.sort(key=lambda name: name == METRICS)
+        for name in names:
+            self.client.upload_file(str(local / name), self.bucket, self.key(f"{path}/{name}"))
+        for name in set(self._listing(path)) - set(names):
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(f"{path}/{name}"))
 
     def table_path(self) -> Path:
         """The lookup table: a file in this host's cache, one per store."""

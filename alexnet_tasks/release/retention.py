@@ -139,9 +139,9 @@ def _last_change(run_dir: Path) -> float:
     return max(times)
 
 
-def _kept_by_the_index(published_root: Path) -> tuple[str | None, set[str], set[str]]:
+def _kept_by_the_index(published_root: Path, registry: Registry | None = None) -> tuple[str | None, set[str], set[str]]:
     """(the champion's folder name, the blessed runs' folder names, every published run's folder name)."""
-    registry = Registry(published_root)
+    registry = registry or Registry(published_root)
     champion = registry.store.champion_path()
     blessed, published = set(), set()
     for entry in registry.entries():
@@ -154,12 +154,13 @@ def _kept_by_the_index(published_root: Path) -> tuple[str | None, set[str], set[
 
 def prune_runs(published_root: Path, runs_root: Path, *, keep: int | None = None,
                protect: Iterable[str] = (), min_idle_seconds: float = DEFAULT_MIN_IDLE_SECONDS,
-               now: float | None = None) -> list[str]:
+               now: float | None = None, registry: Registry | None = None) -> list[str]:
     """Remove the run folders of ``runs_root`` beyond the newest ``keep`` that nothing keeps; returns their names.
 
     Kept whatever their age: the champion, blessed runs, the folders named in
     ``protect``, runs whose training lock is held and runs changed within
-    ``min_idle_seconds``. Newest means most recently changed.
+    ``min_idle_seconds``. Newest means most recently changed. ``registry``
+    reads ``published/`` on another store (default: the folder ``published_root``).
     """
     runs_root, published_root = Path(runs_root), Path(published_root)
     keep = keep_runs(keep)
@@ -169,7 +170,7 @@ def prune_runs(published_root: Path, runs_root: Path, *, keep: int | None = None
     with file_lock(runs_root / LOCK):
         for leftover in runs_root.glob(f".*{PRUNED_MARK}*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        champion, blessed, published = _kept_by_the_index(published_root)
+        champion, blessed, published = _kept_by_the_index(published_root, registry)
         runs = []
         for entry in runs_root.iterdir():
             if entry.name.startswith(".") or TEMP_MARK in entry.name or entry.is_symlink() or not entry.is_dir():
@@ -205,12 +206,12 @@ def prune_runs(published_root: Path, runs_root: Path, *, keep: int | None = None
     return pruned
 
 
-def retain(published_root: Path, run_dir: Path, *, keep: int | None = None) -> dict:
+def retain(published_root: Path, run_dir: Path, *, keep: int | None = None, registry: Registry | None = None) -> dict:
     """After publishing ``run_dir``: drop its checkpoints, then prune ``runs/`` (keeping ``run_dir``).
 
     ``published_root``'s index says which runs are kept (``prune_runs``).
     """
     run_dir = Path(run_dir)
     freed = drop_checkpoints(run_dir)
-    pruned = prune_runs(published_root, run_dir.parent, keep=keep, protect=(run_dir.name,))
+    pruned = prune_runs(published_root, run_dir.parent, keep=keep, protect=(run_dir.name,), registry=registry)
     return {"checkpoint_bytes_freed": freed, "pruned_runs": pruned}
