@@ -18,7 +18,7 @@ from airflow.sdk import ExceptionRetryPolicy, RetryAction, RetryRule
 
 from alexnet_tasks.config import PipelineConfig, config_for_run
 from alexnet_tasks.errors import PERMANENT, RETRYABLE, SETTINGS, SourceUnavailableError
-from alexnet_tasks.layout import MODEL, Layout
+from alexnet_tasks.layout import MODEL, Layout, artifacts_layout
 from alexnet_tasks.progress import report
 
 log = logging.getLogger(__name__)
@@ -134,46 +134,67 @@ def task_config(context, params: dict | None = None) -> tuple[PipelineConfig, La
         # logical date and the settings instead, so that steps tested one by one with the same
         # params find each other's outputs, and steps tested with other params never do.
         run_id = f"tasks_test__{context['logical_date'].isoformat()}__{config.config_digest()[:8]}"
-    return config, Layout(), run_id
+    return config, artifacts_layout(airflow=True), run_id
 
 
 # --------------------------------------------------------------------------- the steps
+# With an object-store root (``layout.store``), each step runs on this host's cache between a fetch
+# and a put (alexnet_tasks.ops.stored_steps); with a local root, on the folder itself.
 def download_step(config: PipelineConfig, layout: Layout) -> dict:
     from alexnet_tasks.data.download import download
+    from alexnet_tasks.ops import stored_steps
 
-    result = download(config.source_url, config.source_md5, layout.root)
+    if layout.store is not None:
+        result = stored_steps.download(config, layout)
+    else:
+        result = download(config.source_url, config.source_md5, layout.root)
     config.check_against_source(result["train_images"])
     return result
 
 
 def split_step(config: PipelineConfig, layout: Layout) -> dict:
     from alexnet_tasks.data.split import split
+    from alexnet_tasks.ops import stored_steps
 
+    if layout.store is not None:
+        return stored_steps.split(config, layout)
     return split(layout.batches(config.source_md5), layout.root, config)
 
 
 def build_shards_step(config: PipelineConfig, layout: Layout) -> dict:
     from alexnet_tasks.data.shards import build_shards
+    from alexnet_tasks.ops import stored_steps
 
+    if layout.store is not None:
+        return stored_steps.build_shards(config, layout)
     return build_shards(layout.batches(config.source_md5), layout.manifest(config), layout.root, config)
 
 
 def train_step(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
+    from alexnet_tasks.ops import stored_steps
     from alexnet_tasks.training.train import train
 
+    if layout.store is not None:
+        return stored_steps.train(config, layout, run_id)
     return train(layout.shards(config), layout.run(run_id), config)
 
 
 def evaluate_step(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
     from alexnet_tasks.evaluate import evaluate
+    from alexnet_tasks.ops import stored_steps
 
+    if layout.store is not None:
+        return stored_steps.evaluate(config, layout, run_id)
     run_dir = layout.run(run_id)
     return evaluate(run_dir / MODEL, layout.shards(config), run_dir, config)
 
 
 def gate_step(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
+    from alexnet_tasks.ops import stored_steps
     from alexnet_tasks.release.gate import gate
 
+    if layout.store is not None:
+        return stored_steps.gate(config, layout, run_id)
     return gate(layout.shards(config), layout.published, layout.run(run_id), config, run_id=run_id)
 
 
@@ -183,9 +204,13 @@ def publish_step(config: PipelineConfig, layout: Layout, run_id: str, outlet_eve
     is an event on ``model_asset``."""
     from airflow.sdk.exceptions import AirflowSkipException
 
+    from alexnet_tasks.ops import stored_steps
     from alexnet_tasks.release.publish import publish
 
-    result = publish(layout.run(run_id), layout.published, config, run_id=run_id, dag_id=dag_id, sweep=sweep)
+    if layout.store is not None:
+        result = stored_steps.publish(config, layout, run_id, dag_id=dag_id, sweep=sweep)
+    else:
+        result = publish(layout.run(run_id), layout.published, config, run_id=run_id, dag_id=dag_id, sweep=sweep)
     if result["blessed"] is False:
         # Recorded in the index, latest left on the champion: an expected outcome, not a failure,
         # that the alert channels (when configured) are told of.

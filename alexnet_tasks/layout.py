@@ -36,6 +36,7 @@ from alexnet_tasks.store import Location, UnsupportedStoreError, parse_location
 
 if TYPE_CHECKING:
     from alexnet_tasks.config import PipelineConfig
+    from alexnet_tasks.store import ObjectStore
 
 ARTIFACTS_ENV = "ALEXNET_ARTIFACTS"
 DEFAULT_ARTIFACTS = Path("~/alexnet-artifacts")
@@ -116,6 +117,21 @@ def artifacts_root() -> Path:
     return location.local_path
 
 
+def artifacts_layout(airflow: bool = False) -> Layout:
+    """The layout of ``$ALEXNET_ARTIFACTS``: the folder itself, or this host's cache of the object store it names.
+
+    ``airflow``: open the store with the Airflow connection
+    ``$ALEXNET_ARTIFACTS_CONN_ID`` (the DAG's tasks), else with the library's
+    usual credentials (``store.open_store``).
+    """
+    from alexnet_tasks.store import open_store, store_cache
+
+    location = artifacts_location()
+    if location.is_local:
+        return Layout(location.local_path)
+    return Layout(store_cache(location), open_store(location, airflow=airflow))
+
+
 def run_folder_name(run_id: str) -> str:
     """The folder name of a run: a readable form of the id plus a short hash of the raw id.
 
@@ -139,9 +155,15 @@ def published_path(run_id: str) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where every artifact lives under one root; pure path arithmetic, no I/O."""
+    """Where every artifact lives under one root; pure path arithmetic, no I/O.
+
+    With an object-store artifacts root (``artifacts_layout``), ``root`` is
+    this host's cache of the store, laid out the same way, and ``store`` the
+    ``store.ObjectStore`` it mirrors (None for a local root).
+    """
 
     root: Path = field(default_factory=lambda: artifacts_root())
+    store: ObjectStore | None = field(default=None, compare=False)
 
     def data(self, source_md5: str) -> Path:
         return self.root / DATA / source_md5

@@ -1,0 +1,258 @@
+"""The pipeline's steps on an object-store artifacts root: fetch what a step reads, run it, put what it wrote.
+
+With ``ALEXNET_ARTIFACTS=s3://bucket/prefix`` no two tasks need to share a
+disk. Each step runs on this host's cache (``store.store_cache``: the store's
+layout under ``$ALEXNET_CACHE``) exactly as it runs on a local root, between
+two transfers:
+
+* ``download``, ``split``, ``build_shards``: content-addressed data folders
+  (``data.stored.stored_folder``): fetched and checked against their
+  ``contents.json`` when the store has them, else built here and put there
+  with a create-only manifest (two hosts building one key at once agree).
+* ``train``: takes the run's training lease (``runs/<run>/lease.json``,
+  ``store.Lease``), replaces this host's copy of the run's committed state
+  with the store's (so a retry on another host resumes from the last epoch
+  committed anywhere), and after each epoch puts the checkpoint, the
+  TensorBoard logs and ``config.json`` on the store, then ``state.json``:
+  the epoch is committed once ``state.json`` is there. The model, the
+  history and ``train_summary.json`` (last) follow the last epoch.
+* ``evaluate``, ``gate``: fetch the run's folder (not its checkpoints),
+  run, put what they wrote (``metrics.json``, ``decision.json`` last).
+* ``publish``: the copy is built in the cache and put under
+  ``published/runs/<run>/``, then the index line and the champion pointer
+  move on the store by conditional writes (``release.registry.S3Store``);
+  the run's checkpoints are then removed from the store.
+
+A step called from Python opens the store with the library's credentials
+(``store.open_store``); the DAG's tasks with the Airflow connection
+``$ALEXNET_ARTIFACTS_CONN_ID``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from alexnet_tasks.config import PipelineConfig
+from alexnet_tasks.layout import (
+    CHECKPOINTS,
+    CONFUSION_MATRIX,
+    EXTRACTED,
+    PLAIN_PREDICTIONS,
+    PREDICTIONS,
+    TEST_SAMPLES,
+    CONFIG,
+    DECISION,
+    HISTORY,
+    METRICS,
+    MODEL,
+    STATE,
+    TENSORBOARD,
+    TRAIN_SUMMARY,
+    Layout,
+)
+from alexnet_tasks.store import Lease, ObjectStore
+
+log = logging.getLogger(__name__)
+
+LEASE = "lease.json"  # runs/<run>/lease.json: who trains the run now (store.Lease)
+
+
+def _key(layout: Layout, path: Path) -> str:
+    """The store key of a path under the layout's root (this host's cache of the store)."""
+    return Path(path).relative_to(layout.root).as_posix()
+
+
+def _store(layout: Layout) -> ObjectStore:
+    if layout.store is None:
+        raise ValueError(f"{layout.root}: a local artifacts root; these steps need an object-store one")
+    return layout.store
+
+
+# --------------------------------------------------------------------------- data
+SOURCE_SUMMARY = "source.json"  # the download's summary in data/<md5>/source/ (data.download)
+EXTRACTED_FILES = (f"{EXTRACTED}/", SOURCE_SUMMARY)  # what later steps read of the source: not the archive
+
+
+def fetch_batches(config: PipelineConfig, layout: Layout) -> Path:
+    """The source batches in this host's cache, fetched and checked (raises ``MissingInputError`` if not stored)."""
+    _store(layout).fetch_folder(_key(layout, layout.source(config.source_md5)), layout.root, only=EXTRACTED_FILES)
+    return layout.batches(config.source_md5)
+
+
+def download(config: PipelineConfig, layout: Layout) -> dict:
+    """The verified source on the store (``data/<md5>/source``): downloaded here once, else its batches fetched."""
+    import json
+
+    from alexnet_tasks.data.download import download as fetch_source
+    from alexnet_tasks.data.stored import stored_folder
+
+    store, folder = _store(layout), layout.source(config.source_md5)
+    if store.contents(_key(layout, folder)) is not None:
+        fetch_batches(config, layout)
+        summary = json.loads((folder / SOURCE_SUMMARY).read_text())
+        result = {**summary, "source_dir": str(folder), "batch_dir": str(layout.batches(config.source_md5)),
+                  "reused": True}
+    else:
+        stored = stored_folder(store, _key(layout, folder),
+                               lambda root: fetch_source(config.source_url, config.source_md5, root), layout.root)
+        result = stored["result"]
+    return {**result, "store": store.url(_key(layout, folder))}
+
+
+def split(config: PipelineConfig, layout: Layout) -> dict:
+    from alexnet_tasks.data.split import split as split_source
+    from alexnet_tasks.data.stored import stored_folder
+
+    store = _store(layout)
+    folder = layout.split(config)
+
+    def build(root: Path):
+        return split_source(fetch_batches(config, layout), root, config)
+
+    stored = stored_folder(store, _key(layout, folder), build, layout.root)
+    return {**(stored["result"] or {"manifest": str(layout.manifest(config)), "reused": True}),
+            "store": store.url(_key(layout, folder))}
+
+
+def build_shards(config: PipelineConfig, layout: Layout) -> dict:
+    from alexnet_tasks.data.shards import build_shards as write_shards
+    from alexnet_tasks.data.stored import stored_folder
+
+    store = _store(layout)
+    folder = layout.shards(config)
+
+    def build(root: Path):
+        store.fetch_folder(_key(layout, layout.split(config)), layout.root)
+        return write_shards(fetch_batches(config, layout), layout.manifest(config), root, config)
+
+    stored = stored_folder(store, _key(layout, folder), build, layout.root)
+    return {**(stored["result"] or {"shards": str(folder), "reused": True}), "store": store.url(_key(layout, folder))}
+
+
+def fetch_shards(config: PipelineConfig, layout: Layout) -> Path:
+    """The run's shards in this host's cache, each file checked against the store's manifest."""
+    return _store(layout).fetch_folder(_key(layout, layout.shards(config)), layout.root)
+
+
+# --------------------------------------------------------------------------- a run's folder
+def fetch_run(layout: Layout, run_id: str, names: list[str] | None = None) -> Path:
+    """This host's copy of ``runs/<run>/``: the named files, else every file but the checkpoints and the lease."""
+    store, run_dir = _store(layout), layout.run(run_id)
+    if names is None:
+        names = [name for name in store.list_files(_key(layout, run_dir))
+                 if not name.startswith(f"{CHECKPOINTS}/") and name != LEASE]
+    store.fetch_files(_key(layout, run_dir), run_dir, names)
+    return run_dir
+
+
+def put_run(layout: Layout, run_id: str, names: list[str], last: str | None = None) -> list[str]:
+    """Put the named files (or folders) of this host's ``runs/<run>/`` on the store, ``last`` after the others."""
+    store, run_dir = _store(layout), layout.run(run_id)
+    files = []
+    for name in names:
+        path = run_dir / name
+        files += sorted(p.relative_to(run_dir).as_posix() for p in path.rglob("*") if p.is_file()) \
+            if path.is_dir() else [name]
+    uploaded = store.put_files(run_dir, _key(layout, run_dir), [name for name in files if name != last])
+    if last is not None:
+        uploaded += store.put_files(run_dir, _key(layout, run_dir), [last])
+    return uploaded
+
+
+def _committed_state(layout: Layout, run_id: str) -> None:
+    """Make this host's copy of the run's committed state the store's: state.json, its checkpoint, the logs."""
+    import json
+
+    store, run_dir = _store(layout), layout.run(run_id)
+    key = _key(layout, run_dir)
+    (run_dir / STATE).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    data = store.read(f"{key}/{STATE}")
+    if data is None:
+        return  # nothing committed anywhere: a fresh start
+    try:
+        checkpoint = json.loads(data)["checkpoint"]
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable; training starts over", store.url(f"{key}/{STATE}"))
+        return
+    shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
+    logs = [name for name in store.list_files(key) if name.startswith(f"{TENSORBOARD}/")]
+    store.fetch_files(key, run_dir, [f"{CHECKPOINTS}/{checkpoint}", CONFIG, *logs])
+    (run_dir / STATE).write_bytes(data)  # last: the state names a checkpoint that is here
+    log.info("resuming from %s (checkpoint %s)", store.url(f"{key}/{STATE}"), checkpoint)
+
+
+# --------------------------------------------------------------------------- training
+def train(config: PipelineConfig, layout: Layout, run_id: str, *, devices: list[str] | None = None) -> dict:
+    """``training.train.train`` under the run's lease, each epoch committed to the store.
+
+    Raises ``store.LeaseHeldError`` while another live owner trains the run
+    (a duplicate delivery; a retry takes the lease over once it expires) and
+    ``store.LeaseLostError`` if this owner's lease was taken over (nothing is
+    committed after that).
+    """
+    from alexnet_tasks.training.train import train as train_model
+
+    store, run_dir = _store(layout), layout.run(run_id)
+    shards = fetch_shards(config, layout)
+    with Lease(store, f"{_key(layout, run_dir)}/{LEASE}", f"training {run_id}") as lease:
+        if lease.took_over:
+            log.warning("took over the lease of %s pid %s, silent for %s s", lease.took_over.get("host"),
+                        lease.took_over.get("pid"), lease.took_over.get("silent_seconds"))
+        _committed_state(layout, run_id)
+        checkpoints = f"{_key(layout, run_dir)}/{CHECKPOINTS}"
+
+        def commit(epochs_done: int, checkpoint: Path) -> None:
+            lease.check()
+            put_run(layout, run_id, [f"{CHECKPOINTS}/{checkpoint.name}", CONFIG, TENSORBOARD])
+            lease.check()
+            put_run(layout, run_id, [STATE])
+            for old in store.list_files(checkpoints):  # the state names the new one: the others are done with
+                if old != checkpoint.name:
+                    store.remove(f"{checkpoints}/{old}")
+
+        result = train_model(shards, run_dir, config, devices=devices, on_commit=commit)
+        lease.check()
+        put_run(layout, run_id, [MODEL, HISTORY, CONFIG, TENSORBOARD, TRAIN_SUMMARY], last=TRAIN_SUMMARY)
+    return {**result, "store": store.url(_key(layout, run_dir))}
+
+
+# --------------------------------------------------------------------------- evaluation, gate, publish
+def evaluate(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
+    from alexnet_tasks.evaluate import evaluate as evaluate_model
+
+    run_dir = fetch_run(layout, run_id)
+    result = evaluate_model(run_dir / MODEL, fetch_shards(config, layout), run_dir, config)
+    put_run(layout, run_id, [PREDICTIONS, PLAIN_PREDICTIONS, CONFUSION_MATRIX, TEST_SAMPLES, TENSORBOARD, METRICS],
+            last=METRICS)
+    return result
+
+
+def registry(layout: Layout, airflow: bool = False):
+    """The registry of ``published/`` on the layout's store (``S3Store``), its lookup table in this host's cache."""
+    from alexnet_tasks.release.registry import Registry, S3Store
+
+    store = _store(layout)
+    return Registry(store=S3Store(store.location, store.client, cache=layout.root))
+
+
+def gate(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
+    from alexnet_tasks.release.gate import gate as decide
+
+    run_dir = fetch_run(layout, run_id)
+    decision = decide(fetch_shards(config, layout), layout.published, run_dir, config, run_id=run_id,
+                      registry=registry(layout))
+    put_run(layout, run_id, [DECISION])
+    return decision
+
+
+def publish(config: PipelineConfig, layout: Layout, run_id: str, **options) -> dict:
+    """Publish as the gate decided, on the store; then drop the run's checkpoints there and in this cache."""
+    from alexnet_tasks.release.publish import publish as publish_run
+
+    store, run_dir = _store(layout), fetch_run(layout, run_id)
+    result = publish_run(run_dir, layout.published, config, run_id=run_id, registry=registry(layout), **options)
+    store.remove(f"{_key(layout, run_dir)}/{CHECKPOINTS}")
+    return result
