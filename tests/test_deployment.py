@@ -678,6 +678,21 @@ def test_the_objectstore_profile_publishes_nothing():
     assert published == {"api-server", "tensorboard"}
 
 
+def test_the_deploy_page_tells_the_objectstore_lines_compose_reads():
+    page = (ROOT / "docs" / "deploy.md").read_text()
+    section = page[page.index("## Object store (MinIO)"):]
+    assert "docker compose --profile objectstore up -d" in section
+    text = (ROOT / "docker-compose.yaml").read_text()
+    example = cluster.read_env_file(ROOT / ".env.example")
+    lines = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", section, re.M))
+    assert {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "ALEXNET_COMPOSE_ARTIFACTS"} <= set(lines)
+    for key in lines:
+        assert key in example and f"${{{key}:-" in text, key
+    assert lines["ALEXNET_COMPOSE_ARTIFACTS"] == STORE_URL
+    assert f"s3://{_bucket_created_at_init()}/" in STORE_URL
+    assert "deploy.md#object-store-minio" in (ROOT / "docs" / "several-hosts.md").read_text()
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv, as in the image")
 def test_init_script_prepares_no_folder_for_an_object_store_root():
     uid = "50123"
