@@ -5,7 +5,9 @@
 # the services write to and hand them to AIRFLOW_UID:0, the user every service runs
 # as, the way Airflow's own compose file prepares its folders. Then, as AIRFLOW_UID,
 # migrate the metadata database and write the admin password file, so whatever init
-# writes belongs to the user that reads it.
+# writes belongs to the user that reads it. An object-store artifacts root
+# (ALEXNET_ARTIFACTS=s3://bucket/prefix) has no folder here to prepare: the objectstore
+# profile's minio-init creates its bucket.
 #
 # Reads: AIRFLOW_UID, AIRFLOW_ADMIN_PASSWORD, ALEXNET_ARTIFACTS,
 # AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE and AIRFLOW_HOME (its logs/ folder,
@@ -16,6 +18,10 @@ uid="${AIRFLOW_UID:?set AIRFLOW_UID (the user the services run as)}"
 : "${AIRFLOW_ADMIN_PASSWORD:?set AIRFLOW_ADMIN_PASSWORD in .env}"
 passwords="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE:?}"
 artifacts="${ALEXNET_ARTIFACTS:?}"
+case "$artifacts" in
+  file://* | local://*) artifacts="${artifacts#*://}" ;;  # the folder itself
+  *://*) echo "ALEXNET_ARTIFACTS=$artifacts: an object store, no local folder to prepare"; artifacts="" ;;
+esac
 logs="${AIRFLOW__LOGGING__BASE_LOG_FOLDER:-${AIRFLOW_HOME:-/opt/airflow}/logs}"
 auth="$(dirname "$passwords")"
 
@@ -41,7 +47,8 @@ as_airflow() {
 # 1. As root: the folders of the named volumes, owned by AIRFLOW_UID:0, group-writable
 #    (the image's convention for arbitrary user ids). Only what is not owned that way
 #    yet is changed, so a large artifacts volume is cheap to check on every start.
-for folder in "$artifacts" "$logs" "$auth"; do
+folders=(${artifacts:+"$artifacts"} "$logs" "$auth")
+for folder in "${folders[@]}"; do
   mkdir -p "$folder"
   find "$folder" \( ! -uid "$uid" -o ! -gid 0 \) -exec chown -h "$uid:0" {} +
   chmod u+rwx,g+rwx "$folder"
@@ -62,4 +69,4 @@ os.replace(temporary, path)
 ' "$passwords"
 
 ls -ln "$passwords"
-ls -lnd "$artifacts" "$logs" "$auth"
+ls -lnd "${folders[@]}"

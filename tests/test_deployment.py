@@ -1,5 +1,9 @@
 """The deployment: docker-compose.yaml (parsed) and the same topology run natively.
 
+The compose file is read as compose reads it, without a Docker engine: its
+``${...}`` variables resolved from a .env (``compose_project``), the services of
+inactive profiles left out, and an optional dependency on one of them dropped.
+
 The cluster test starts api-server, scheduler, dag-processor, triggerer and two
 Celery workers against this machine's PostgreSQL and Redis, triggers the DAG
 through the authenticated REST API as the UI does, and checks where each task
@@ -35,13 +39,73 @@ import cluster  # noqa: E402
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yaml").read_text())
 SERVICES = COMPOSE["services"]
 SHARED = cluster.read_env_file(ROOT / "deploy" / "airflow.env")
+AIRFLOW_SERVICES = ("airflow-init", "api-server", "scheduler", "dag-processor", "triggerer", "worker", "worker-gpu")
+OBJECTSTORE_SERVICES = ("minio", "minio-init")
+# .env.example filled in as a user fills it: every empty value set (the MinIO key pair too).
+DOTENV = {key: value or f"{key.lower().replace('_', '-')}-value"
+          for key, value in cluster.read_env_file(ROOT / ".env.example").items()}
+DOTENV["ALEXNET_COMPOSE_ARTIFACTS"] = ""  # the default: the shared volume
+STORE_URL = "s3://alexnet/artifacts"  # what docs/deploy.md tells a user to put in .env
+
+
+_VARIABLE = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?[-?])([^}]*))?\}|(\w+))")
+
+
+def interpolate(value, variables: dict[str, str]):
+    """``value`` (a string, or lists and mappings of them) with compose's variables resolved.
+
+    ``$$`` is a literal ``$``; ``${NAME:-default}`` takes the default when NAME is
+    unset or empty (``-`` only when unset); ``${NAME:?message}`` raises ValueError
+    when NAME is unset or empty (``?`` only when unset); ``${NAME}`` and ``$NAME``
+    are empty when unset.
+    """
+    if isinstance(value, dict):
+        return {key: interpolate(item, variables) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, variables) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        escaped, name, operator, argument, bare = match.groups()
+        if escaped:
+            return "$"
+        name = name or bare
+        present = bool(variables.get(name)) if operator and operator.startswith(":") else name in variables
+        if operator and operator.endswith("-"):
+            return variables[name] if present else argument
+        if operator and operator.endswith("?") and not present:
+            raise ValueError(f"required variable {name} is missing a value: {argument}")
+        return variables.get(name, "")
+
+    return _VARIABLE.sub(replace, value)
+
+
+def compose_project(profiles: tuple[str, ...] = (), variables: dict[str, str] = DOTENV) -> dict[str, dict]:
+    """The services ``docker compose --profile ... up`` runs: interpolated, inactive profiles left out.
+
+    Like compose, the whole file is interpolated first (a ``:?`` variable of a
+    service of an inactive profile fails too); a dependency on a service left
+    out is dropped when marked ``required: false`` and an error otherwise.
+    """
+    services = interpolate(SERVICES, variables)
+    active = {name: service for name, service in services.items()
+              if not service.get("profiles") or set(service["profiles"]) & set(profiles)}
+    for name, service in active.items():
+        for dependency, condition in list(service.get("depends_on", {}).items()):
+            if dependency in active:
+                continue
+            if condition.get("required", True):
+                raise ValueError(f"service {name} requires {dependency}, which profiles {profiles} leave out")
+            del service["depends_on"][dependency]
+    return active
 
 
 def test_compose_has_the_airflow_3_services_plus_gpu_worker_and_tensorboard():
-    assert set(SERVICES) == {
+    assert set(compose_project()) == {
         "postgres", "redis", "airflow-init", "api-server", "scheduler", "dag-processor",
         "triggerer", "worker", "worker-gpu", "tensorboard",
-    }
+    } == {*AIRFLOW_SERVICES, "postgres", "redis", "tensorboard"}
     for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
         assert SERVICES[name]["command"] == name
 
@@ -66,12 +130,12 @@ def test_gpu_worker_reserves_nvidia_devices_and_uses_the_gpu_build():
 
 
 def test_every_airflow_service_reads_the_shared_settings_and_one_artifacts_volume():
-    airflow_services = [n for n in SERVICES if n not in ("postgres", "redis", "tensorboard")]
-    for name in airflow_services:
+    default = compose_project()
+    for name in AIRFLOW_SERVICES:
         service = SERVICES[name]
         assert service["env_file"] == ["deploy/airflow.env"], name
         assert "artifacts:/opt/alexnet-artifacts" in service["volumes"], name
-        assert service["environment"]["ALEXNET_ARTIFACTS"] == "/opt/alexnet-artifacts"
+        assert default[name]["environment"]["ALEXNET_ARTIFACTS"] == "/opt/alexnet-artifacts"
         assert service["environment"]["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:6379")
         assert service["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
     assert "artifacts:/opt/alexnet-artifacts:ro" in SERVICES["tensorboard"]["volumes"]
@@ -365,7 +429,7 @@ def _mounts(service: dict) -> dict[str, tuple[str, bool]]:
 
 def test_every_service_runs_as_airflow_uid_and_only_init_starts_as_root():
     for name, service in SERVICES.items():
-        if name in ("postgres", "redis"):  # their images' own users
+        if name in ("postgres", "redis", *OBJECTSTORE_SERVICES):  # their images' own users
             assert "user" not in service, name
         elif name == "airflow-init":
             assert service["user"] == "0:0"
@@ -377,8 +441,8 @@ def test_every_service_runs_as_airflow_uid_and_only_init_starts_as_root():
 
 
 def test_named_volumes_are_mounted_where_the_settings_point():
-    assert set(COMPOSE["volumes"]) == {"postgres-db", *VOLUME_MOUNTS}
-    for name, service in SERVICES.items():
+    assert set(COMPOSE["volumes"]) == {"postgres-db", "minio-data", *VOLUME_MOUNTS}
+    for name, service in compose_project().items():
         if name in ("postgres", "redis", "tensorboard"):
             continue
         assert _mounts(service) == {volume: (path, False) for volume, path in VOLUME_MOUNTS.items()}, name
@@ -398,7 +462,7 @@ def test_init_runs_the_script_the_image_ships():
     assert (ROOT / "deploy" / Path(INIT_SCRIPT).name).is_file()
     assert "COPY --chown=airflow:root deploy /opt/alexnet/deploy" in (ROOT / "Dockerfile").read_text()
     for name, service in SERVICES.items():  # the services wait for it
-        if name not in ("postgres", "redis", "airflow-init", "worker", "worker-gpu"):
+        if name not in ("postgres", "redis", "airflow-init", "worker", "worker-gpu", *OBJECTSTORE_SERVICES):
             assert service["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully", name
 
 
@@ -432,7 +496,7 @@ def test_init_script_hands_the_named_volumes_and_the_files_it_writes_to_airflow_
         (root / "airflow-calls").touch(mode=0o666)
         (root / "airflow-calls").chmod(0o666)
 
-        compose_env = SERVICES["airflow-init"]["environment"]
+        compose_env = compose_project()["airflow-init"]["environment"]
         env = {key: rebase(value) for key, value in compose_env.items()
                if isinstance(value, str) and any(value.startswith(path) for path in VOLUME_MOUNTS.values())}
         env.update(PATH=f"{fake_bin}:/usr/bin:/bin", AIRFLOW_HOME=rebase(IMAGE_AIRFLOW_HOME),
@@ -473,6 +537,189 @@ def test_init_script_refuses_root_as_the_service_user(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "deploy" / "airflow-init.sh")], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "AIRFLOW_UID=0" in run.stderr
     assert not (tmp_path / "a").exists()
+
+
+# --------------------------------------------------------------------------- compose: the objectstore profile
+OBJECTSTORE = ("objectstore",)
+STORE_DOTENV = {**DOTENV, "ALEXNET_COMPOSE_ARTIFACTS": STORE_URL}
+OFFICIAL_RELEASE = r"RELEASE\.\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}Z"  # MinIO's release tags
+
+
+def _bucket_created_at_init() -> str:
+    """The bucket minio-init makes: ``mc mb --ignore-existing <alias>/<bucket>``."""
+    init = SERVICES["minio-init"]
+    arguments = init["entrypoint"] + init["command"]
+    assert arguments[:3] == ["mc", "mb", "--ignore-existing"] and len(arguments) == 4, arguments
+    alias, bucket = arguments[3].split("/")
+    assert f"MC_HOST_{alias}" in init["environment"], init["environment"]
+    return bucket
+
+
+def test_the_objectstore_services_exist_only_under_their_profile():
+    assert {name for name, service in SERVICES.items() if "profiles" in service} == set(OBJECTSTORE_SERVICES)
+    for name in OBJECTSTORE_SERVICES:
+        assert SERVICES[name]["profiles"] == list(OBJECTSTORE)
+    default, store = compose_project(), compose_project(OBJECTSTORE, STORE_DOTENV)
+    assert not set(default) & set(OBJECTSTORE_SERVICES)
+    assert set(store) == set(default) | set(OBJECTSTORE_SERVICES)
+    # Without the profile the Airflow services drop the dependency on the bucket, and start as before.
+    for name in AIRFLOW_SERVICES:
+        assert "minio-init" not in default[name]["depends_on"], name
+        assert store[name]["depends_on"]["minio-init"] == {"condition": "service_completed_successfully",
+                                                           "required": False}, name
+    # Every other service uses MinIO's volume: nothing else does.
+    users = {name for name, service in SERVICES.items() if "minio-data" in _mounts(service)}
+    assert users == {"minio"} and _mounts(SERVICES["minio"]) == {"minio-data": ("/data", False)}
+
+
+def test_without_the_profile_the_artifacts_stay_on_the_shared_volume():
+    default = compose_project()
+    for name in AIRFLOW_SERVICES:
+        environment = default[name]["environment"]
+        assert environment["ALEXNET_ARTIFACTS"] == VOLUME_MOUNTS["artifacts"], name
+        assert _mounts(default[name])["artifacts"] == (VOLUME_MOUNTS["artifacts"], False), name
+    assert _mounts(default["tensorboard"]) == {"artifacts": (VOLUME_MOUNTS["artifacts"], True)}
+    # The MinIO key pair may stay empty without the profile: no `:?` on it anywhere.
+    compose_project((), {**DOTENV, "MINIO_ROOT_USER": "", "MINIO_ROOT_PASSWORD": ""})
+    # An ALEXNET_ARTIFACTS of this machine's shell (make run's) is not what compose reads.
+    assert "${ALEXNET_ARTIFACTS" not in (ROOT / "docker-compose.yaml").read_text()
+
+
+def test_the_objectstore_images_are_the_official_ones_pinned_to_a_release():
+    assert re.fullmatch(f"minio/minio:{OFFICIAL_RELEASE}", SERVICES["minio"]["image"])
+    assert re.fullmatch(f"minio/mc:{OFFICIAL_RELEASE}", SERVICES["minio-init"]["image"])
+    assert "build" not in SERVICES["minio"] and "build" not in SERVICES["minio-init"]
+
+
+def test_the_bucket_is_created_by_mc_once_minio_is_healthy():
+    minio, init = SERVICES["minio"], SERVICES["minio-init"]
+    assert minio["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    assert minio["restart"] == "always"
+    assert init["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    assert init.get("restart", "no") == "no"  # one shot
+    bucket = _bucket_created_at_init()
+    assert STORE_URL == f"s3://{bucket}/artifacts"
+    environment = compose_project(OBJECTSTORE, STORE_DOTENV)["minio-init"]["environment"]
+    [url] = environment.values()
+    assert url == f"http://{DOTENV['MINIO_ROOT_USER']}:{DOTENV['MINIO_ROOT_PASSWORD']}@minio:9000", url
+
+
+def test_every_airflow_service_reaches_the_store_through_the_minio_connection():
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    from airflow.sdk import Connection
+
+    from alexnet_tasks.store import parse_location
+
+    store = compose_project(OBJECTSTORE, STORE_DOTENV)
+    assert parse_location(STORE_URL).url == STORE_URL
+    for name in AIRFLOW_SERVICES:
+        environment = store[name]["environment"]
+        assert environment["ALEXNET_ARTIFACTS"] == STORE_URL, name
+        conn_id = environment["ALEXNET_ARTIFACTS_CONN_ID"]
+        variable = f"AIRFLOW_CONN_{conn_id.upper()}"
+        # Airflow itself reads the connection from the variable, as the service does.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(variable, environment[variable])
+            connection = Connection.get(conn_id)
+            hook_config = S3Hook(aws_conn_id=conn_id).conn_config
+        assert connection.conn_type == "aws", name
+        assert (connection.login, connection.password) == (DOTENV["MINIO_ROOT_USER"], DOTENV["MINIO_ROOT_PASSWORD"])
+        endpoint = urllib.parse.urlsplit(connection.extra_dejson["endpoint_url"])
+        assert (endpoint.scheme, endpoint.hostname, endpoint.port) == ("http", "minio", 9000), name
+        assert endpoint.hostname in store and "--address" not in store["minio"]["command"][0]  # MinIO's API port
+        assert connection.extra_dejson["region_name"] == "us-east-1"
+        assert (hook_config.endpoint_url, hook_config.region_name) == ("http://minio:9000", "us-east-1")
+        # Each container's own cache: a folder of its own filesystem, on no shared volume.
+        cache = Path(environment["ALEXNET_CACHE"])
+        assert cache.is_absolute(), name
+        assert not any(cache.is_relative_to(path) for path, _ in _mounts(store[name]).values()), name
+
+
+def test_the_minio_key_pair_comes_from_dotenv_and_minio_refuses_to_start_without_it(tmp_path):
+    text = (ROOT / "docker-compose.yaml").read_text()
+    uses = re.findall(r"\$\{(MINIO_ROOT_USER|MINIO_ROOT_PASSWORD)([^}]*)\}", text)
+    assert {name for name, _ in uses} == {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
+    assert all(default == ":-" for _, default in uses), uses  # no default value: nothing baked in
+    assert "minioadmin" not in text.lower()
+    example = cluster.read_env_file(ROOT / ".env.example")
+    assert example["MINIO_ROOT_USER"] == example["MINIO_ROOT_PASSWORD"] == ""
+    assert example["ALEXNET_COMPOSE_ARTIFACTS"] == ""
+
+    # MinIO would fall back to its default key pair: its start-up line refuses to, before it runs.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "minio").write_text(f'#!/bin/sh\necho "$*" > {tmp_path}/minio-ran\n')
+    (fake_bin / "minio").chmod(0o755)
+    minio = compose_project(OBJECTSTORE, STORE_DOTENV)["minio"]
+    start = minio["entrypoint"] + minio["command"]
+    assert start[:2] == ["/bin/sh", "-c"]
+
+    def started(user: str, password: str) -> subprocess.CompletedProcess:
+        env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "MINIO_ROOT_USER": user, "MINIO_ROOT_PASSWORD": password}
+        return subprocess.run(start, env=env, capture_output=True, text=True, timeout=30)
+
+    for user, password, named in (("", "", "MINIO_ROOT_USER"), ("alexnet", "", "MINIO_ROOT_PASSWORD"),
+                                  ("alexnet", 'with"quote', "MINIO_ROOT_PASSWORD"),
+                                  ("alex@net", "a" * 40, "MINIO_ROOT_USER")):
+        run = started(user, password)
+        assert run.returncode != 0 and f"{named} in .env" in run.stderr, (user, password, run.stderr)
+        assert not (tmp_path / "minio-ran").exists()
+        assert not password or password not in run.stderr  # the secret is not printed
+    run = started("alexnet", "0123456789abcdef-_XYZ")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "minio-ran").read_text() == "server /data\n"
+
+
+def test_the_objectstore_profile_publishes_nothing():
+    for name in OBJECTSTORE_SERVICES:
+        assert "ports" not in SERVICES[name], name
+    store = compose_project(OBJECTSTORE, STORE_DOTENV)
+    published = {name for name, service in store.items() if service.get("ports")}
+    assert published == {"api-server", "tensorboard"}
+
+
+def test_the_deploy_page_tells_the_objectstore_lines_compose_reads():
+    page = (ROOT / "docs" / "deploy.md").read_text()
+    section = page[page.index("## Object store (MinIO)"):]
+    assert "docker compose --profile objectstore up -d" in section
+    text = (ROOT / "docker-compose.yaml").read_text()
+    example = cluster.read_env_file(ROOT / ".env.example")
+    lines = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", section, re.M))
+    assert {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "ALEXNET_COMPOSE_ARTIFACTS"} <= set(lines)
+    for key in lines:
+        assert key in example and f"${{{key}:-" in text, key
+    assert lines["ALEXNET_COMPOSE_ARTIFACTS"] == STORE_URL
+    assert f"s3://{_bucket_created_at_init()}/" in STORE_URL
+    assert "deploy.md#object-store-minio" in (ROOT / "docs" / "several-hosts.md").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv, as in the image")
+def test_init_script_prepares_no_folder_for_an_object_store_root():
+    uid = "50123"
+    root = Path(tempfile.mkdtemp(prefix="alexnet-init-", dir="/tmp"))
+    try:
+        root.chmod(0o755)  # reachable by AIRFLOW_UID, as / is in the container
+        fake_bin = root / "bin"
+        fake_bin.mkdir()
+        (fake_bin / "airflow").write_text("#!/bin/sh\nexit 0\n")
+        (fake_bin / "airflow").chmod(0o755)
+        (fake_bin / "python").symlink_to("/usr/bin/python3")
+        workdir = root / "workdir"
+        workdir.mkdir()
+        environment = compose_project(OBJECTSTORE, STORE_DOTENV)["airflow-init"]["environment"]
+        env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "AIRFLOW_UID": uid, "AIRFLOW_ADMIN_PASSWORD": "s3cret",
+               "AIRFLOW_HOME": str(root / "airflow"), "ALEXNET_ARTIFACTS": environment["ALEXNET_ARTIFACTS"],
+               "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(root / "auth" / "passwords.json")}
+        run = subprocess.run(["bash", str(ROOT / "deploy" / "airflow-init.sh")], env=env, cwd=workdir,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"ALEXNET_ARTIFACTS={STORE_URL}: an object store, no local folder to prepare" in run.stdout
+        assert list(workdir.iterdir()) == []  # no folder named s3:
+        for folder in (root / "airflow" / "logs", root / "auth"):
+            assert folder.stat().st_uid == int(uid), folder
+        assert json.loads((root / "auth" / "passwords.json").read_text()) == {"admin": "s3cret"}
+    finally:
+        shutil.rmtree(root)
 
 
 # --------------------------------------------------------------------------- pinned GPU image
