@@ -45,7 +45,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from alexnet_tasks.atomic import file_lock, temp_sibling
+from alexnet_tasks.atomic import atomic_write_bytes, file_lock, temp_sibling
 from alexnet_tasks.layout import (
     INDEX, INDEX_TABLE, LATEST, METRICS, MODEL, PROMOTIONS, PUBLISHED, RUNS, TENSORBOARD, data_key, published_path,
 )
@@ -289,6 +289,18 @@ class LocalStore:
         """The published folder ``path`` (``runs/<run>``) on this disk."""
         return self.root / path
 
+    def read_bytes(self, name: str) -> bytes | None:
+        """The file ``name`` under ``published/`` (``sweeps/<run>.json``), or None when it does not exist."""
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Replace the file ``name`` under ``published/`` in one atomic rename."""
+        (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.root / name, data)
+
     def put_folder(self, path: str, local: Path) -> None:
         """Make ``local`` the published folder ``path``: here it already is (publish builds it in place)."""
         if Path(local).resolve() != (self.root / path).resolve():
@@ -487,6 +499,15 @@ class S3Store:
             for item in page.get("Contents", []):
                 found[item["Key"][len(prefix):]] = item["Size"]
         return found
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The object ``name`` under ``published/`` (``sweeps/<run>.json``), or None when it does not exist."""
+        found = self._get(name)
+        return None if found is None else found[0]
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Replace the object ``name`` under ``published/`` (one PUT: readers see the old or the new one)."""
+        self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
 
     def put_folder(self, path: str, local: Path) -> None:
         """Make the published folder ``path`` on the store hold exactly the files of ``local``.
