@@ -328,37 +328,56 @@ class ObjectStore:
     def put_files(self, folder: Path, key: str, names: list[str] | None = None) -> list[str]:
         """Upload files of local ``folder`` under ``key/``: the relative ``names`` given (those that exist), else every file.
 
-        Returns the relative names uploaded, in the order uploaded (sorted).
+        Returns the relative names uploaded, in the order uploaded. Each
+        object's ETag is noted in ``folder``'s ``.store-etags.json``, so that
+        ``fetch_files`` on this host does not download what it uploaded.
         """
         folder = Path(folder)
         if names is None:
-            names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-        uploaded = []
+            names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                           if path.is_file() and path.name != ETAGS)
+        uploaded, etags = [], {}
         for name in names:
             if (folder / name).is_file():
                 self.put_file(folder / name, f"{key}/{_check_key(name)}")
                 uploaded.append(name)
+                etags[name] = self.filesystem.info(self.path(f"{key}/{name}")).get("ETag")
+        _note_etags(folder, etags)
         return uploaded
+
+    def _listing(self, key: str) -> dict[str, dict]:
+        """``{relative name: info}`` of every object under ``key/`` (size, ETag where the filesystem gives one)."""
+        root = self.path(key)
+        self.filesystem.invalidate_cache(root)
+        try:
+            found = self.filesystem.find(root, withdirs=False, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {path[len(root) + 1:]: info for path, info in found.items() if path.startswith(root + "/")}
 
     def list_files(self, key: str) -> list[str]:
         """The relative names of every object under ``key/`` (empty when there are none)."""
-        root = self.path(key)
-        try:
-            found = self.filesystem.find(root, withdirs=False)
-        except FileNotFoundError:
-            return []
-        return sorted(path[len(root) + 1:] for path in found if path.startswith(root + "/"))
+        return sorted(self._listing(key))
 
     def fetch_files(self, key: str, folder: Path, names: list[str] | None = None) -> list[str]:
         """Download objects under ``key/`` into local ``folder``: the relative ``names`` given (those that exist), else all.
 
-        Each file is written under a temporary name and renamed into place,
-        so a reader of ``folder`` never sees half of one. Returns the names fetched.
+        A local file whose noted ETag (``.store-etags.json``, from the last
+        put or fetch on this host) and size match the object's is kept, not
+        downloaded again. Each download goes to a temporary name and is
+        renamed into place, so a reader of ``folder`` never sees half of a
+        file. Returns the names downloaded.
         """
-        available = set(self.list_files(key))
-        wanted = sorted(available) if names is None else [name for name in names if name in available]
+        folder = Path(folder)
+        listing = self._listing(key)
+        wanted = sorted(listing) if names is None else [name for name in names if name in listing]
+        noted = _noted_etags(folder)
+        fetched, etags = [], {}
         for name in wanted:
-            target = Path(folder) / name
+            target, etag = folder / name, listing[name].get("ETag")
+            if (etag is not None and noted.get(name) == etag and target.is_file()
+                    and target.stat().st_size == listing[name].get("size")):
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = target.with_name(f"{target.name}.fetching-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             try:
@@ -366,7 +385,10 @@ class ObjectStore:
                 os.replace(temporary, target)
             finally:
                 temporary.unlink(missing_ok=True)
-        return wanted
+            fetched.append(name)
+            etags[name] = etag
+        _note_etags(folder, etags)
+        return fetched
 
     def read(self, key: str) -> bytes | None:
         """The bytes of object ``key``, or None when it does not exist."""
@@ -448,6 +470,27 @@ class ObjectStore:
 
     def delete_object(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+
+
+ETAGS = ".store-etags.json"  # in a local copy of a run's folder: the ETag of the object each file came from or went to
+
+
+def _noted_etags(folder: Path) -> dict:
+    try:
+        noted = json.loads((Path(folder) / ETAGS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return noted if isinstance(noted, dict) else {}
+
+
+def _note_etags(folder: Path, etags: dict) -> None:
+    if not etags:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    noted = {**_noted_etags(folder), **etags}
+    temporary = folder / f"{ETAGS}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary.write_text(json.dumps(noted, sort_keys=True))
+    os.replace(temporary, folder / ETAGS)
 
 
 # S3's answers to a conditional write that lost: 412, or 409 while another conditional write is in flight.

@@ -137,12 +137,17 @@ def fetch_shards(config: PipelineConfig, layout: Layout) -> Path:
 
 
 # --------------------------------------------------------------------------- a run's folder
-def fetch_run(layout: Layout, run_id: str, names: list[str] | None = None) -> Path:
-    """This host's copy of ``runs/<run>/``: the named files, else every file but the checkpoints and the lease."""
+def fetch_run(layout: Layout, run_id: str, names: list[str] | None = None, model: bool = True) -> Path:
+    """This host's copy of ``runs/<run>/``: the named files, else every file but the checkpoints and the lease.
+
+    Without ``model``, neither ``model.keras`` nor the TensorBoard logs (what the gate does not read).
+    Files this host already holds in the store's version are not downloaded again.
+    """
     store, run_dir = _store(layout), layout.run(run_id)
     if names is None:
         names = [name for name in store.list_files(_key(layout, run_dir))
-                 if not name.startswith(f"{CHECKPOINTS}/") and name != LEASE]
+                 if not name.startswith(f"{CHECKPOINTS}/") and name != LEASE
+                 and (model or (name != MODEL and not name.startswith(f"{TENSORBOARD}/")))]
     store.fetch_files(_key(layout, run_dir), run_dir, names)
     return run_dir
 
@@ -241,7 +246,7 @@ def registry(layout: Layout, airflow: bool = False):
 def gate(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
     from alexnet_tasks.release.gate import gate as decide
 
-    run_dir = fetch_run(layout, run_id)
+    run_dir = fetch_run(layout, run_id, model=False)
     decision = decide(fetch_shards(config, layout), layout.published, run_dir, config, run_id=run_id,
                       registry=registry(layout))
     put_run(layout, run_id, [DECISION])
