@@ -227,3 +227,14 @@ def test_a_whole_dag_run_on_the_store_publishes_there_and_writes_only_the_cache(
     # Nothing outside the cache: no local artifacts root, nothing in the working directory.
     assert list(work.iterdir()) == [] and not (tmp_path / "unused").exists()
     assert (cache / "s3" / bucket / "artifacts" / "runs").is_dir()
+
+    # TensorBoard's logs of the published run, mirrored from the store for TensorBoard to read.
+    from alexnet_tasks.ops.tensorboard_logs import log_folder
+    from builders import scalar_tags
+
+    location = parse_location(f"s3://{bucket}/artifacts")
+    reader = Layout(tmp_path / "reader", ObjectStore(location))
+    logs = log_folder(reader, tmp_path / "logs")
+    run_logs = logs / entry["path"].split("/")[-1] / "tensorboard"
+    assert {"train/epoch_loss", "validation/epoch_accuracy"} <= scalar_tags(run_logs)
+    assert log_folder(reader, tmp_path / "logs") == logs  # a second mirror fetches nothing new
