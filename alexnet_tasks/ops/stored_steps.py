@@ -112,8 +112,14 @@ def split(config: PipelineConfig, layout: Layout) -> dict:
         return split_source(fetch_batches(config, layout), root, config)
 
     stored = stored_folder(store, _key(layout, folder), build, layout.root)
-    return {**(stored["result"] or {"manifest": str(layout.manifest(config)), "reused": True}),
-            "store": store.url(_key(layout, folder))}
+    result = stored["result"]
+    if result is None:  # fetched: the same summary the split gives for a folder it finds built
+        import json
+
+        manifest = json.loads(layout.manifest(config).read_text())
+        result = {"manifest": str(layout.manifest(config)),
+                  **{name: len(part["indices"]) for name, part in manifest["splits"].items()}, "reused": True}
+    return {**result, "store": store.url(_key(layout, folder))}
 
 
 def build_shards(config: PipelineConfig, layout: Layout) -> dict:
@@ -128,7 +134,7 @@ def build_shards(config: PipelineConfig, layout: Layout) -> dict:
         return write_shards(fetch_batches(config, layout), layout.manifest(config), root, config)
 
     stored = stored_folder(store, _key(layout, folder), build, layout.root)
-    return {**(stored["result"] or {"shards": str(folder), "reused": True}), "store": store.url(_key(layout, folder))}
+    return {**(stored["result"] or {"shards_dir": str(folder), "reused": True}), "store": store.url(_key(layout, folder))}
 
 
 def fetch_shards(config: PipelineConfig, layout: Layout) -> Path:
