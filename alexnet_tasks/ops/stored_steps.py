@@ -236,6 +236,8 @@ def evaluate(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
 
     run_dir = fetch_run(layout, run_id)
     result = evaluate_model(run_dir / MODEL, fetch_shards(config, layout), run_dir, config)
+    if not (run_dir / PLAIN_PREDICTIONS).is_file():  # evaluated again without test-time augmentation
+        _store(layout).remove(f"{_key(layout, run_dir)}/{PLAIN_PREDICTIONS}")
     put_run(layout, run_id, [PREDICTIONS, PLAIN_PREDICTIONS, CONFUSION_MATRIX, TEST_SAMPLES, TENSORBOARD, METRICS],
             last=METRICS)
     return result
