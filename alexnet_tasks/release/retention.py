@@ -391,7 +391,11 @@ def prune_stored_runs(store: ObjectStore, registry: Registry, *, keep: int | Non
                 continue
             if cached_runs is not None and (Path(cached_runs) / name).is_dir():
                 with file_lock(Path(cached_runs) / LOCK):
-                    _remove(Path(cached_runs) / name)
+                    try:
+                        _remove(Path(cached_runs) / name)
+                    except OSError as error:  # a cache: whatever is left there is never read as the store's
+                        log.warning("retention: could not remove this host's copy %s: %s", Path(cached_runs) / name,
+                                    error)
         why = "published, not blessed" if name in published else "never published"
         log.info("retention: removed %s (%s, older than the newest %d runs, %.1f MB)", where, why, keep,
                  run.size / 1e6)
