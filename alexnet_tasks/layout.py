@@ -76,6 +76,7 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"  # per-epoch weights and optimizer state, only needed to resume
 STATE = "state.json"  # the last committed epoch of a training
 TRAIN_LOCK = "train.lock"
+LEASE = "lease.json"  # on an object store, what stands for the training lock: who trains the run now (store.Lease)
 
 # What a published run holds; the first two are required, the rest copied when present.
 PUBLISHED_REQUIRED = (MODEL, METRICS)

@@ -31,11 +31,18 @@ Every route requires a logged-in Airflow user allowed to read the DAG's runs
 (Airflow's own ``get_user`` and ``requires_access_dag``). What a page shows
 comes from ``alexnet_tasks.ui`` (the view model and the charts, on the
 registry of ``published/``): a run is found through its index entry and only
-named artifacts resolved inside ``published/`` are served; anything else is a 404.
+its named artifacts are served (on a local root only files resolved inside
+``published/``); anything else is a 404.
+
+``$ALEXNET_ARTIFACTS`` is a local folder or an object store
+(``s3://bucket/prefix``). Each request reads through one registry
+(``alexnet_tasks.ui.runs.published_registry``); on a store with the
+credentials of the Airflow connection ``$ALEXNET_ARTIFACTS_CONN_ID`` (default
+``aws_default``), an artifact streamed from its object.
 
 Workers import plugins for every task, so this module imports no TensorFlow,
-NumPy or matplotlib, and Airflow's API-server security helpers only when a
-request arrives.
+NumPy, matplotlib or boto3, and Airflow's API-server security helpers only
+when a request arrives.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from urllib.parse import quote, urlencode
 
 import jinja2
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response, StreamingResponse
 
 from airflow.plugins_manager import AirflowPlugin
 from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
@@ -58,7 +65,20 @@ from alexnet_tasks.layout import CONFUSION_MATRIX, MODEL
 from alexnet_tasks.release.registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry
 from alexnet_tasks.ui.charts import accuracy_over_time, compared_curves, training_curves
 from alexnet_tasks.ui.compare import compare_runs
-from alexnet_tasks.ui.runs import ARTIFACTS, RunView, artifact_path, find_run, load_details, published_root, runs_page
+from alexnet_tasks.ui.runs import (
+    ARTIFACTS,
+    RunView,
+    artifact_names,
+    artifact_path,
+    champion_id,
+    find_run,
+    is_local,
+    load_details,
+    open_stored_artifact,
+    published_location,
+    published_registry,
+    runs_page,
+)
 from alexnet_tasks.ui.sweeps import load_sweep
 
 log = logging.getLogger(__name__)
@@ -73,6 +93,7 @@ LINKED_TASKS = ("train", "evaluate", "publish")
 TENSORBOARD_ENV = "ALEXNET_TENSORBOARD_URL"
 DEFAULT_TENSORBOARD = "http://127.0.0.1:6006"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+CHUNK = 1 << 20  # bytes of an artifact streamed from an object store at a time
 
 
 # --------------------------------------------------------------------------- pages
@@ -102,14 +123,14 @@ def _message(title: str, text: str, plugin_root: str, status_code: int) -> HTMLR
                  airflow_root=plugin_root + "../")
 
 
-def _run_page(root: Path, run: RunView, plugin_root: str) -> HTMLResponse:
-    load_details(root, run)
+def _run_page(registry: Registry, run: RunView, plugin_root: str) -> HTMLResponse:
+    load_details(registry, run)
     loss_chart, accuracy_chart = training_curves(run.history)
     per_class = run.metrics.get("per_class_accuracy")
-    files = {name: artifact_path(run, root, name) is not None for name in ARTIFACTS}
+    present = artifact_names(registry, run)
+    files = {name: name in present for name in ARTIFACTS}
     approval = run.entry.get("approval")
-    champion = Registry(root).champion()
-    champion_id = champion["run_id"] if champion and champion["entry"] else None
+    champion = champion_id(registry)
     return _page(
         "alexnet_run.html", run=run, plugin_root=plugin_root, airflow_root=plugin_root + "../",
         files=files, loss_chart=loss_chart, accuracy_chart=accuracy_chart,
@@ -117,7 +138,7 @@ def _run_page(root: Path, run: RunView, plugin_root: str) -> HTMLResponse:
         tensorboard=tensorboard_url(), folder_name=run.folder.name if run.folder else None,
         approval=approval if isinstance(approval, dict) else None, promote_dag=PROMOTE_DAG_ID,
         promote=promote_link(run.run_id),
-        compare=compare_link(run.run_id, champion_id) if champion_id and champion_id != run.run_id else None,
+        compare=compare_link(run.run_id, champion) if champion and champion != run.run_id else None,
     )
 
 
@@ -179,9 +200,9 @@ def list_page(page: int = 1, size: int = DEFAULT_PAGE_SIZE, blessed: bool = Fals
               recipe: str | None = None, sweep: str | None = None) -> HTMLResponse:
     if page < 1 or not 1 <= size <= MAX_PAGE_SIZE:
         return _message("No such page", f"page must be 1 or more and size 1 to {MAX_PAGE_SIZE}.", "", 400)
-    root = published_root()
+    registry = published_registry()
     recipe, sweep = recipe or None, sweep or None
-    runs, found = runs_page(root, (page - 1) * size, size, blessed=True if blessed else None, recipe=recipe,
+    runs, found = runs_page(registry, (page - 1) * size, size, blessed=True if blessed else None, recipe=recipe,
                             sweep=sweep)
     pages = max(1, -(-found.total // size))
     # The compare form starts on the newest run that is not the champion (A) and the champion (B).
@@ -190,15 +211,15 @@ def list_page(page: int = 1, size: int = DEFAULT_PAGE_SIZE, blessed: bool = Fals
     picked = (others + champions + [None])[0], (champions + others[1:] + [None])[0]
     return _page(
         "alexnet_runs.html", runs=runs, chart=accuracy_over_time(runs), plugin_root="", airflow_root="../",
-        root=str(root), page=page, pages=pages, picked=picked, total=found.total, blessed=blessed, recipe=recipe, sweep=sweep,
-        recipes=Registry(root).values("recipe"),
+        root=published_location(registry), page=page, pages=pages, picked=picked, total=found.total,
+        blessed=blessed, recipe=recipe, sweep=sweep, recipes=registry.values("recipe"),
         newer=_list_link(page - 1, size, blessed, recipe, sweep) if found.has_newer else None,
         older=_list_link(page + 1, size, blessed, recipe, sweep) if found.has_older else None,
     )
 
 
 def _sweep_page(sweep_id: str, plugin_root: str) -> HTMLResponse:
-    sweep = load_sweep(published_root(), sweep_id)
+    sweep = load_sweep(published_registry(), sweep_id)
     if sweep is None:
         return _message(
             "No sweep results yet",
@@ -215,33 +236,33 @@ def sweep_page(run_id: str) -> HTMLResponse:
 
 @app.get("/runs/{run_id}", response_class=HTMLResponse)
 def run_page(run_id: str) -> HTMLResponse:
-    root = published_root()
-    run = find_run(root, run_id)
+    registry = published_registry()
+    run = find_run(registry, run_id)
     if run is None:
         return _message("Unknown run", f"No published run {run_id!r} in the index.", "../", 404)
-    return _run_page(root, run, "../")
+    return _run_page(registry, run, "../")
 
 
 @app.get("/history", response_class=HTMLResponse)
 def history_page() -> HTMLResponse:
     """Every change of champion, newest first: when, from which run to which, why, who, which Airflow run."""
-    root = published_root()
-    return _page("alexnet_history.html", changes=Registry(root).history(), plugin_root="", airflow_root="../",
-                 root=str(root), quote=lambda text: quote(text, safe=""))
+    registry = published_registry()
+    return _page("alexnet_history.html", changes=registry.history(), plugin_root="", airflow_root="../",
+                 root=published_location(registry), quote=lambda text: quote(text, safe=""))
 
 
 @app.get("/compare", response_class=HTMLResponse)
 def compare_page(a: str = "", b: str = "") -> HTMLResponse:
     if not a or not b:
         return _message("Pick two runs", "The compare page needs two runs: compare?a=<run id>&b=<run id>.", "", 400)
-    root = published_root()
-    comparison = compare_runs(root, a, b)
+    registry = published_registry()
+    comparison = compare_runs(registry, a, b)
     if comparison is None:
-        unknown = [run_id for run_id in (a, b) if find_run(root, run_id) is None]
+        unknown = [run_id for run_id in (a, b) if find_run(registry, run_id) is None]
         return _message("Unknown run", f"No published run {unknown[0]!r} in the index.", "", 404)
     first, second = comparison.first, comparison.second
     loss_chart, accuracy_chart = compared_curves(first.history, second.history)
-    matrices = [(label, run, artifact_path(run, root, CONFUSION_MATRIX) is not None)
+    matrices = [(label, run, CONFUSION_MATRIX in artifact_names(registry, run))
                 for label, run in (("A", first), ("B", second))]
     return _page(
         "alexnet_compare.html", plugin_root="", airflow_root="../", first=first, second=second,
@@ -264,29 +285,45 @@ def promote_page(run: str = "") -> HTMLResponse:
     """
     if not run:
         return _message("Pick a run", "The promote page needs a run: promote?run=<run id>.", "", 400)
-    root = published_root()
-    candidate = find_run(root, run)
+    registry = published_registry()
+    candidate = find_run(registry, run)
     if candidate is None:
         return _message("Unknown run", f"No published run {run!r} in the index.", "", 404)
-    champion = Registry(root).champion()
-    champion_run = find_run(root, champion["run_id"]) if champion and champion["entry"] else None
+    champion = champion_id(registry)
+    champion_run = find_run(registry, champion) if champion else None
     return _page(
         "alexnet_promote.html", plugin_root="", airflow_root="../", run=candidate, champion=champion_run,
-        has_model=artifact_path(candidate, root, MODEL) is not None, promote_dag=PROMOTE_DAG_ID,
+        has_model=MODEL in artifact_names(registry, candidate), promote_dag=PROMOTE_DAG_ID,
         trigger_url="../" + trigger_path(PROMOTE_DAG_ID),
     )
 
 
 @app.get("/runs/{run_id}/files/{name}")
-def run_file(run_id: str, name: str) -> FileResponse:
-    root = published_root()
-    run = find_run(root, run_id)
-    path = artifact_path(run, root, name) if run is not None else None
-    if path is None:
-        raise HTTPException(404, "Not Found")
+def run_file(run_id: str, name: str) -> Response:
+    """A named artifact of an indexed run: a local file, or streamed from its object on a store; else 404."""
+    registry = published_registry()
+    run = find_run(registry, run_id)
     download = name == MODEL
-    return FileResponse(path, media_type=ARTIFACTS[name], filename=name if download else None,
-                        content_disposition_type="attachment" if download else "inline")
+    if is_local(registry):
+        path = artifact_path(run, registry.store.root, name) if run is not None else None
+        if path is None:
+            raise HTTPException(404, "Not Found")
+        return FileResponse(path, media_type=ARTIFACTS[name], filename=name if download else None,
+                            content_disposition_type="attachment" if download else "inline")
+    stored = open_stored_artifact(registry, run, name) if run is not None else None
+    if stored is None:
+        raise HTTPException(404, "Not Found")
+
+    def chunks():
+        try:
+            yield from stored.body.iter_chunks(CHUNK)
+        finally:
+            stored.body.close()
+
+    headers = {"Content-Length": str(stored.size)}
+    if download:
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
+    return StreamingResponse(chunks(), media_type=ARTIFACTS[name], headers=headers)
 
 
 @app.get("/dags/{dag_id}/runs/{run_id}", response_class=HTMLResponse)
@@ -298,15 +335,15 @@ def run_tab(dag_id: str, run_id: str) -> HTMLResponse:
         return _message("No AlexNet results",
                         f"Results are shown for runs of {DAG_ID} and {SWEEP_DAG_ID}; {dag_id} is another DAG.",
                         plugin_root, 200)
-    root = published_root()
-    run = find_run(root, run_id)
+    registry = published_registry()
+    run = find_run(registry, run_id)
     if run is None:
         return _message(
             "No results yet",
             f"Run {run_id} has not published results (yet): they appear here once its publish task has succeeded.",
             plugin_root, 404,
         )
-    return _run_page(root, run, plugin_root)
+    return _run_page(registry, run, plugin_root)
 
 
 # --------------------------------------------------------------------------- plugin

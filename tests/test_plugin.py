@@ -29,7 +29,7 @@ NEW_RUN = "scheduled__2026-11-29T02:00:00+00:00"
 
 
 # --------------------------------------------------------------------------- loading (no training)
-def test_plugin_module_imports_no_tensorflow_numpy_or_matplotlib():
+def test_plugin_module_imports_no_tensorflow_numpy_matplotlib_or_boto3():
     code = (
         "import sys, importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('alexnet_results', {str(PLUGIN_FILE)!r})\n"
@@ -37,7 +37,8 @@ def test_plugin_module_imports_no_tensorflow_numpy_or_matplotlib():
         "sys.modules[spec.name] = module  # as Airflow's plugin loader does\n"
         "spec.loader.exec_module(module)\n"
         "assert module.AlexNetResultsPlugin.fastapi_apps\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'numpy', 'matplotlib', 'h5py'})\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'numpy', 'matplotlib', 'h5py',\n"
+        "                                                     'boto3', 'botocore', 's3fs'})\n"
         "security = 'airflow.api_fastapi.core_api.security' in sys.modules\n"
         "package = all(m in sys.modules for m in ('alexnet_tasks.ui.runs', 'alexnet_tasks.ui.charts', "
         "'alexnet_tasks.release.registry'))\n"

@@ -20,8 +20,11 @@ two transfers:
   run, put what they wrote (``metrics.json``, ``decision.json`` last).
 * ``publish``: the copy is built in the cache and put under
   ``published/runs/<run>/``, then the index line and the champion pointer
-  move on the store by conditional writes (``release.registry.S3Store``);
-  the run's checkpoints are then removed from the store.
+  move on the store by conditional writes (``release.registry.S3Store``).
+  Then retention, on the store (``release.retention.drop_stored_checkpoints``
+  and ``prune_stored_runs``: the run's checkpoints, then the old runs
+  nothing keeps) and in this host's cache (the run's checkpoints, the
+  copies of pruned runs).
 
 A step called from Python opens the store with the library's credentials
 (``store.open_store``); the DAG's tasks with the Airflow connection
@@ -45,6 +48,7 @@ from alexnet_tasks.layout import (
     CONFIG,
     DECISION,
     HISTORY,
+    LEASE,
     METRICS,
     MODEL,
     STATE,
@@ -55,8 +59,6 @@ from alexnet_tasks.layout import (
 from alexnet_tasks.store import Lease, ObjectStore
 
 log = logging.getLogger(__name__)
-
-LEASE = "lease.json"  # runs/<run>/lease.json: who trains the run now (store.Lease)
 
 
 def _key(layout: Layout, path: Path) -> str:
@@ -262,10 +264,25 @@ def gate(config: PipelineConfig, layout: Layout, run_id: str) -> dict:
 
 
 def publish(config: PipelineConfig, layout: Layout, run_id: str, **options) -> dict:
-    """Publish as the gate decided, on the store; then drop the run's checkpoints there and in this cache."""
+    """Publish as the gate decided, on the store; then retention on the store and in this host's cache.
+
+    ``options`` are ``release.publish.publish``'s (``keep_runs``, ``dag_id``,
+    ``sweep``). Its retention runs on this host's cache: the cache's copy of
+    the run loses its checkpoints, and cached runs the index does not keep
+    go. Then on the store the run's checkpoints are dropped and ``runs/`` is
+    pruned beyond the newest ``keep_runs`` (``release.retention.prune_stored_runs``),
+    the cached copies of the pruned runs with them. The result is publish's,
+    with ``checkpoint_bytes_freed`` and ``pruned_runs`` of the store, and
+    ``cache``: what retention freed and pruned in this host's cache.
+    """
+    from alexnet_tasks.release import retention
     from alexnet_tasks.release.publish import publish as publish_run
 
     store, run_dir = _store(layout), fetch_run(layout, run_id)
-    result = publish_run(run_dir, layout.published, config, run_id=run_id, registry=registry(layout), **options)
-    store.remove(f"{_key(layout, run_dir)}/{CHECKPOINTS}")
-    return result
+    published = registry(layout)
+    result = publish_run(run_dir, layout.published, config, run_id=run_id, registry=published, **options)
+    cache = {"checkpoint_bytes_freed": result["checkpoint_bytes_freed"], "pruned_runs": result["pruned_runs"]}
+    freed = retention.drop_stored_checkpoints(store, run_dir.name)
+    pruned = retention.prune_stored_runs(store, published, keep=options.get("keep_runs"), protect=(run_dir.name,),
+                                         cached_runs=run_dir.parent)
+    return {**result, "checkpoint_bytes_freed": freed, "pruned_runs": pruned, "cache": cache}

@@ -1,6 +1,6 @@
 """Two published runs side by side: what differs, by how much, and image by image.
 
-``compare_runs(root, first, second)`` builds the ``Comparison`` the compare
+``compare_runs(registry, first, second)`` builds the ``Comparison`` the compare
 page shows: the settings that differ, the headline figures and the per-class
 test accuracies of both with their deltas (first minus second), and the
 paired table of the gate (both right, only the first, only the second, both
@@ -12,8 +12,12 @@ headline predictions when both runs used the same test-time augmentation,
 otherwise the plain ones. It needs both runs scored on the same test images
 (``test_images_sha256``) and the test shard the runs name
 (``$ALEXNET_ARTIFACTS/data/<data_key>/test.h5``); without them the page says
-why there is no table. NumPy and h5py are imported only when a comparison is
-made (the gate's ``paired_counts``), never when the plugin loads.
+why there is no table. On an object store the runs' published folders (but
+their models and logs) and the test shard are fetched into this host's cache
+of the store, each file checked as the pipeline's steps check it, the shard
+once per data key (with the Airflow connection of the store, as the plugin
+reads it). NumPy and h5py are imported only when a comparison is made (the
+gate's ``paired_counts``), never when the plugin loads.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alexnet_tasks.layout import DATA
+from alexnet_tasks.layout import DATA, shard_name
 from alexnet_tasks.release.gate import _read_predictions, _test_labels, augmentation_kind, figures_of_kind, paired_counts
-from alexnet_tasks.ui.runs import RunView, _inside, _number, find_run, load_details
+from alexnet_tasks.release.registry import Registry
+from alexnet_tasks.ui.runs import RunView, _inside, _number, find_run, is_local, load_details
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +96,46 @@ def per_class_rows(first: RunView, second: RunView) -> list[Row]:
     return [Row(name, _number(ours.get(name)), _number(theirs.get(name))) for name in names]
 
 
-def shards_of(root: Path, run: RunView) -> Path | None:
-    """The shard folder a run was trained and scored on, if it is a folder under the artifacts' ``data/``."""
+class NoShardError(ValueError):
+    """The test shard a run names cannot be read here; the message says why."""
+
+
+def shards_of(registry: Registry, run: RunView) -> Path:
+    """The shard folder a run was trained and scored on, with its test shard on this host.
+
+    On a local root, the folder under the artifacts' ``data/``; on a store,
+    the test shard fetched into this host's cache of the store. Raises
+    ``NoShardError`` naming where it looked.
+    """
     key = run.entry.get("data_key")
-    if not isinstance(key, str) or not key or Path(key).is_absolute():
+    if not isinstance(key, str) or not key or Path(key).is_absolute() or ".." in Path(key).parts:
+        raise NoShardError(f"the run names no data folder of its test shard (data_key {key!r})")
+    if is_local(registry):
+        data = (registry.store.root.parent / DATA).resolve()
+        folder = _inside(data, data / key)
+        if folder is None or not folder.is_dir():
+            raise NoShardError(f"the test shard of data {key!r} is not under {registry.store.root.parent / DATA}")
+        return folder
+    from alexnet_tasks.errors import MissingInputError
+    from alexnet_tasks.store import StoreContentError, open_store
+
+    store = open_store(registry.store.location, airflow=True)
+    try:
+        return store.fetch_folder(f"{DATA}/{key}", registry.store.cache, only=(shard_name("test"),))
+    except MissingInputError:
+        raise NoShardError(f"the test shard of data {key!r} is not on the store ({store.url(f'{DATA}/{key}')})") from None
+    except StoreContentError as error:
+        raise NoShardError(str(error)) from None
+
+
+def local_folder(registry: Registry, run: RunView) -> Path | None:
+    """The run's published folder on this host: itself on a local root, else fetched (but its model and logs)."""
+    if run.folder is None:
         return None
-    data = (Path(root).parent / DATA).resolve()
-    folder = _inside(data, data / key)
-    return folder if folder is not None and folder.is_dir() else None
+    return Path(run.folder) if is_local(registry) else registry.store.folder(str(run.folder))
 
 
-def _paired(root: Path, comparison: Comparison) -> None:
+def _paired(registry: Registry, comparison: Comparison) -> None:
     """Fill in the paired table, or the reason there is none."""
     first, second = comparison.first, comparison.second
     kind = augmentation_kind(first.metrics)
@@ -114,36 +148,34 @@ def _paired(root: Path, comparison: Comparison) -> None:
     if first.folder is None or second.folder is None:
         comparison.paired_missing = "a run's published folder is missing"
         return
-    paths = [figures_of_kind(run.metrics, run.folder, comparison.compared_as)[1] for run in (first, second)]
+    paths = [figures_of_kind(run.metrics, local_folder(registry, run), comparison.compared_as)[1]
+             for run in (first, second)]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         comparison.paired_missing = f"a run has no per-image predictions ({', '.join(missing)})"
         return
-    shards = shards_of(root, first)
-    if shards is None:
-        comparison.paired_missing = (f"the test shard of data {first.entry.get('data_key')!r} is not under "
-                                     f"{Path(root).parent / DATA}")
-        return
     try:
-        labels = _test_labels(shards, ours)
+        labels = _test_labels(shards_of(registry, first), ours)
         comparison.paired = paired_counts(*(_read_predictions(path) for path in paths), labels)
+    except NoShardError as error:
+        comparison.paired_missing = str(error)
     except (OSError, ValueError) as error:  # ShardError is a ValueError
         log.warning("comparing %s with %s: %s", first.run_id, second.run_id, error)
         comparison.paired_missing = str(error)
 
 
-def compare_runs(root: Path, first_id: str, second_id: str) -> Comparison | None:
+def compare_runs(registry: Registry, first_id: str, second_id: str) -> Comparison | None:
     """The comparison of two published runs (A = ``first_id``, B = ``second_id``); None when either is unknown.
 
-    ``root`` is ``published/``. Never raises for what the runs' files hold:
-    a missing or unreadable file leaves its part empty and, for the paired
-    table, sets ``paired_missing``.
+    ``registry`` is ``published/``'s. Never raises for what the runs' files
+    hold: a missing or unreadable file leaves its part empty and, for the
+    paired table, sets ``paired_missing``.
     """
-    first, second = find_run(root, first_id), find_run(root, second_id)
+    first, second = find_run(registry, first_id), find_run(registry, second_id)
     if first is None or second is None:
         return None
     for run in (first, second):
-        load_details(root, run)
+        load_details(registry, run)
     comparison = Comparison(
         first=first,
         second=second,
@@ -151,5 +183,5 @@ def compare_runs(root: Path, first_id: str, second_id: str) -> Comparison | None
         headline=[Row(name, read(first), read(second), kind) for name, read, kind in HEADLINE],
         per_class=per_class_rows(first, second),
     )
-    _paired(root, comparison)
+    _paired(registry, comparison)
     return comparison

@@ -1,14 +1,17 @@
 """What the results pages show of a published run, read through the registry.
 
-``RunView`` wraps one registry entry (a run's index line) and, for a run's
-own page, what its published folder holds (metrics, history, config,
-decision). ``runs_page`` gives one page of runs, newest first; ``find_run``
-one run by its id, without reading every index line. A run folder is used
-only when it resolves inside ``published/``, and only the files named in
-``ARTIFACTS`` are ever served.
+``published_registry`` is the registry of ``$ALEXNET_ARTIFACTS/published``:
+a local folder (``LocalStore``) or an object store's (``S3Store``, read with
+the Airflow connection of the store). ``RunView`` wraps one registry entry (a
+run's index line) and, for a run's own page, what its published folder holds
+(metrics, history, config, decision). ``runs_page`` gives one page of runs,
+newest first; ``find_run`` one run by its id, without reading every index
+line. On a local folder a run folder is used only when it resolves inside
+``published/``; on a store only when its entry names ``runs/<run>``. Only the
+files named in ``ARTIFACTS`` are ever read or served.
 
-Imports nothing heavy (no TensorFlow, NumPy or matplotlib): Airflow workers
-load the plugin that imports it.
+Imports nothing heavy (no TensorFlow, NumPy, matplotlib or boto3): Airflow
+workers load the plugin that imports it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
@@ -30,10 +33,12 @@ from alexnet_tasks.layout import (
     METRICS,
     MODEL,
     PUBLISHED,
+    RUNS,
     TEST_SAMPLES,
+    artifacts_location,
     artifacts_root,
 )
-from alexnet_tasks.release.registry import DEFAULT_PAGE_SIZE, Page, Registry
+from alexnet_tasks.release.registry import DEFAULT_PAGE_SIZE, LocalStore, Page, Registry
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +66,37 @@ PIPELINE_PARAMS = ("source_url", "source_md5", "validation_size", "split_seed", 
 
 
 def published_root() -> Path:
-    """``$ALEXNET_ARTIFACTS/published`` (default ``~/alexnet-artifacts/published``)."""
+    """``$ALEXNET_ARTIFACTS/published`` (default ``~/alexnet-artifacts/published``) of a local artifacts root."""
     return artifacts_root() / PUBLISHED
+
+
+def published_registry() -> Registry:
+    """The registry of ``$ALEXNET_ARTIFACTS/published``: a local folder's, or that of the object store it names.
+
+    For ``s3://bucket/prefix`` the store is read with the Airflow connection
+    ``$ALEXNET_ARTIFACTS_CONN_ID`` (default ``aws_default``: the plugin runs
+    in Airflow's API server), the lookup table and fetched files kept in this
+    host's cache of the store (``store.store_cache``). boto3 and the Amazon
+    provider are imported here, when a page is asked for.
+    """
+    location = artifacts_location()
+    if location.is_local:
+        return Registry(location.local_path / PUBLISHED)
+    from alexnet_tasks.release.registry import S3Store
+    from alexnet_tasks.store import store_cache
+
+    return Registry(store=S3Store.from_connection(location, cache=store_cache(location)))
+
+
+def is_local(registry: Registry) -> bool:
+    """Whether the registry's ``published/`` is a folder on this host (else an object store's)."""
+    return isinstance(registry.store, LocalStore)
+
+
+def published_location(registry: Registry) -> str:
+    """Where ``published/`` is, as the pages name it: a folder, or ``s3://bucket/prefix/published``."""
+    store = registry.store
+    return str(store.root) if is_local(registry) else f"s3://{store.bucket}/{store.prefix}"
 
 
 def _inside(root: Path, candidate: Path) -> Path | None:
@@ -75,16 +109,6 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
-
-
-def _load_json(path: Path | None) -> Any:
-    if path is None:
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        log.warning("%s: unreadable (%s)", path, error)
-        return None
 
 
 def duration(seconds: float | None) -> str | None:
@@ -110,7 +134,9 @@ class RunView:
     """One published run: its registry entry, its folder and (for its own page) what its files say."""
 
     entry: dict  # the run's index line, every field of INDEX_FIELDS and "latest"
-    folder: Path | None  # the run folder inside published/, None when missing or outside
+    # The run's published folder: on a local published/ the folder inside it (a Path), on an
+    # object store its path under published/ (runs/<run>); None when missing or outside.
+    folder: PurePath | None
     metrics: dict = field(default_factory=dict)  # metrics.json
     history: list = field(default_factory=list)  # history.json: one dict per epoch
     saved_config: dict = field(default_factory=dict)  # config.json: "pipeline" and "train" settings
@@ -237,8 +263,18 @@ class RunView:
                 for name, check in ranked if isinstance(check, dict)]
 
 
-def run_folder(root: Path, entry: dict) -> Path | None:
-    """The run folder an entry points to, if it is a folder inside ``root``."""
+def run_folder(registry: Registry, entry: dict) -> PurePath | None:
+    """The run folder an entry points to: a folder inside a local ``published/``, or on a store ``runs/<run>``.
+
+    A store has no links or folders: its entry's path must be exactly
+    ``runs/<run>`` (one name, not ``.`` or ``..``), as publish writes it.
+    """
+    if not is_local(registry):
+        path = PurePosixPath(entry["path"])
+        well_formed = (str(path) == entry["path"] and len(path.parts) == 2 and path.parts[0] == RUNS
+                       and path.name not in (".", ".."))
+        return path if well_formed else None
+    root = registry.store.root
     relative = Path(entry["path"])
     if relative.is_absolute():
         return None
@@ -247,33 +283,98 @@ def run_folder(root: Path, entry: dict) -> Path | None:
 
 
 def artifact_path(run: RunView, root: Path, name: str) -> Path | None:
-    """A named artifact of a run, if it exists as a file inside ``root``."""
+    """A named artifact of a run on a local ``published/`` (``root``), if it exists as a file inside ``root``."""
     if name not in ARTIFACTS or run.folder is None:
         return None
-    path = _inside(root.resolve(), run.folder / name)
+    path = _inside(root.resolve(), Path(run.folder) / name)
     return path if path is not None and path.is_file() else None
 
 
-def _view(root: Path, entry: dict) -> RunView:
-    return RunView(entry=entry, folder=run_folder(root, entry))
+def artifact_names(registry: Registry, run: RunView) -> set[str]:
+    """The named artifacts (``ARTIFACTS``) the run's published folder holds (on a store: one listing)."""
+    if run.folder is None:
+        return set()
+    store = registry.store
+    if is_local(registry):
+        return {name for name in ARTIFACTS if artifact_path(run, store.root, name) is not None}
+    prefix = store.key(f"{run.folder}/")
+    listed = store.client.list_objects_v2(Bucket=store.bucket, Prefix=prefix, Delimiter="/")
+    return {item["Key"][len(prefix):] for item in listed.get("Contents", [])} & set(ARTIFACTS)
 
 
-def runs_page(root: Path, offset: int = 0, size: int = DEFAULT_PAGE_SIZE, **filters) -> tuple[list[RunView], Page]:
+def read_artifact(registry: Registry, run: RunView, name: str) -> bytes | None:
+    """The bytes of a named artifact of the run; None when it is not one, or missing."""
+    if name not in ARTIFACTS or run.folder is None:
+        return None
+    if is_local(registry):
+        path = artifact_path(run, registry.store.root, name)
+        try:
+            return None if path is None else path.read_bytes()
+        except OSError as error:
+            log.warning("%s: unreadable (%s)", path, error)
+            return None
+    return registry.store.read_bytes(f"{run.folder}/{name}")
+
+
+@dataclass
+class StoredArtifact:
+    """A named artifact of a run on an object store, opened: its body (read in chunks) and its size."""
+
+    body: Any  # botocore's StreamingBody
+    size: int
+
+
+def open_stored_artifact(registry: Registry, run: RunView, name: str) -> StoredArtifact | None:
+    """A named artifact of the run on the registry's object store, opened for streaming; None when missing."""
+    from botocore.exceptions import ClientError
+
+    if name not in ARTIFACTS or run.folder is None or is_local(registry):
+        return None
+    store = registry.store
+    try:
+        answer = store.client.get_object(Bucket=store.bucket, Key=store.key(f"{run.folder}/{name}"))
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    return StoredArtifact(answer["Body"], answer["ContentLength"])
+
+
+def _view(registry: Registry, entry: dict) -> RunView:
+    return RunView(entry=entry, folder=run_folder(registry, entry))
+
+
+def runs_page(registry: Registry, offset: int = 0, size: int = DEFAULT_PAGE_SIZE,
+              **filters) -> tuple[list[RunView], Page]:
     """One page of runs, newest first (``Registry.page``'s arguments and errors)."""
-    page = Registry(root).page(offset, size, **filters)
-    return [_view(root, entry) for entry in page.runs], page
+    page = registry.page(offset, size, **filters)
+    return [_view(registry, entry) for entry in page.runs], page
 
 
-def find_run(root: Path, run_id: str) -> RunView | None:
+def find_run(registry: Registry, run_id: str) -> RunView | None:
     """One run by its id, without its files; None when the index has no such run."""
-    entry = Registry(root).find(run_id)
-    return None if entry is None else _view(root, entry)
+    entry = registry.find(run_id)
+    return None if entry is None else _view(registry, entry)
 
 
-def load_details(root: Path, run: RunView) -> RunView:
+def champion_id(registry: Registry) -> str | None:
+    """The run id of the champion, when an index entry names its folder (no file of it is read)."""
+    path = registry.store.champion_path()
+    entry = registry.find_path(path) if path else None
+    return entry["run_id"] if entry else None
+
+
+def load_details(registry: Registry, run: RunView) -> RunView:
     """Read the run's metrics, history, config and decision from its folder (what is missing stays empty)."""
     def load(name):
-        return _load_json(artifact_path(run, root, name))
+        data = read_artifact(registry, run, name)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as error:
+            log.warning("%s of %s: unreadable (%s)", name, run.run_id, error)
+            return None
 
     metrics, history, config, decision = load(METRICS), load(HISTORY), load(CONFIG), load(DECISION)
     run.metrics = metrics if isinstance(metrics, dict) else {}

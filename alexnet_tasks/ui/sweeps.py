@@ -3,11 +3,13 @@
 A sweep's record (``published/sweeps/<run>.json``, written by
 ``alexnet_tasks.release.sweeps.select_trial``) holds every trial with its
 settings and validation figures; the chosen trial is also a published run
-(its index line names the sweep). Imports nothing heavy.
+(its index line names the sweep). The record is read through the registry,
+from a local ``published/`` or an object store's. Imports nothing heavy.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,8 @@ from urllib.parse import quote
 
 from markupsafe import Markup
 
-from alexnet_tasks.release.sweeps import read_sweep
+from alexnet_tasks.layout import SWEEPS, run_folder_name
+from alexnet_tasks.release.registry import Registry
 from alexnet_tasks.sweeps import setting_value
 from alexnet_tasks.ui.charts import setting_chart
 from alexnet_tasks.ui.runs import duration
@@ -67,9 +70,25 @@ class SweepView:
         return sum(trial.finished for trial in self.trials)
 
 
-def load_sweep(published_root: Path, sweep_id: str) -> SweepView | None:
-    """The sweep run ``sweep_id`` as the page shows it; None when it has no (readable) record."""
-    record = read_sweep(published_root, sweep_id)
+def read_record(registry: Registry, sweep_id: str) -> dict | None:
+    """The record of the sweep run ``sweep_id`` (``published/sweeps/<run>.json``); None when missing or unreadable.
+
+    Read as ``release.sweeps.read_sweep`` reads a local one: a JSON object with a list of ``trials``.
+    """
+    try:
+        data = registry.store.read_bytes(f"{SWEEPS}/{run_folder_name(sweep_id)}.json")
+        record = None if data is None else json.loads(data)
+    except (OSError, ValueError):  # a local file that is unreadable, or not JSON
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("trials"), list) else None
+
+
+def load_sweep(published: Registry | Path, sweep_id: str) -> SweepView | None:
+    """The sweep run ``sweep_id`` as the page shows it; None when it has no (readable) record.
+
+    ``published``: the registry of ``published/``, or a local ``published/`` folder.
+    """
+    record = read_record(published if isinstance(published, Registry) else Registry(published), sweep_id)
     if record is None:
         return None
     swept = [name for name in record.get("swept") or [] if isinstance(name, str)]
