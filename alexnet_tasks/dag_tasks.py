@@ -1,10 +1,12 @@
 """What the DAGs' tasks share: the retry policy, the progress callbacks, the config of a task, the step bodies.
 
-``dags/alexnet_cifar10.py`` and ``dags/alexnet_cifar10_sweep.py`` wire thin
-``@task`` functions; each calls one function here with its context's
-config. The step modules are imported inside the functions, so importing
-this module (at DAG parse time, on every worker) loads no TensorFlow, h5py
-or NumPy. The top layer of the package: it knows Airflow's task context.
+The DAGs (``dags/alexnet_cifar10*.py``) wire thin ``@task`` functions;
+each calls one function here with its context's config and layout, which
+runs the step on the local artifacts root or, for an object-store root, the
+step of ``ops.stored_steps`` (this host's cache between a fetch and a put).
+The step modules are imported inside the functions, so importing this
+module (at DAG parse time, on every worker) loads no TensorFlow, h5py or
+NumPy. The top layer of the package: it knows Airflow's task context.
 """
 
 from __future__ import annotations
@@ -227,3 +229,15 @@ def publish_step(config: PipelineConfig, layout: Layout, run_id: str, outlet_eve
         **({} if sweep is None else sweep),
     }
     return result
+
+
+# --------------------------------------------------------------------------- promote, approval, predict, sweeps
+def promote_step(layout: Layout, **request) -> dict:
+    """Make a published run the champion by hand (``release.promote.promote_run``'s keywords), on the layout's root."""
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.release.promote import promote_run
+
+    if layout.store is not None:
+        return stored_steps.promote(layout, **request)
+    return promote_run(layout.published, **request)
+

@@ -256,3 +256,11 @@ def publish(config: PipelineConfig, layout: Layout, run_id: str, **options) -> d
     result = publish_run(run_dir, layout.published, config, run_id=run_id, registry=registry(layout), **options)
     store.remove(f"{_key(layout, run_dir)}/{CHECKPOINTS}")
     return result
+
+
+def promote(layout: Layout, **request) -> dict:
+    """``release.promote.promote_run`` on the store's ``published/``: the champion moves by compare-and-swap there."""
+    from alexnet_tasks.release.promote import promote_run
+
+    return promote_run(layout.published, registry=registry(layout), **request)
+
