@@ -20,7 +20,7 @@ from airflow.sdk import ExceptionRetryPolicy, RetryAction, RetryRule
 
 from alexnet_tasks.config import PipelineConfig, config_for_run
 from alexnet_tasks.errors import PERMANENT, RETRYABLE, SETTINGS, SourceUnavailableError
-from alexnet_tasks.layout import MODEL, Layout, artifacts_layout
+from alexnet_tasks.layout import APPROVAL, MODEL, Layout, artifacts_layout
 from alexnet_tasks.progress import report
 
 log = logging.getLogger(__name__)
@@ -240,4 +240,24 @@ def promote_step(layout: Layout, **request) -> dict:
     if layout.store is not None:
         return stored_steps.promote(layout, **request)
     return promote_run(layout.published, **request)
+
+
+def approval_decision(layout: Layout, run_id: str) -> dict | None:
+    """The gate's ``decision.json`` of the run (the store's, on an object-store root), or None when it has none."""
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.release.publish import read_decision
+
+    run_dir = stored_steps.fetch_decision(layout, run_id) if layout.store is not None else layout.run(run_id)
+    return read_decision(run_dir)
+
+
+def record_approval(layout: Layout, run_id: str, outcome: str, **fields) -> dict:
+    """Write the answer as the run's ``approval.json`` (``release.approval.record``); on a store, put it there."""
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.release import approval
+
+    recorded = approval.record(layout.run(run_id), outcome, **fields)
+    if layout.store is not None:
+        stored_steps.put_run(layout, run_id, [APPROVAL])
+    return recorded
 

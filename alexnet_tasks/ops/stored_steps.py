@@ -264,3 +264,11 @@ def promote(layout: Layout, **request) -> dict:
 
     return promote_run(layout.published, registry=registry(layout), **request)
 
+
+# --------------------------------------------------------------------------- approval
+def fetch_decision(layout: Layout, run_id: str) -> Path:
+    """This host's ``runs/<run>/`` with the gate's ``decision.json`` as the store has it (none if it has none)."""
+    run_dir = layout.run(run_id)
+    (run_dir / DECISION).unlink(missing_ok=True)
+    return fetch_run(layout, run_id, [DECISION])
+
