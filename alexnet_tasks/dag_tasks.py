@@ -261,3 +261,17 @@ def record_approval(layout: Layout, run_id: str, outcome: str, **fields) -> dict
         stored_steps.put_run(layout, run_id, [APPROVAL])
     return recorded
 
+
+def predict_step(layout: Layout, run_id: str, input_folder: str = "", output_dir: str = "") -> dict:
+    """Score images with the champion: ``input_folder`` (default the root's ``inbox/``) into ``output_dir``
+    (default ``scored/<run>/``)."""
+    from pathlib import Path
+
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.serving.predict import predict
+
+    if layout.store is not None:
+        return stored_steps.predict(layout, run_id, input_folder or None, Path(output_dir) if output_dir else None)
+    output = Path(output_dir) if output_dir else layout.scored(run_id)
+    return predict(input_folder or str(layout.inbox), layout.published, output)
+

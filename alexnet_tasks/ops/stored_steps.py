@@ -272,3 +272,51 @@ def fetch_decision(layout: Layout, run_id: str) -> Path:
     (run_dir / DECISION).unlink(missing_ok=True)
     return fetch_run(layout, run_id, [DECISION])
 
+
+# --------------------------------------------------------------------------- predict
+def fetch_inbox(layout: Layout) -> Path:
+    """This host's copy of the store's ``inbox/``: every object fetched, the files the store no longer has removed.
+
+    Raises ``MissingInputError`` naming its URL when the store has nothing under ``inbox/``.
+    """
+    from alexnet_tasks.errors import MissingInputError
+
+    store, folder = _store(layout), layout.inbox
+    key = _key(layout, folder)
+    names = store.list_files(key)
+    if not names:
+        raise MissingInputError(f"{store.url(key)}: nothing on the store to score (expected PNG or JPEG images "
+                                f"under it, or an input folder)")
+    if folder.is_dir():
+        for path in folder.rglob("*"):
+            if path.is_file() and path.relative_to(folder).as_posix() not in names:
+                path.unlink()
+    store.fetch_files(key, folder, names)
+    return folder
+
+
+def predict(layout: Layout, run_id: str, input_folder: str | None = None, output_dir: Path | None = None) -> dict:
+    """``serving.predict.predict`` with the store's champion; the inbox and the predictions on the store by default.
+
+    Without ``input_folder`` the store's ``inbox/`` is fetched into this
+    host's cache and scored (the output names its files by their URLs);
+    without ``output_dir`` the predictions are written to the cache's
+    ``scored/<run>/`` and put on the store there (``summary.json`` last),
+    and ``predictions`` and ``summary`` in the result are their URLs.
+    """
+    from alexnet_tasks.serving.predict import PREDICTIONS_FILE, SUMMARY_FILE
+    from alexnet_tasks.serving.predict import predict as score
+
+    store = _store(layout)
+    input_name = None
+    if not input_folder:
+        input_folder, input_name = str(fetch_inbox(layout)), store.url(_key(layout, layout.inbox))
+    output = Path(output_dir) if output_dir else layout.scored(run_id)
+    summary = score(input_folder, layout.published, output, registry=registry(layout), input_name=input_name)
+    if output_dir:
+        return summary
+    key = _key(layout, output)
+    store.put_files(output, key, [PREDICTIONS_FILE, SUMMARY_FILE])
+    return {**summary, "predictions": store.url(f"{key}/{PREDICTIONS_FILE}"),
+            "summary": store.url(f"{key}/{SUMMARY_FILE}")}
+
