@@ -275,3 +275,12 @@ def predict_step(layout: Layout, run_id: str, input_folder: str = "", output_dir
     output = Path(output_dir) if output_dir else layout.scored(run_id)
     return predict(input_folder or str(layout.inbox), layout.published, output)
 
+
+def select_step(trials: list[dict], layout: Layout, sweep_run_id: str, dag_id: str | None = None) -> dict:
+    """Choose a sweep's best trial on validation and record the sweep (``release.sweeps.select_trial``)."""
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.release.sweeps import select_trial
+
+    if layout.store is not None:
+        return stored_steps.select_trial(trials, layout, sweep_run_id=sweep_run_id, dag_id=dag_id)
+    return select_trial(trials, layout, sweep_run_id=sweep_run_id, dag_id=dag_id)

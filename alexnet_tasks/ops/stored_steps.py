@@ -22,6 +22,19 @@ two transfers:
   ``published/runs/<run>/``, then the index line and the champion pointer
   move on the store by conditional writes (``release.registry.S3Store``);
   the run's checkpoints are then removed from the store.
+* ``approve`` (``publish_mode=approval``): reads the store's
+  ``decision.json`` (``fetch_decision``); its answer, ``approval.json``,
+  is put beside it (``put_run``) for publish to read.
+* ``promote`` (the promote DAG): the same checks as on a local root, through
+  the store's registry; the champion pointer and the promotion history move
+  by conditional writes.
+* ``predict`` (the predict DAG): the champion's folder, model included, is
+  fetched into the cache; the store's ``inbox/`` too when no input folder
+  is given; the predictions go to ``scored/<run>/`` on the store.
+* a sweep's ``select`` reads each trial's summary and history from the
+  store and writes the sweep's record there (``published/sweeps/``); its
+  trials train through ``train`` above, each holding one of the sweep's
+  slots (``store.lease_slot``: leases ``sweeps/<run>/slots/<n>.json``).
 
 A step called from Python opens the store with the library's credentials
 (``store.open_store``); the DAG's tasks with the Airflow connection
@@ -320,3 +333,21 @@ def predict(layout: Layout, run_id: str, input_folder: str | None = None, output
     return {**summary, "predictions": store.url(f"{key}/{PREDICTIONS_FILE}"),
             "summary": store.url(f"{key}/{SUMMARY_FILE}")}
 
+
+# --------------------------------------------------------------------------- sweeps
+def select_trial(trials: list[dict], layout: Layout, *, sweep_run_id: str, dag_id: str | None = None) -> dict:
+    """``release.sweeps.select_trial`` on what the store has of each trial; the sweep's record written there.
+
+    Each trial's ``train_summary.json`` and ``history.json`` are the store's
+    (this host's copies are dropped first, so a trial that finished nowhere
+    reads as unfinished here too).
+    """
+    from alexnet_tasks.release.sweeps import select_trial as choose
+    from alexnet_tasks.sweeps import trial_run_id
+
+    for trial in trials:
+        run_id = trial_run_id(sweep_run_id, trial["index"])
+        for name in (TRAIN_SUMMARY, HISTORY):
+            (layout.run(run_id) / name).unlink(missing_ok=True)
+        fetch_run(layout, run_id, [TRAIN_SUMMARY, HISTORY])
+    return choose(trials, layout, sweep_run_id=sweep_run_id, dag_id=dag_id, registry=registry(layout))
