@@ -146,11 +146,13 @@ def s3_registry(bucket: str, cache: Path):
 
 
 def evaluate_gate_publish(trained_dir: Path, shards_dir: Path, root: Path, run_id: str, config: PipelineConfig,
-                          test_time_augmentation: str = "none", dag_id: str | None = None) -> dict:
+                          test_time_augmentation: str = "none", dag_id: str | None = None, registry=None) -> dict:
     """Copy a trained run folder to ``root``'s folder for ``run_id``, then evaluate, gate and publish it there.
 
     The pipeline's own steps, in the DAG's order, under ``root``'s layout
     (``dag_id``: the DAG publish names, as inside Airflow); returns the gate's decision.
+    ``registry``: gate and publish against ``published/`` on an object store
+    (``root`` is then this host's cache of it).
     """
     from alexnet_tasks.evaluate import evaluate
     from alexnet_tasks.release.gate import gate
@@ -160,8 +162,8 @@ def evaluate_gate_publish(trained_dir: Path, shards_dir: Path, root: Path, run_i
     run_dir = layout.run(run_id)
     shutil.copytree(trained_dir, run_dir)
     evaluate(run_dir / MODEL, shards_dir, run_dir, replace(config, test_time_augmentation=test_time_augmentation))
-    decision = gate(shards_dir, layout.published, run_dir, config, run_id=run_id)
-    publish(run_dir, layout.published, config, run_id=run_id, dag_id=dag_id)
+    decision = gate(shards_dir, layout.published, run_dir, config, run_id=run_id, registry=registry)
+    publish(run_dir, layout.published, config, run_id=run_id, dag_id=dag_id, registry=registry)
     return decision
 
 
