@@ -1,10 +1,12 @@
 """What the DAGs' tasks share: the retry policy, the progress callbacks, the config of a task, the step bodies.
 
-``dags/alexnet_cifar10.py`` and ``dags/alexnet_cifar10_sweep.py`` wire thin
-``@task`` functions; each calls one function here with its context's
-config. The step modules are imported inside the functions, so importing
-this module (at DAG parse time, on every worker) loads no TensorFlow, h5py
-or NumPy. The top layer of the package: it knows Airflow's task context.
+The DAGs (``dags/alexnet_cifar10*.py``) wire thin ``@task`` functions;
+each calls one function here with its context's config and layout, which
+runs the step on the local artifacts root or, for an object-store root, the
+step of ``ops.stored_steps`` (this host's cache between a fetch and a put).
+The step modules are imported inside the functions, so importing this
+module (at DAG parse time, on every worker) loads no TensorFlow, h5py or
+NumPy. The top layer of the package: it knows Airflow's task context.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from airflow.sdk import ExceptionRetryPolicy, RetryAction, RetryRule
 
 from alexnet_tasks.config import PipelineConfig, config_for_run
 from alexnet_tasks.errors import PERMANENT, RETRYABLE, SETTINGS, SourceUnavailableError
-from alexnet_tasks.layout import MODEL, Layout, artifacts_layout
+from alexnet_tasks.layout import APPROVAL, MODEL, Layout, artifacts_layout
 from alexnet_tasks.progress import report
 
 log = logging.getLogger(__name__)
@@ -227,3 +229,58 @@ def publish_step(config: PipelineConfig, layout: Layout, run_id: str, outlet_eve
         **({} if sweep is None else sweep),
     }
     return result
+
+
+# --------------------------------------------------------------------------- promote, approval, predict, sweeps
+def promote_step(layout: Layout, **request) -> dict:
+    """Make a published run the champion by hand (``release.promote.promote_run``'s keywords), on the layout's root."""
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.release.promote import promote_run
+
+    if layout.store is not None:
+        return stored_steps.promote(layout, **request)
+    return promote_run(layout.published, **request)
+
+
+def approval_decision(layout: Layout, run_id: str) -> dict | None:
+    """The gate's ``decision.json`` of the run (the store's, on an object-store root), or None when it has none."""
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.release.publish import read_decision
+
+    run_dir = stored_steps.fetch_decision(layout, run_id) if layout.store is not None else layout.run(run_id)
+    return read_decision(run_dir)
+
+
+def record_approval(layout: Layout, run_id: str, outcome: str, **fields) -> dict:
+    """Write the answer as the run's ``approval.json`` (``release.approval.record``); on a store, put it there."""
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.release import approval
+
+    recorded = approval.record(layout.run(run_id), outcome, **fields)
+    if layout.store is not None:
+        stored_steps.put_run(layout, run_id, [APPROVAL])
+    return recorded
+
+
+def predict_step(layout: Layout, run_id: str, input_folder: str = "", output_dir: str = "") -> dict:
+    """Score images with the champion: ``input_folder`` (default the root's ``inbox/``) into ``output_dir``
+    (default ``scored/<run>/``)."""
+    from pathlib import Path
+
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.serving.predict import predict
+
+    if layout.store is not None:
+        return stored_steps.predict(layout, run_id, input_folder or None, Path(output_dir) if output_dir else None)
+    output = Path(output_dir) if output_dir else layout.scored(run_id)
+    return predict(input_folder or str(layout.inbox), layout.published, output)
+
+
+def select_step(trials: list[dict], layout: Layout, sweep_run_id: str, dag_id: str | None = None) -> dict:
+    """Choose a sweep's best trial on validation and record the sweep (``release.sweeps.select_trial``)."""
+    from alexnet_tasks.ops import stored_steps
+    from alexnet_tasks.release.sweeps import select_trial
+
+    if layout.store is not None:
+        return stored_steps.select_trial(trials, layout, sweep_run_id=sweep_run_id, dag_id=dag_id)
+    return select_trial(trials, layout, sweep_run_id=sweep_run_id, dag_id=dag_id)

@@ -51,7 +51,12 @@ def load_json_object(path: Path, advice: str = "") -> dict:
     return payload
 
 
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as the bytes ``save_json`` writes: strict JSON, indented, keys sorted, NaN and infinity as null."""
+    payload, _ = json_safe(payload)
+    return (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
 def save_json(path: Path, payload: Any) -> Path:
     """Write strict JSON atomically (temporary name, fsync, rename); NaN and infinity are written as null."""
-    payload, _ = json_safe(payload)
-    return atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+    return atomic_write_bytes(path, json_bytes(payload))

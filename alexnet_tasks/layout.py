@@ -7,7 +7,8 @@ Every artifact lives under one root (``$ALEXNET_ARTIFACTS``, default
     data/<source_md5>/split-<key>/         manifest.json (exact source indices)
     data/<source_md5>/shards-<key>/        train.h5, validation.h5, test.h5
     runs/<run>/                            a run: the files named below
-    sweeps/<run>/slots/                    a sweep run's locks: at most ``parallel`` trials train at once
+    sweeps/<run>/slots/                    a sweep run's slots: at most ``parallel`` trials train at once
+                                           (lock files; on an object store, leases ``<n>.json``)
     published/runs/<run>/                  the published copy of a finished run
     published/latest -> runs/<run>         the champion, moved atomically once a run is complete
     published/index.jsonl                  one line per publish (alexnet_tasks.release.registry)
@@ -203,7 +204,7 @@ class Layout:
         return self.root / SCORED / run_folder_name(run_id)
 
     def sweep_slots(self, run_id: str) -> Path:
-        """The lock files that cap how many trials of the sweep run ``run_id`` train at once."""
+        """The slots that cap how many trials of the sweep run ``run_id`` train at once (lock files or leases)."""
         return self.root / SWEEPS / run_folder_name(run_id) / "slots"
 
     def sweep_record(self, run_id: str) -> Path:
@@ -211,9 +212,14 @@ class Layout:
         return sweep_record_path(self.published, run_id)
 
 
+def sweep_record_name(run_id: str) -> str:
+    """``sweeps/<run>.json``: the record of the sweep run ``run_id``, relative to ``published/``."""
+    return f"{SWEEPS}/{run_folder_name(run_id)}.json"
+
+
 def sweep_record_path(published_root: Path, run_id: str) -> Path:
     """``<published_root>/sweeps/<run>.json``, the record of the sweep run ``run_id``."""
-    return Path(published_root) / SWEEPS / f"{run_folder_name(run_id)}.json"
+    return Path(published_root) / sweep_record_name(run_id)
 
 
 def data_key(config: PipelineConfig) -> str:

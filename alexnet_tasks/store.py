@@ -11,6 +11,8 @@ named ``s3:``.
 ``ObjectStore`` keeps the data folders (source, split, shards) on a store:
 immutable and content-addressed, each trusted only through its manifest
 (``contents.json``), fetched into this host's cache (``$ALEXNET_CACHE``).
+``Lease`` is an expiring exclusive claim on one key of a store (a run's
+training); ``lease_slot`` holds one of a number of them (a sweep's trials).
 
 Nothing heavy is imported at module level: the filesystem's package is looked
 up, not loaded, until a store is opened.
@@ -18,12 +20,14 @@ up, not loaded, until a store is opened.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -663,3 +667,43 @@ def _lease_holder(data: bytes) -> dict:
     except ValueError:
         return {}
     return holder if isinstance(holder, dict) else {}
+
+
+
+@contextlib.contextmanager
+def lease_slot(store: ObjectStore, folder: str, slots: int, purpose: str, poll_seconds: float = 2.0,
+               seconds: float | None = None) -> Iterator[int]:
+    """Hold one of ``slots`` leases ``<folder>/<n>.json`` on ``store`` while the block runs; yields its number.
+
+    The object store's ``atomic.slot_lock``: at most ``slots`` holders run
+    the block at once, on every host that reaches the store; the others
+    wait, trying each slot every ``poll_seconds``. A holder that dies frees
+    its slot once its lease expires (``seconds``, default ``lease_seconds()``).
+    Raises ValueError when ``slots`` is below 1.
+    """
+    import logging
+    import time
+
+    if slots < 1:
+        raise ValueError(f"slots must be 1 or more, got {slots}")
+    log = logging.getLogger(__name__)
+    started, announced = time.monotonic(), False
+    while True:
+        for number in range(slots):
+            lease = Lease(store, f"{folder}/{number}.json", purpose, seconds)
+            try:
+                lease.acquire()
+            except LeaseHeldError:
+                continue
+            if announced:
+                log.info("waited %.1f s for one of %d slots in %s", time.monotonic() - started, slots,
+                         store.url(folder))
+            try:
+                yield number
+            finally:
+                lease.release()
+            return
+        if not announced:
+            log.info("all %d slots in %s are taken; waiting for one", slots, store.url(folder))
+            announced = True
+        time.sleep(poll_seconds)

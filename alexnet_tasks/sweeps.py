@@ -15,7 +15,9 @@ override merges key by key into the form's), validated whole by
 the training settings (``TRIAL_PARAMS``) may be overridden; the data steps
 run once for every trial.
 
-Pure Python: nothing heavy imported.
+``trial_slot`` holds one of a sweep's ``parallel`` slots while a trial
+trains: lock files on a local root, leases on an object store. Nothing heavy
+imported.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from alexnet_tasks.config import TRAINING, PipelineConfig, param_specs
+from alexnet_tasks.layout import Layout
 from alexnet_tasks.validation import check_value
 
 # The settings a trial may override: those of the form's Training section.
@@ -130,6 +133,23 @@ def trial_label(overrides: Mapping[str, Any]) -> str:
 def trial_run_id(sweep_run_id: str, index: int) -> str:
     """The run id of trial ``index`` (from 0) of a sweep: ``<sweep run id>__trial00``; it names its run folder."""
     return f"{sweep_run_id}{TRIAL_SEPARATOR}{index:02d}"
+
+
+def trial_slot(layout: Layout, sweep_run_id: str, slots: int):
+    """A context manager holding one of the ``slots`` of the sweep run ``sweep_run_id`` while a trial trains.
+
+    ``sweeps/<run>/slots/`` under the layout's root: lock files
+    (``atomic.slot_lock``) on a local root, leases ``<n>.json`` on the
+    layout's object store (``store.lease_slot``); a trial waits for a free one.
+    """
+    from alexnet_tasks.atomic import slot_lock
+    from alexnet_tasks.store import lease_slot
+
+    folder = layout.sweep_slots(sweep_run_id)
+    if layout.store is None:
+        return slot_lock(folder, slots)
+    return lease_slot(layout.store, folder.relative_to(layout.root).as_posix(), slots,
+                      f"a trial of the sweep {sweep_run_id}")
 
 
 def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

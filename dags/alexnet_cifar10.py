@@ -74,12 +74,14 @@ from alexnet_tasks.config import param_specs
 from alexnet_tasks.dag_tasks import (  # noqa: F401  (retry_policy: for tests and scripts)
     GPU_QUEUE,
     TRAIN_TIMEOUT,
+    approval_decision,
     build_shards_step,
     default_args,
     download_step,
     evaluate_step,
     gate_step,
     publish_step,
+    record_approval,
     retry_policy,
     split_step,
     task_config,
@@ -109,6 +111,8 @@ class PromotionApproval(ApprovalOperator):
     hours; no answer by then takes ``Reject`` (the scheduler's timeout). The
     answer is written to the run's ``approval.json`` and never skips publish:
     publish records the run either way and promotes it only when approved.
+    On an object-store root both read the store's ``decision.json`` and the
+    answer is put on the store (``dag_tasks.approval_decision``, ``record_approval``).
     """
 
     def __init__(self, **kwargs):
@@ -118,12 +122,11 @@ class PromotionApproval(ApprovalOperator):
         from airflow.sdk.exceptions import AirflowSkipException
 
         from alexnet_tasks.release import approval
-        from alexnet_tasks.release.publish import read_decision
 
         config, layout, run_id = task_config(context)
         if config.publish_mode != "approval":
             raise AirflowSkipException(f"publish_mode {config.publish_mode}: no approval asked")
-        decision = read_decision(layout.run(run_id))
+        decision = approval_decision(layout, run_id)
         if decision is None or not decision["blessed"]:
             raise AirflowSkipException("the gate did not bless the run: nothing to approve")
         self.response_timeout = timedelta(hours=config.approval_timeout)
@@ -134,17 +137,15 @@ class PromotionApproval(ApprovalOperator):
 
     def execute_complete(self, context, event):
         from alexnet_tasks.release import approval
-        from alexnet_tasks.release.publish import read_decision
 
         answer = HITLOperator.execute_complete(self, context=context, event=event)  # checks it; never skips
         chosen = answer["chosen_options"][0]
         outcome = "timed_out" if event.get("timedout") else "approved" if chosen == self.APPROVE else "rejected"
         user = answer["responded_by_user"]
         _, layout, run_id = task_config(context)
-        run_dir = layout.run(run_id)
-        decision = read_decision(run_dir) or {}
-        recorded = approval.record(
-            run_dir, outcome, decided_at=answer["responded_at"].isoformat(timespec="seconds"),
+        decision = approval_decision(layout, run_id) or {}
+        recorded = record_approval(
+            layout, run_id, outcome, decided_at=answer["responded_at"].isoformat(timespec="seconds"),
             user=user.get("name") or user.get("id") if user else None,
             comment=(answer["params_input"] or {}).get("comment"), fingerprint=decision.get("fingerprint"),
             dag_id=context["dag"].dag_id, dag_run_id=context["run_id"])

@@ -10,6 +10,10 @@ skipped, per class) to `output`.
 
 * `input` empty: `$ALEXNET_ARTIFACTS/inbox`; `output` empty:
   `$ALEXNET_ARTIFACTS/scored/<run>` (the run id made safe for a folder name).
+* With `ALEXNET_ARTIFACTS=s3://bucket/prefix` the champion's model is fetched
+  from the store into this host's cache (`$ALEXNET_CACHE`), so is the store's
+  `inbox/` when `input` is empty, and with `output` empty the predictions go
+  to `scored/<run>/` on the store.
 * An unreadable image is named in the log and in `summary.json`'s `skipped`,
   and left out; it never fails the run. No champion, or an `input` that is not
   a folder, fails at once without retries.
@@ -46,15 +50,11 @@ PARAMS = {
 def alexnet_cifar10_predict():
     @task
     def predict(**context) -> dict:
-        from pathlib import Path
+        from alexnet_tasks.dag_tasks import predict_step
+        from alexnet_tasks.layout import artifacts_layout
 
-        from alexnet_tasks.layout import Layout
-        from alexnet_tasks.serving.predict import predict
-
-        layout = Layout()
         params = context["params"]
-        output = Path(params["output"]) if params["output"] else layout.scored(context["run_id"])
-        summary = predict(params["input"] or str(layout.inbox), layout.published, output)
+        summary = predict_step(artifacts_layout(airflow=True), context["run_id"], params["input"], params["output"])
         return {key: summary[key] for key in ("champion", "images", "scored", "predictions", "summary")} | {
             "skipped": len(summary["skipped"])}
 

@@ -11,6 +11,10 @@ points `published/latest` at it, appends the change to
 run, the reason given, this DAG run) and emits an event on the asset
 `alexnet_cifar10_model` with the same extra as the main DAG's publish.
 
+With `ALEXNET_ARTIFACTS=s3://bucket/prefix` the same checks read the store's
+`published/`, and `latest` and the history move there by conditional writes
+(credentials from the Airflow connection `$ALEXNET_ARTIFACTS_CONN_ID`).
+
 An unknown run, or one published without its model (not blessed), fails at
 once without retries, with a message that names it. The results plugin links
 here from every run page ("make champion"), with the run filled in.
@@ -56,13 +60,13 @@ def _user(dag_run) -> str:
 def alexnet_cifar10_promote():
     @task(outlets=[MODEL_ASSET])
     def promote(outlet_events=None, **context) -> dict:
-        from alexnet_tasks.layout import Layout
-        from alexnet_tasks.release.promote import promote_run
+        from alexnet_tasks.dag_tasks import promote_step
+        from alexnet_tasks.layout import artifacts_layout
 
         params = context["params"]
         report("promote: %s, by %s", params["run_id"], _user(context["dag_run"]))
-        result = promote_run(Layout().published, run_id=params["run_id"], comment=params["reason"],
-                             user=_user(context["dag_run"]), dag_id=DAG_ID, dag_run_id=context["run_id"])
+        result = promote_step(artifacts_layout(airflow=True), run_id=params["run_id"], comment=params["reason"],
+                              user=_user(context["dag_run"]), dag_id=DAG_ID, dag_run_id=context["run_id"])
         outlet_events[MODEL_ASSET].extra = {
             "run_id": result["run_id"],
             "test_accuracy": result["test_accuracy"],

@@ -16,13 +16,18 @@ one (docs/sweeps.md).
   instance per trial, named by what it changes), at most `parallel` at once
   (and at most `ALEXNET_GPU_WORKERS`, the DAG's `max_active_tis_per_dagrun`);
   each trial trains in its own run folder (`runs/<run id>__trial<NN>`) and
-  resumes there on retry.
+  resumes there on retry. A trial waits for one of `parallel` slots in
+  `sweeps/<run>/slots/`: lock files, or leases on an object store.
 * `select` runs whatever the trials did: it reads each finished trial's last
   validation accuracy, chooses the best (ties: lower validation loss, then the
   earlier trial), writes the sweep's record `published/sweeps/<run>.json`
   with every trial, and fails when no trial finished. Only the chosen trial is
   evaluated on the test split, gated and published like a run of the main
   DAG; its index line names the sweep and the trial.
+* With `ALEXNET_ARTIFACTS=s3://bucket/prefix` every step runs on the store as
+  the main DAG's do (alexnet_tasks.ops.stored_steps): the trials train under
+  their leases with each epoch committed there, `select` reads their
+  summaries and histories there and writes the record there.
 """
 
 from __future__ import annotations
@@ -42,12 +47,13 @@ from alexnet_tasks.dag_tasks import (
     evaluate_step,
     gate_step,
     publish_step,
+    select_step,
     split_step,
     task_config,
     train_step,
 )
 from alexnet_tasks.progress import report
-from alexnet_tasks.sweeps import gpu_workers, split_params, sweep_param_specs, trial_run_id
+from alexnet_tasks.sweeps import gpu_workers, split_params, sweep_param_specs, trial_run_id, trial_slot
 
 # The gpu workers: the most trials that train at once, and the default of `parallel`.
 GPU_WORKERS = gpu_workers()
@@ -105,17 +111,14 @@ def alexnet_cifar10_sweep():
     @task(queue=GPU_QUEUE, execution_timeout=TRAIN_TIMEOUT, max_active_tis_per_dagrun=GPU_WORKERS,
           map_index_template="{{ trial_name }}")
     def train(trial: dict, **context) -> dict:
-        from alexnet_tasks.atomic import slot_lock
-
         get_current_context()["trial_name"] = f"{trial['index'] + 1}: {trial['label']}"
         config, layout, run_id = _pipeline_config(context, trial["params"])
         parallel = int(context["params"].get("parallel") or GPU_WORKERS)
-        with slot_lock(layout.sweep_slots(run_id), parallel):
+        with trial_slot(layout, run_id, parallel):
             return train_step(config, layout, trial_run_id(run_id, trial["index"]))
 
     @task(trigger_rule="all_done")
     def select(**context) -> dict:
-        from alexnet_tasks.release.sweeps import select_trial
         from alexnet_tasks.sweeps import plan_trials
 
         # The trials again from the params, not from plan's XCom: when plan refused them there is none,
@@ -123,7 +126,7 @@ def alexnet_cifar10_sweep():
         # NoTrialFinishedError, a PermanentError, fails it at once too.
         trials = plan_trials(dict(context["params"]), GPU_WORKERS)
         _, layout, run_id = _pipeline_config(context)
-        return select_trial(trials, layout, sweep_run_id=run_id, dag_id=context["dag"].dag_id)
+        return select_step(trials, layout, run_id, dag_id=context["dag"].dag_id)
 
     @task
     def evaluate(chosen: dict, **context) -> dict:

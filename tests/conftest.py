@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import http.server
+import json
 import os
 import shutil
 import sys
@@ -128,8 +129,8 @@ def s3_bucket(s3_server, monkeypatch, request) -> str:
     return bucket
 
 
-def airflow_env(home: Path, artifacts: Path, **extra: str) -> dict[str, str]:
-    """Environment for an isolated Airflow (SQLite) running this project's DAG."""
+def airflow_env(home: Path, artifacts: Path | str, **extra: str) -> dict[str, str]:
+    """Environment for an isolated Airflow (SQLite) running this project's DAGs on ``artifacts`` (a folder or a URL)."""
     env = dict(os.environ)
     env.update(
         AIRFLOW_HOME=str(home),
@@ -141,6 +142,24 @@ def airflow_env(home: Path, artifacts: Path, **extra: str) -> dict[str, str]:
         TF_CPP_MIN_LOG_LEVEL="2",
     )
     env.update(extra)
+    return env
+
+
+def store_airflow_env(home: Path, bucket: str, cache: Path, **extra: str) -> dict[str, str]:
+    """Environment for an isolated Airflow whose artifacts root is ``s3://<bucket>/artifacts`` on the test S3 server.
+
+    The store is reached through the Airflow connection ``alexnet_store``
+    alone (its key pair, and the endpoint in its extra): the ``AWS_*``
+    variables are left out. ``cache`` is this host's cache of the store.
+    """
+    env = airflow_env(home, f"s3://{bucket}/artifacts", ALEXNET_CACHE=str(cache),
+                      ALEXNET_ARTIFACTS_CONN_ID="alexnet_store", AIRFLOW_CONN_ALEXNET_STORE=json.dumps({
+                          "conn_type": "aws", "login": os.environ["AWS_ACCESS_KEY_ID"],
+                          "password": os.environ["AWS_SECRET_ACCESS_KEY"],
+                          "extra": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"], "region_name": "us-east-1"}}),
+                      **extra)
+    for name in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name, None)
     return env
 
 

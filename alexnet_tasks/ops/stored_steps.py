@@ -25,6 +25,19 @@ two transfers:
   and ``prune_stored_runs``: the run's checkpoints, then the old runs
   nothing keeps) and in this host's cache (the run's checkpoints, the
   copies of pruned runs).
+* ``approve`` (``publish_mode=approval``): reads the store's
+  ``decision.json`` (``fetch_decision``); its answer, ``approval.json``,
+  is put beside it (``put_run``) for publish to read.
+* ``promote`` (the promote DAG): the same checks as on a local root, through
+  the store's registry; the champion pointer and the promotion history move
+  by conditional writes.
+* ``predict`` (the predict DAG): the champion's folder, model included, is
+  fetched into the cache; the store's ``inbox/`` too when no input folder
+  is given; the predictions go to ``scored/<run>/`` on the store.
+* a sweep's ``select`` reads each trial's summary and history from the
+  store and writes the sweep's record there (``published/sweeps/``); its
+  trials train through ``train`` above, each holding one of the sweep's
+  slots (``store.lease_slot``: leases ``sweeps/<run>/slots/<n>.json``).
 
 A step called from Python opens the store with the library's credentials
 (``store.open_store``); the DAG's tasks with the Airflow connection
@@ -286,3 +299,85 @@ def publish(config: PipelineConfig, layout: Layout, run_id: str, **options) -> d
     pruned = retention.prune_stored_runs(store, published, keep=options.get("keep_runs"), protect=(run_dir.name,),
                                          cached_runs=run_dir.parent)
     return {**result, "checkpoint_bytes_freed": freed, "pruned_runs": pruned, "cache": cache}
+
+
+def promote(layout: Layout, **request) -> dict:
+    """``release.promote.promote_run`` on the store's ``published/``: the champion moves by compare-and-swap there."""
+    from alexnet_tasks.release.promote import promote_run
+
+    return promote_run(layout.published, registry=registry(layout), **request)
+
+
+# --------------------------------------------------------------------------- approval
+def fetch_decision(layout: Layout, run_id: str) -> Path:
+    """This host's ``runs/<run>/`` with the gate's ``decision.json`` as the store has it (none if it has none)."""
+    run_dir = layout.run(run_id)
+    (run_dir / DECISION).unlink(missing_ok=True)
+    return fetch_run(layout, run_id, [DECISION])
+
+
+# --------------------------------------------------------------------------- predict
+def fetch_inbox(layout: Layout) -> Path:
+    """This host's copy of the store's ``inbox/``: every object fetched, the files the store no longer has removed.
+
+    Raises ``MissingInputError`` naming its URL when the store has nothing under ``inbox/``.
+    """
+    from alexnet_tasks.errors import MissingInputError
+
+    store, folder = _store(layout), layout.inbox
+    key = _key(layout, folder)
+    names = store.list_files(key)
+    if not names:
+        raise MissingInputError(f"{store.url(key)}: nothing on the store to score (expected PNG or JPEG images "
+                                f"under it, or an input folder)")
+    if folder.is_dir():
+        for path in folder.rglob("*"):
+            if path.is_file() and path.relative_to(folder).as_posix() not in names:
+                path.unlink()
+    store.fetch_files(key, folder, names)
+    return folder
+
+
+def predict(layout: Layout, run_id: str, input_folder: str | None = None, output_dir: Path | None = None) -> dict:
+    """``serving.predict.predict`` with the store's champion; the inbox and the predictions on the store by default.
+
+    Without ``input_folder`` the store's ``inbox/`` is fetched into this
+    host's cache and scored (the output names its files by their URLs);
+    without ``output_dir`` the predictions are written to the cache's
+    ``scored/<run>/`` and put on the store there (``summary.json`` last),
+    and ``predictions`` and ``summary`` in the result are their URLs.
+    """
+    from alexnet_tasks.serving.predict import PREDICTIONS_FILE, SUMMARY_FILE
+    from alexnet_tasks.serving.predict import predict as score
+
+    store = _store(layout)
+    input_name = None
+    if not input_folder:
+        input_folder, input_name = str(fetch_inbox(layout)), store.url(_key(layout, layout.inbox))
+    output = Path(output_dir) if output_dir else layout.scored(run_id)
+    summary = score(input_folder, layout.published, output, registry=registry(layout), input_name=input_name)
+    if output_dir:
+        return summary
+    key = _key(layout, output)
+    store.put_files(output, key, [PREDICTIONS_FILE, SUMMARY_FILE])
+    return {**summary, "predictions": store.url(f"{key}/{PREDICTIONS_FILE}"),
+            "summary": store.url(f"{key}/{SUMMARY_FILE}")}
+
+
+# --------------------------------------------------------------------------- sweeps
+def select_trial(trials: list[dict], layout: Layout, *, sweep_run_id: str, dag_id: str | None = None) -> dict:
+    """``release.sweeps.select_trial`` on what the store has of each trial; the sweep's record written there.
+
+    Each trial's ``train_summary.json`` and ``history.json`` are the store's
+    (this host's copies are dropped first, so a trial that finished nowhere
+    reads as unfinished here too).
+    """
+    from alexnet_tasks.release.sweeps import select_trial as choose
+    from alexnet_tasks.sweeps import trial_run_id
+
+    for trial in trials:
+        run_id = trial_run_id(sweep_run_id, trial["index"])
+        for name in (TRAIN_SUMMARY, HISTORY):
+            (layout.run(run_id) / name).unlink(missing_ok=True)
+        fetch_run(layout, run_id, [TRAIN_SUMMARY, HISTORY])
+    return choose(trials, layout, sweep_run_id=sweep_run_id, dag_id=dag_id, registry=registry(layout))

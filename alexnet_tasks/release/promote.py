@@ -5,7 +5,8 @@ the run in the registry, checks that its published copy has its model, runs
 the gate's sanity checks that do not depend on a training budget (finite test
 loss and accuracy, the champion's class names, the champion's test images),
 then points ``published/latest`` at it and appends the change to the
-promotion history with the user who asked and why. Imports nothing heavy.
+promotion history with the user who asked and why. ``published/`` is a local
+folder or, through a given registry, on an object store. Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _finite(value) -> bool:
 
 
 def promote_run(published_root: Path, *, run_id: str, comment: str, user: str, dag_id: str | None = None,
-                dag_run_id: str | None = None) -> dict:
+                dag_run_id: str | None = None, registry: Registry | None = None) -> dict:
     """Make the published run ``run_id`` the champion; returns what the publish task's asset event carries.
 
     ``comment`` (non-empty: why, in the user's words; the promote DAG's
@@ -40,17 +41,23 @@ def promote_run(published_root: Path, *, run_id: str, comment: str, user: str, d
     ``metrics.json`` is unreadable, its test loss or accuracy is not finite,
     or its class names or test images differ from the champion's; ValueError
     for an empty ``run_id``, ``comment`` or ``user``.
+
+    ``registry``: ``published/`` on an object store
+    (``Registry(store=S3Store(...))``; default: the folder ``published_root``).
+    The published copy is then checked on the store and its files other than
+    the model fetched into ``published_root`` (this host's cache); the
+    champion moves by compare-and-swap there.
     """
     for name, value in (("run_id", run_id), ("comment", comment), ("user", user)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"promote: {name} must be a non-empty string, got {value!r}")
-    registry = Registry(published_root)
+    registry = registry or Registry(published_root)
     entry = registry.find(run_id)
     if entry is None:
         raise PermanentError(f"run {run_id!r} is not in {registry.store.index_name()}: only a published run "
                              "can become the champion")
     folder = registry.store.folder(entry["path"])
-    if not (folder / MODEL).is_file():
+    if not registry.store.has_file(entry["path"], MODEL):
         raise PermanentError(f"run {run_id!r} has no model in {folder} (it was recorded without it: "
                              f"{'; '.join(entry['reasons'] or ['not blessed'])}); publish it with "
                              "publish_mode=always to copy its model first")

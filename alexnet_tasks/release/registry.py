@@ -289,6 +289,14 @@ class LocalStore:
         """The published folder ``path`` (``runs/<run>``) on this disk."""
         return self.root / path
 
+    def has_file(self, path: str, name: str) -> bool:
+        """Whether the published folder ``path`` holds the file ``name`` (``model.keras``)."""
+        return (self.root / path / name).is_file()
+
+    def name_of(self, name: str) -> str:
+        """The file ``name`` under ``published/`` as messages name it: its path on this disk."""
+        return str(self.root / name)
+
     def read_bytes(self, name: str) -> bytes | None:
         """The file ``name`` under ``published/`` (``sweeps/<run>.json``), or None when it does not exist."""
         try:
@@ -490,6 +498,14 @@ class S3Store:
             finally:
                 temporary.unlink(missing_ok=True)
         return local
+
+    def has_file(self, path: str, name: str) -> bool:
+        """Whether the published folder ``path`` on the store holds the object ``name`` (a HEAD, nothing fetched)."""
+        return self._head(f"{path}/{name}") is not None
+
+    def name_of(self, name: str) -> str:
+        """The object ``name`` under ``published/`` as messages name it: its ``s3://`` URL."""
+        return f"s3://{self.bucket}/{self.key(name)}"
 
     def _listing(self, path: str) -> dict[str, int]:
         """``{relative name: size}`` of every object under the published folder ``path``."""

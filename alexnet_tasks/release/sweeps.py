@@ -8,7 +8,9 @@ alone (``alexnet_tasks.sweeps.best_trial``) and writes the sweep's record,
 ``published/sweeps/<run>.json``: every trial with its settings and validation
 figures (no test figures: only the chosen trial is evaluated on the test
 split, then gated and published like a run of the main DAG, its index line
-naming the sweep and the trial). Imports nothing heavy.
+naming the sweep and the trial). The record is written and read through the
+registry's storage: the folder ``published/``, or an object store
+(``Registry(store=S3Store(...))``). Imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from alexnet_tasks.errors import PermanentError
-from alexnet_tasks.jsonio import save_json
-from alexnet_tasks.layout import HISTORY, Layout, run_folder_name, sweep_record_path
+from alexnet_tasks.jsonio import json_bytes
+from alexnet_tasks.layout import HISTORY, Layout, run_folder_name, sweep_record_name
 from alexnet_tasks.progress import report
+from alexnet_tasks.release.registry import Registry
 from alexnet_tasks.sweeps import best_trial, swept_params, trial_run_id
 from alexnet_tasks.training.run_summary import read_train_summary
 
@@ -68,13 +71,16 @@ def trial_result(layout: Layout, sweep_run_id: str, trial: dict) -> dict[str, An
     }
 
 
-def select_trial(trials: list[dict], layout: Layout, *, sweep_run_id: str, dag_id: str | None = None) -> dict:
+def select_trial(trials: list[dict], layout: Layout, *, sweep_run_id: str, dag_id: str | None = None,
+                 registry: Registry | None = None) -> dict:
     """Choose the best finished trial on validation, record the sweep, return the chosen trial's result.
 
-    Writes ``published/sweeps/<run>.json`` (``read_sweep``) with every
-    trial, finished or not. Raises ``NoTrialFinishedError`` (permanent),
-    after recording the sweep, when no trial finished with a finite
-    validation accuracy.
+    Reads each trial's ``train_summary.json`` and ``history.json`` in
+    ``layout``'s run folders. Writes ``published/sweeps/<run>.json``
+    (``read_sweep``) with every trial, finished or not, through
+    ``registry``'s storage (default: the folder ``layout.published``).
+    Raises ``NoTrialFinishedError`` (permanent), after recording the sweep,
+    when no trial finished with a finite validation accuracy.
     """
     results = [trial_result(layout, sweep_run_id, trial) for trial in trials]
     chosen = best_trial([result for result in results if result["finished"]])
@@ -87,7 +93,10 @@ def select_trial(trials: list[dict], layout: Layout, *, sweep_run_id: str, dag_i
         "chosen_run_id": None if chosen is None else chosen["run_id"],
         "trials": results,
     }
-    path = save_json(layout.sweep_record(sweep_run_id), record)
+    store = (registry or Registry(layout.published)).store
+    name = sweep_record_name(sweep_run_id)
+    store.write_bytes(name, json_bytes(record))
+    path = store.name_of(name)
     finished = sum(result["finished"] for result in results)
     if chosen is None:
         raise NoTrialFinishedError(
@@ -98,10 +107,15 @@ def select_trial(trials: list[dict], layout: Layout, *, sweep_run_id: str, dag_i
     return chosen
 
 
-def read_sweep(published_root: Path, sweep_run_id: str) -> dict | None:
-    """The record of a sweep run (``select_trial``'s), or None when it has none or it is unreadable."""
+def read_sweep(published_root: Path | None, sweep_run_id: str, registry: Registry | None = None) -> dict | None:
+    """The record of a sweep run (``select_trial``'s), or None when it has none or it is unreadable.
+
+    ``registry`` reads ``published/`` on another store (``published_root`` is then not used; default: the
+    folder ``published_root``).
+    """
     try:
-        record = json.loads(sweep_record_path(published_root, sweep_run_id).read_text())
+        data = (registry or Registry(published_root)).store.read_bytes(sweep_record_name(sweep_run_id))
+        record = None if data is None else json.loads(data)
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and isinstance(record.get("trials"), list) else None

@@ -21,7 +21,11 @@ atomically: a failed run leaves the previous ones (or none).
 
 Listing and reading go through fsspec (``fsspec.core.url_to_fs``), so
 ``input_folder`` may be a local folder or any fsspec URL whose filesystem is
-installed; a local folder is the one tested.
+installed; a local folder is the one tested. With an object-store artifacts
+root, ``ops.stored_steps.predict`` fetches the store's inbox into this host's
+cache and passes the store's registry (``registry=``): the champion's
+folder, model included, is fetched into the cache, and ``input_name`` (the
+inbox's URL) names the files in the output instead of the cache's paths.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from alexnet_tasks.atomic import atomic_write_bytes
 from alexnet_tasks.config import IMAGE_SHAPE
 from alexnet_tasks.errors import MissingInputError, PermanentError
 from alexnet_tasks.jsonio import save_json
-from alexnet_tasks.layout import METRICS, MODEL
+from alexnet_tasks.layout import LATEST, METRICS, MODEL
 from alexnet_tasks.progress import report
 from alexnet_tasks.release.registry import Registry
 
@@ -66,12 +70,12 @@ def list_images(input_folder: str) -> tuple[object, list[str]]:
     return filesystem, sorted(paths)
 
 
-def read_image(filesystem, path: str):
+def read_image(filesystem, path: str, name: str | None = None):
     """One image file as a ``(32, 32, 3)`` uint8 RGB array; ValueError naming the file when it is not an image.
 
     Any size and colour mode (greyscale, palette, RGBA, CMYK, 16-bit): Pillow
     converts it to RGB (transparency dropped) and resizes it with its
-    antialiasing bicubic filter.
+    antialiasing bicubic filter. ``name``: how the error names the file (default ``path``).
     """
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -85,20 +89,24 @@ def read_image(filesystem, path: str):
                 raise ValueError(f"a {image.format} image, expected PNG or JPEG")
             rgb = image.convert("RGB").resize(IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC)
     except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: not a readable PNG or JPEG image ({error})") from None
+        raise ValueError(f"{name or path}: not a readable PNG or JPEG image ({error})") from None
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def champion_model(published_root: Path) -> tuple[dict, Path, list[str]]:
+def champion_model(published_root: Path, registry: Registry | None = None) -> tuple[dict, Path, list[str]]:
     """``(champion, model path, class names)`` of the run ``published/latest`` points to.
 
-    Raises ``NoChampionError`` without a champion, without its model or
-    without the class names in its ``metrics.json``.
+    ``registry`` reads ``published/`` on an object store (default: the
+    folder ``published_root``); the champion's folder, model included, is
+    then fetched into this host's cache. Raises ``NoChampionError`` without
+    a champion, without its model or without the class names in its ``metrics.json``.
     """
-    champion = Registry(published_root).champion()
+    registry = registry or Registry(published_root)
+    champion = registry.champion()
     if champion is None:
-        raise NoChampionError(f"{Path(published_root)}: no champion (published/latest) to score with; "
+        raise NoChampionError(f"{registry.store.name_of(LATEST)}: no champion to score with; "
                               "publish a blessed run first")
+    champion["folder"] = registry.store.folder(champion["path"], with_model=True)
     model_path = Path(champion["folder"]) / MODEL
     if not model_path.is_file():
         raise NoChampionError(f"{model_path}: the champion {champion['run_id']} has no model")
@@ -109,7 +117,18 @@ def champion_model(published_root: Path) -> tuple[dict, Path, list[str]]:
     return champion, model_path, [str(name) for name in names]
 
 
-def predict(input_folder: str, published_root: Path, output_dir: Path, *, batch_images: int = BATCH_IMAGES) -> dict:
+def _names(input_folder: str, input_name: str | None):
+    """How the output names a listed file: as listed, or ``input_name`` followed by its path below the folder."""
+    if input_name is None:
+        return lambda path: path
+    from fsspec.core import url_to_fs
+
+    root = url_to_fs(str(input_folder))[1].rstrip("/")
+    return lambda path: input_name.rstrip("/") + path[len(root):]
+
+
+def predict(input_folder: str, published_root: Path, output_dir: Path, *, batch_images: int = BATCH_IMAGES,
+            registry: Registry | None = None, input_name: str | None = None) -> dict:
     """Score every image under ``input_folder`` with the champion; write ``predictions.csv`` and ``summary.json``.
 
     Returns the summary (``champion``, ``model``, ``images``, ``scored``,
@@ -117,15 +136,21 @@ def predict(input_folder: str, published_root: Path, output_dir: Path, *, batch_
     the two files' paths. Raises ``NoChampionError`` without a champion,
     ``MissingInputError`` when ``input_folder`` is not a folder; an
     unreadable image is skipped, never raised.
+
+    ``registry``: ``published/`` on an object store (``champion_model``).
+    ``input_name``: what the output calls ``input_folder`` (the URL of the
+    store's inbox a local copy was fetched from): each file is named by it
+    and its path below the folder. Default: the folder and the files as listed.
     """
     import keras
     import numpy as np
 
     from alexnet_tasks.data.shards import standardize
 
-    champion, model_path, class_names = champion_model(Path(published_root))
+    champion, model_path, class_names = champion_model(Path(published_root), registry)
     filesystem, paths = list_images(input_folder)
-    report("predict: %d images under %s, champion %s", len(paths), input_folder, champion["run_id"])
+    shown = _names(input_folder, input_name)
+    report("predict: %d images under %s, champion %s", len(paths), input_name or input_folder, champion["run_id"])
     model = keras.models.load_model(model_path)
     header = ["file", "predicted_class"] + [f"probability_{name}" for name in class_names]
     text = io.StringIO()
@@ -136,11 +161,11 @@ def predict(input_folder: str, published_root: Path, output_dir: Path, *, batch_
         names, images = [], []
         for path in paths[start:start + batch_images]:
             try:
-                images.append(read_image(filesystem, path))
-                names.append(path)
+                images.append(read_image(filesystem, path, shown(path)))
+                names.append(shown(path))
             except ValueError as error:
                 log.warning("%s; skipped", error)
-                skipped.append({"file": path, "error": str(error)})
+                skipped.append({"file": shown(path), "error": str(error)})
         if not images:
             continue
         batch = standardize(np.stack(images))
@@ -156,7 +181,7 @@ def predict(input_folder: str, published_root: Path, output_dir: Path, *, batch_
     output_dir = Path(output_dir)
     predictions_path = atomic_write_bytes(output_dir / PREDICTIONS_FILE, text.getvalue().encode())
     summary = {
-        "input": str(input_folder),
+        "input": input_name or str(input_folder),
         "champion": champion["run_id"],
         "model": str(model_path),
         "class_names": class_names,
