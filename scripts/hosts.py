@@ -12,7 +12,8 @@ hosts find each other by name through a hosts file mounted over
 
 where the setup names the host (``hostname``) and gives it its own view of
 the files: every mount read-only, the project's code and virtualenv among
-them (hosts share an image), a fresh tmpfs on ``/tmp`` and ``/dev/shm``, and
+them (hosts share an image; where they lie under /tmp they are bound into the
+host's /tmp at their paths), a fresh tmpfs on ``/tmp`` and ``/dev/shm``, and
 the host's folder ``<dir>/<host>/`` writable at that same path: ``home/``
 (``$HOME``), ``cache/`` (``$ALEXNET_CACHE``), ``logs/`` and what a service
 keeps (PostgreSQL's data on the database host). A write anywhere else fails
@@ -111,6 +112,16 @@ def namespaces_available() -> str | None:
     return None
 
 
+def shared_folders() -> list[Path]:
+    """What every host sees of this machine, read-only, even where it lies under /tmp: the code and the Python it runs.
+
+    This checkout, the virtualenv (``sys.prefix``, its links resolved) and the
+    Python installation it was made from.
+    """
+    found = {REPO, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    return sorted(found)
+
+
 class Network:
     """Hosts ``names`` on one private subnet, their folders under ``folder``.
 
@@ -138,6 +149,7 @@ class Network:
         self.addresses = {host: str(subnet.network_address + FIRST_ADDRESS + index)
                           for index, host in enumerate(names)}
         self.processes: dict[str, list[subprocess.Popen]] = {host: [] for host in names}
+        self.shared = shared_folders()
 
     # ----------------------------------------------------------------- names and folders
     def namespace(self, host: str) -> str:
@@ -254,13 +266,20 @@ class Network:
         """The shell lines that give a new mount namespace the host's view of the files (see the module's doc).
 
         The host's folder keeps its own path, and nothing else of ``<dir>`` is
-        seen: the folder is bound into a fresh tmpfs, that tmpfs is moved over
-        /tmp, an empty tmpfs covers ``<dir>`` (unless /tmp already does), and
-        the folder is moved to its path there.
+        seen: the folder is bound into a fresh tmpfs (with ``shared_folders``
+        that lie under /tmp, read-only), that tmpfs is moved over /tmp, an
+        empty tmpfs covers ``<dir>`` (unless /tmp already does), and the
+        folder is moved to its path there.
         """
         folder, stage, network = (shlex.quote(str(path)) for path in (self.host_folder(host), self._stage(host),
                                                                         self.folder))
         kernel = "|".join(KERNEL_FILESYSTEMS)
+        shared = []  # the code and the Python it runs, when under /tmp: at their paths in the new /tmp, read-only
+        for path in self.shared:
+            if str(path).startswith("/tmp/"):
+                inside = shlex.quote(f"{self._stage(host)}/{str(path)[len('/tmp/'):]}")
+                shared += [f"mkdir -p {inside}", f"mount -n --bind {shlex.quote(str(path))} {inside}",
+                           f"mount -n -o remount,bind,ro {inside}"]
         hidden_by_tmp = str(self.folder).startswith("/tmp/")
         return "\n".join([
             "set -eu",
@@ -274,6 +293,7 @@ class Network:
             f"mount -n --bind {shlex.quote(str(self.hosts_file))} /etc/hosts",
             "# a fresh /tmp holding, for a moment, the host's folder",
             f"mount -n -t tmpfs -o mode=1777 tmpfs {stage}",
+            *shared,
             f"mkdir {stage}/.host",
             f"mount -n --bind {folder} {stage}/.host",
             f"mount -n -o remount,bind,rw {stage}/.host",
