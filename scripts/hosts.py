@@ -393,8 +393,8 @@ SCHEDULER_SERVICES = ("scheduler", "dag-processor", "api-server")
 DEFAULT_QUEUE_WORKER = "celery worker --queues default --concurrency 1"
 GPU_QUEUE_WORKER = cluster.WORKERS["worker-gpu"][0]  # celery worker --queues gpu --concurrency 1
 # Beyond deploy/airflow.env: one task at a time per worker, manual runs only, and a host that dies
-# mid-task noticed within a minute: no heartbeat for 20 s fails its task, retried 2 s later, and
-# its training lease (10 s) has expired by then.
+# mid-task noticed within half a minute: no heartbeat for 20 s fails its task (checked every 5 s),
+# retried 2 s later, and its training lease (10 s) has expired by then.
 QUICK_SETTINGS = {
     "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
@@ -408,7 +408,7 @@ QUICK_SETTINGS = {
 
 def postgres_bin() -> Path:
     """The newest installed PostgreSQL's server binaries (Debian's /usr/lib/postgresql/<version>/bin)."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda path: int(path.parts[-3]))
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda path: [int(part) for part in path.parts[-3].split(".")])
     if not found:
         raise HostError("the database host needs PostgreSQL's server: no /usr/lib/postgresql/<version>/bin/postgres "
                         "(apt-get install postgresql)")

@@ -111,7 +111,8 @@ def test_a_run_across_hosts_resumes_on_the_other_gpu_host_when_the_training_one_
             run_id = api.post(RUNS, {"logical_date": None, "conf": conf})["dag_run_id"]
             key = f"artifacts/runs/{run_folder_name(run_id)}"
 
-            # The gpu host that trains commits epoch 1 to the store; then it dies, every process on it.
+            # The gpu host that trains commits epoch 1 to the store; then it dies: SIGKILL to every process on
+            # it, the Celery worker's process group and the task's own (Airflow's supervisor gives it one).
             _wait(lambda: _object(s3, bucket, f"{key}/state.json"), 600, "epoch committed to the store")
             trainer = json.loads(_object(s3, bucket, f"{key}/lease.json"))["host"]
             assert trainer in deployment.gpu_hosts, trainer
