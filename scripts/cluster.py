@@ -91,7 +91,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _secrets(folder: Path) -> dict[str, str]:
+def load_secrets(folder: Path) -> dict[str, str]:
     """Secrets from .env when it sets them, else generated once and kept in the cluster folder."""
     dotenv = read_env_file(REPO / ".env") if (REPO / ".env").is_file() else {}
     stored_path = folder / "secrets.json"
@@ -104,29 +104,52 @@ def _secrets(folder: Path) -> dict[str, str]:
     return values
 
 
+def airflow_settings(*, home: Path, database_url: str, broker_url: str, api_url: str, secrets: dict[str, str],
+                     passwords_file: Path, artifacts: str, gpu_workers: int = 1) -> dict[str, str]:
+    """What every component of one deployment is given: ``deploy/airflow.env``, then its addresses and secrets.
+
+    ``database_url`` is the metadata database's SQLAlchemy URL
+    (``postgresql+psycopg2://...``; the Celery result backend uses the same
+    database), ``broker_url`` the Celery broker's, ``api_url`` the api-server's
+    (``http://host:port``: the UI's base URL and, under ``/execution/``, the
+    workers' execution API). ``secrets`` holds ``SECRET_KEYS``. The DAGs,
+    the plugins and ``alexnet_tasks`` come from this checkout.
+    """
+    values = read_env_file(SHARED_ENV)
+    values.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
+        AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=database_url,
+        AIRFLOW__CELERY__RESULT_BACKEND=f"db+{database_url.replace('+psycopg2', '')}",
+        AIRFLOW__CELERY__BROKER_URL=broker_url,
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{api_url}/execution/",
+        AIRFLOW__API__BASE_URL=api_url,
+        AIRFLOW__API__WORKERS="1",
+        AIRFLOW__CORE__FERNET_KEY=secrets["AIRFLOW_FERNET_KEY"],
+        AIRFLOW__API_AUTH__JWT_SECRET=secrets["AIRFLOW_JWT_SECRET"],
+        AIRFLOW__API__SECRET_KEY=secrets["AIRFLOW_API_SECRET_KEY"],
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(passwords_file),
+        ALEXNET_ARTIFACTS=artifacts,
+        ALEXNET_GPU_WORKERS=str(gpu_workers),
+        PYTHONPATH=str(REPO),
+    )
+    return values
+
+
 def environment(state: dict) -> dict[str, str]:
+    """This process's environment with the settings of the cluster ``state`` describes (all on 127.0.0.1)."""
     folder = Path(state["dir"])
     database = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{state['database']}"
     env = dict(os.environ)
-    env.update(read_env_file(SHARED_ENV))
+    env.update(airflow_settings(
+        home=folder / "home", database_url=database, broker_url=f"redis://127.0.0.1:6379/{state['redis_db']}",
+        api_url=f"http://127.0.0.1:{state['port']}", secrets=state["secrets"],
+        passwords_file=folder / "passwords.json", artifacts=state["artifacts"],
+        gpu_workers=state.get("gpu_workers", 1)))
     env.update(
-        AIRFLOW_HOME=str(folder / "home"),
-        AIRFLOW__CORE__DAGS_FOLDER=str(REPO / "dags"),
-        AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=database,
-        AIRFLOW__CELERY__RESULT_BACKEND=f"db+{database.replace('+psycopg2', '')}",
-        AIRFLOW__CELERY__BROKER_URL=f"redis://127.0.0.1:6379/{state['redis_db']}",
-        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{state['port']}/execution/",
         AIRFLOW__API__PORT=str(state["port"]),
-        AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{state['port']}",
-        AIRFLOW__API__WORKERS="1",
-        AIRFLOW__CORE__FERNET_KEY=state["secrets"]["AIRFLOW_FERNET_KEY"],
-        AIRFLOW__API_AUTH__JWT_SECRET=state["secrets"]["AIRFLOW_JWT_SECRET"],
-        AIRFLOW__API__SECRET_KEY=state["secrets"]["AIRFLOW_API_SECRET_KEY"],
-        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(folder / "passwords.json"),
         AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT=str(state["log_ports"]["triggerer"]),
-        ALEXNET_ARTIFACTS=state["artifacts"],
-        ALEXNET_GPU_WORKERS=str(state.get("gpu_workers", 1)),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
     )
     return env
@@ -280,20 +303,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def health(state: dict) -> dict:
-    """The api-server's view of its components plus whether each worker said it is ready."""
+HEALTH_COMPONENTS = ("metadatabase", "scheduler", "triggerer", "dag-processor")
+
+
+def api_health(base_url: str, components: tuple[str, ...] = HEALTH_COMPONENTS) -> dict[str, str | None]:
+    """Each component's status as the api-server at ``base_url`` reports it ("healthy"), None when it cannot say."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{state['port']}/api/v2/monitor/health", timeout=5) as reply:
+        with urllib.request.urlopen(f"{base_url}/api/v2/monitor/health", timeout=5) as reply:
             report = json.load(reply)
     except (urllib.error.URLError, OSError, ValueError):
         report = {}
-    result = {
-        name: (report.get(name.replace("-", "_")) or {}).get("status")
-        for name in ("metadatabase", "scheduler", "triggerer", "dag-processor")
-    }
+    return {name: (report.get(name.replace("-", "_")) or {}).get("status") for name in components}
+
+
+def worker_ready(log: Path) -> bool:
+    """Whether the Celery worker logging to ``log`` has said it is ready to take tasks."""
+    return log.is_file() and b" ready." in log.read_bytes()
+
+
+def health(state: dict) -> dict:
+    """The api-server's view of its components plus whether each worker said it is ready."""
+    result = api_health(f"http://127.0.0.1:{state['port']}")
     for name in _workers(state):
-        log = Path(state["dir"]) / "logs" / f"{name}.log"
-        result[name] = "healthy" if log.is_file() and b" ready." in log.read_bytes() else None
+        result[name] = "healthy" if worker_ready(Path(state["dir"]) / "logs" / f"{name}.log") else None
     for name in state["pids"]:
         if not _ours(name, state):
             result[name] = "dead"
@@ -315,7 +347,7 @@ def start(args) -> dict:
         "artifacts": str(Path(os.environ.get("ALEXNET_ARTIFACTS") or (folder / "artifacts")).resolve()),
         "log_ports": {"triggerer": free_port(),
                       **{name: free_port() for name in workers(getattr(args, "gpu_workers", 1))}},
-        "secrets": _secrets(folder),
+        "secrets": load_secrets(folder),
         "pids": {},
         "processes": {},
     }
