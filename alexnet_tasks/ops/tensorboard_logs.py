@@ -52,20 +52,20 @@ def log_folder(layout: Layout, folder: Path | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="-- then TensorBoard's own arguments")
     parser.add_argument("folder", nargs="?", type=Path, help="local folder for the mirrored logs (object-store root)")
     parser.add_argument("--serve", action="store_true", help="run TensorBoard on the logs (arguments after --)")
     parser.add_argument("--every", type=float, default=60.0, help="seconds between mirrors while serving")
     parser.add_argument("--airflow", action="store_true", help="the store's credentials from the Airflow connection")
-    parser.add_argument("tensorboard", nargs=argparse.REMAINDER, help="-- then TensorBoard's own arguments")
-    arguments = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # TensorBoard's own arguments
+    arguments = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     layout = artifacts_layout(airflow=arguments.airflow)
     folder = log_folder(layout, arguments.folder)
     if not arguments.serve:
         print(folder)
         return 0
-    extra = [argument for argument in arguments.tensorboard if argument != "--"]
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), *extra])
     try:
         while server.poll() is None:
