@@ -346,7 +346,7 @@ class ObjectStore:
                 self.put_file(folder / name, f"{key}/{_check_key(name)}")
                 uploaded.append(name)
                 etags[name] = self.filesystem.info(self.path(f"{key}/{name}")).get("ETag")
-        _note_etags(folder, etags)
+        note_etags(folder, etags)
         return uploaded
 
     def _listing(self, key: str) -> dict[str, dict]:
@@ -375,7 +375,7 @@ class ObjectStore:
         folder = Path(folder)
         listing = self._listing(key)
         wanted = sorted(listing) if names is None else [name for name in names if name in listing]
-        noted = _noted_etags(folder)
+        noted = noted_etags(folder)
         fetched, etags = [], {}
         for name in wanted:
             target, etag = folder / name, listing[name].get("ETag")
@@ -391,7 +391,7 @@ class ObjectStore:
                 temporary.unlink(missing_ok=True)
             fetched.append(name)
             etags[name] = etag
-        _note_etags(folder, etags)
+        note_etags(folder, etags)
         return fetched
 
     def read(self, key: str) -> bytes | None:
@@ -479,7 +479,8 @@ class ObjectStore:
 ETAGS = ".store-etags.json"  # in a local copy of a run's folder: the ETag of the object each file came from or went to
 
 
-def _noted_etags(folder: Path) -> dict:
+def noted_etags(folder: Path) -> dict:
+    """``{file name: ETag}`` noted in ``folder``'s ``.store-etags.json``: the object each local file came from or went to."""
     try:
         noted = json.loads((Path(folder) / ETAGS).read_text())
     except (OSError, ValueError):
@@ -487,11 +488,12 @@ def _noted_etags(folder: Path) -> dict:
     return noted if isinstance(noted, dict) else {}
 
 
-def _note_etags(folder: Path, etags: dict) -> None:
+def note_etags(folder: Path, etags: dict) -> None:
+    """Add ``{file name: ETag}`` to ``folder``'s ``.store-etags.json`` (replaced in one rename)."""
     if not etags:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    noted = {**_noted_etags(folder), **etags}
+    noted = {**noted_etags(folder), **etags}
     temporary = folder / f"{ETAGS}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temporary.write_text(json.dumps(noted, sort_keys=True))
     os.replace(temporary, folder / ETAGS)
@@ -583,6 +585,10 @@ class Lease:
         self.took_over: dict | None = None  # the expired owner this lease replaced, if any
         self._stop = None
         self._thread = None
+        self._renewals = 0
+        import threading
+
+        self._lock = threading.Lock()  # one renewal at a time: the thread's or renew()'s
 
     def _body(self, renewals: int) -> bytes:
         return json.dumps({**self.owner, "renewals": renewals}, sort_keys=True).encode()
@@ -622,19 +628,30 @@ class Lease:
         self._thread.start()
 
     def _renew_until_stopped(self) -> None:
-        renewals = 0
         while not self._stop.wait(self.seconds / 3):
-            renewals += 1
             try:
-                etag = self.store.replace(self.key, self._body(renewals), self.etag)
+                self.renew()
+            except LeaseLostError:
+                return
             except Exception as error:  # a store that cannot be reached: try again at the next renewal
                 import logging
 
                 logging.getLogger(__name__).warning("%s: renewal failed (%s)", self.store.url(self.key), error)
-                continue
+
+    def renew(self) -> None:
+        """Renew the lease now, conditional on its ETag; raises ``LeaseLostError`` if another owner took it over.
+
+        Call it right before a write that only the owner may make: the
+        renewal proves the lease was still this owner's a moment ago, not at
+        the thread's last renewal.
+        """
+        with self._lock:
+            self.check()
+            self._renewals += 1
+            etag = self.store.replace(self.key, self._body(self._renewals), self.etag)
             if etag is None:
                 self.lost = f"{self.store.url(self.key)}: taken over by another owner"
-                return
+                self.check()
             self.etag = etag
 
     def check(self) -> None:

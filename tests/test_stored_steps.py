@@ -70,12 +70,18 @@ def test_an_expired_lease_is_taken_over_and_its_old_owner_learns_it_lost(bucket)
     time.sleep(4.5)  # past its life by the store's own clock (Last-Modified against Date)
     with Lease(store, "runs/b/lease.json", "training b", seconds=3) as taker:
         assert taker.took_over["pid"] == stale.owner["pid"] and taker.took_over["silent_seconds"] > 3
+        with pytest.raises(LeaseLostError):  # a commit of the old owner, before any renewal thread noticed
+            stale.renew()
+        stale.lost = None
         stale._start_renewals()  # the old owner wakes up: its next renewal loses
         deadline = time.monotonic() + 10
         while stale.lost is None and time.monotonic() < deadline:
             time.sleep(0.1)
         with pytest.raises(LeaseLostError, match="taken over by another owner"):
             stale.check()
+        with pytest.raises(LeaseLostError):  # the synchronous renewal a commit makes first refuses as well
+            stale.renew()
+        taker.renew()
         taker.check()
         stale.release()  # does not delete the new owner's lease
         assert json.loads(store.read("runs/b/lease.json"))["token"] == taker.owner["token"]

@@ -187,8 +187,11 @@ def put_run(layout: Layout, run_id: str, names: list[str], last: str | None = No
     return uploaded
 
 
-def _committed_state(layout: Layout, run_id: str) -> None:
-    """Make this host's copy of the run's committed state the store's: state.json, its checkpoint, the logs."""
+def _committed_state(layout: Layout, run_id: str) -> str | None:
+    """Make this host's copy of the run's committed state the store's: state.json, its checkpoint, the logs.
+
+    Returns the name of the checkpoint the store's state names (None without a usable state).
+    """
     import json
 
     store, run_dir = _store(layout), layout.run(run_id)
@@ -197,17 +200,18 @@ def _committed_state(layout: Layout, run_id: str) -> None:
     shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     data = store.read(f"{key}/{STATE}")
     if data is None:
-        return  # nothing committed anywhere: a fresh start
+        return None  # nothing committed anywhere: a fresh start
     try:
         checkpoint = json.loads(data)["checkpoint"]
     except (ValueError, KeyError, TypeError):
         log.warning("%s: unreadable; training starts over", store.url(f"{key}/{STATE}"))
-        return
+        return None
     shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
     logs = [name for name in store.list_files(key) if name.startswith(f"{TENSORBOARD}/")]
     store.fetch_files(key, run_dir, [f"{CHECKPOINTS}/{checkpoint}", CONFIG, *logs])
     (run_dir / STATE).write_bytes(data)  # last: the state names a checkpoint that is here
     log.info("resuming from %s (checkpoint %s)", store.url(f"{key}/{STATE}"), checkpoint)
+    return checkpoint
 
 
 # --------------------------------------------------------------------------- training
@@ -227,20 +231,23 @@ def train(config: PipelineConfig, layout: Layout, run_id: str, *, devices: list[
         if lease.took_over:
             log.warning("took over the lease of %s pid %s, silent for %s s", lease.took_over.get("host"),
                         lease.took_over.get("pid"), lease.took_over.get("silent_seconds"))
-        _committed_state(layout, run_id)
-        checkpoints = f"{_key(layout, run_dir)}/{CHECKPOINTS}"
+        previous = [name for name in [_committed_state(layout, run_id)] if name]
+        key = _key(layout, run_dir)
 
         def commit(epochs_done: int, checkpoint: Path) -> None:
             lease.check()
+            if epochs_done == 1:  # this attempt started over: an earlier attempt's logs are not this run's
+                store.remove(f"{key}/{TENSORBOARD}")
             put_run(layout, run_id, [f"{CHECKPOINTS}/{checkpoint.name}", CONFIG, TENSORBOARD])
-            lease.check()
+            lease.renew()  # still the owner a moment ago: only the owner commits
             put_run(layout, run_id, [STATE])
-            for old in store.list_files(checkpoints):  # the state names the new one: the others are done with
+            for old in previous:  # the checkpoint the state named before this commit; never another owner's
                 if old != checkpoint.name:
-                    store.remove(f"{checkpoints}/{old}")
+                    store.remove(f"{key}/{CHECKPOINTS}/{old}")
+            previous[:] = [checkpoint.name]
 
         result = train_model(shards, run_dir, config, devices=devices, on_commit=commit)
-        lease.check()
+        lease.renew()
         put_run(layout, run_id, [MODEL, HISTORY, CONFIG, TENSORBOARD, TRAIN_SUMMARY], last=TRAIN_SUMMARY)
     return {**result, "store": store.url(_key(layout, run_dir))}
 
@@ -291,7 +298,12 @@ def publish(config: PipelineConfig, layout: Layout, run_id: str, **options) -> d
     from alexnet_tasks.release import retention
     from alexnet_tasks.release.publish import publish as publish_run
 
+    from alexnet_tasks.layout import published_path
+
     store, run_dir = _store(layout), fetch_run(layout, run_id)
+    # The copy is built from the run's folder, never from this cache's copy of an earlier publish (the gate
+    # fetches champions without their model or logs): put_folder makes the store's copy hold exactly it.
+    shutil.rmtree(layout.published / published_path(run_id), ignore_errors=True)
     published = registry(layout)
     result = publish_run(run_dir, layout.published, config, run_id=run_id, registry=published, **options)
     cache = {"checkpoint_bytes_freed": result["checkpoint_bytes_freed"], "pruned_runs": result["pruned_runs"]}
