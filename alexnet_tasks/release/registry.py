@@ -483,13 +483,16 @@ class S3Store:
         then renamed) except ``model.keras`` and the TensorBoard logs, unless
         ``with_model``; a folder the store does not have is an empty one.
         """
+        from alexnet_tasks.store import note_etags, noted_etags
+
         local = self.cache / PUBLISHED / path
-        for name, size in self._listing(path).items():
+        noted, fetched = noted_etags(local), {}
+        for name, (size, etag) in self._listing(path, etags=True).items():
             if (name == MODEL and not with_model) or name.startswith(f"{TENSORBOARD}/"):
                 continue
             target = local / name
-            if target.is_file() and target.stat().st_size == size and name == MODEL:
-                continue  # the model of a run id is rewritten only by a publish of another training
+            if target.is_file() and target.stat().st_size == size and noted.get(name) == etag:
+                continue  # this host holds the object's current version (its ETag noted at the last fetch)
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = temp_sibling(target)
             try:
@@ -497,6 +500,8 @@ class S3Store:
                 os.replace(temporary, target)
             finally:
                 temporary.unlink(missing_ok=True)
+            fetched[name] = etag
+        note_etags(local, fetched)
         return local
 
     def has_file(self, path: str, name: str) -> bool:
@@ -507,13 +512,13 @@ class S3Store:
         """The object ``name`` under ``published/`` as messages name it: its ``s3://`` URL."""
         return f"s3://{self.bucket}/{self.key(name)}"
 
-    def _listing(self, path: str) -> dict[str, int]:
-        """``{relative name: size}`` of every object under the published folder ``path``."""
+    def _listing(self, path: str, etags: bool = False) -> dict:
+        """``{relative name: size}`` of every object under the published folder ``path`` (``(size, ETag)`` with ``etags``)."""
         prefix = self.key(f"{path}/")
         found = {}
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                found[item["Key"][len(prefix):]] = item["Size"]
+                found[item["Key"][len(prefix):]] = (item["Size"], item.get("ETag")) if etags else item["Size"]
         return found
 
     def read_bytes(self, name: str) -> bytes | None:
