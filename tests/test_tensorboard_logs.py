@@ -36,3 +36,6 @@ def test_the_compose_command_serves_the_published_runs_of_a_local_root(tmp_path)
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # Stopping the entry point stops TensorBoard too: nothing is left serving the folder.
+    left = subprocess.run(["pgrep", "-f", "--", str(tmp_path / "artifacts")], capture_output=True, text=True).stdout.split()
+    assert left == [], f"TensorBoard left running: {left}"

@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     if not arguments.serve:
         print(folder)
         return 0
+    import signal
+
+    # Stopped (docker stop, a supervisor): TensorBoard is stopped with it, never left running alone.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), *extra])
     try:
         while server.poll() is None:
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server.poll() is None:
             server.terminate()
-    return server.wait()
+        server.wait()
+    return server.returncode
 
 
 if __name__ == "__main__":
