@@ -308,10 +308,8 @@ class ObjectStore:
             target = local / name
             if target.is_file() and file_digest(target) == (entry["size"], entry["sha256"]):
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f"{target.name}.fetching-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            try:
-                self.filesystem.get_file(self.path(f"{key}/{OBJECTS}/{entry['sha256']}"), str(temporary))
+
+            def matches(temporary: Path, name=name, entry=entry) -> None:
                 found = file_digest(temporary)
                 if found != (entry["size"], entry["sha256"]):
                     raise StoreContentError(
@@ -319,12 +317,26 @@ class ObjectStore:
                         f"SHA-256 {found[1]}, expected {entry['size']} bytes with SHA-256 {entry['sha256']} "
                         f"as {self.url(f'{key}/{CONTENTS}')} lists"
                     )
-                os.replace(temporary, target)
-            finally:
-                temporary.unlink(missing_ok=True)
+
+            self._download(f"{key}/{OBJECTS}/{entry['sha256']}", target, matches)
         return local
 
     # ----------------------------------------------------------------- a run's files (mutable, not content-addressed)
+    def _download(self, key: str, target: Path, check=None) -> None:
+        """Download object ``key`` to ``target`` under a temporary name, ``check(temporary)`` it, then rename.
+
+        A reader of ``target`` never sees half a file; a failed check (it raises) leaves nothing behind.
+        """
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f"{target.name}.fetching-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            self.filesystem.get_file(self.path(key), str(temporary))
+            if check is not None:
+                check(temporary)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+
     def put_file(self, local: Path, key: str) -> None:
         """Upload one local file as object ``key`` (a single PUT: readers see the old object or the new one)."""
         self.filesystem.put_file(str(local), self.path(key))
@@ -382,13 +394,7 @@ class ObjectStore:
             if (etag is not None and noted.get(name) == etag and target.is_file()
                     and target.stat().st_size == listing[name].get("size")):
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f"{target.name}.fetching-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            try:
-                self.filesystem.get_file(self.path(f"{key}/{name}"), str(temporary))
-                os.replace(temporary, target)
-            finally:
-                temporary.unlink(missing_ok=True)
+            self._download(f"{key}/{name}", target)
             fetched.append(name)
             etags[name] = etag
         note_etags(folder, etags)
