@@ -282,6 +282,14 @@ def plugin_client(token: str):
         yield client
 
 
+def assert_refused(client, routes: list[str]) -> None:
+    """Every route answers 404 and leaks none of the planted contents (``secret``, the planted ``0.99``)."""
+    for route in routes:
+        response = client.get(route)
+        assert response.status_code == 404, route
+        assert b"secret" not in response.content and b"0.99" not in response.content, route
+
+
 def quoted(run_id: str) -> str:
     """``run_id`` as one URL path segment."""
     return quote(run_id, safe="")

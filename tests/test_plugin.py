@@ -21,7 +21,7 @@ from urllib.parse import urljoin
 
 import pytest
 
-from builders import PLUGIN_FILE, evaluate_gate_publish, links, plugin_client, plugin_env, quoted
+from builders import PLUGIN_FILE, assert_refused, evaluate_gate_publish, links, plugin_client, plugin_env, quoted
 from conftest import ROOT
 
 OLD_RUN = "manual__2026-11-28T10:00:00+00:00"
@@ -394,10 +394,7 @@ def test_only_named_artifacts_of_indexed_runs_inside_published_are_served(client
         "/alexnet/runs/unknown/files/metrics.json", "/alexnet/runs/unknown",
         f"/alexnet/runs/runs%2F{old_folder()}/files/metrics.json",
     ]
-    for route in refused:
-        response = client.get(route)
-        assert response.status_code == 404, route
-        assert b"secret" not in response.content and b"0.99" not in response.content, route
+    assert_refused(client, refused)
     page = client.get("/alexnet/runs").text
     assert page.count("files missing") == 3, "runs whose folder is outside published/ are listed without files"
     assert "not json" not in page
