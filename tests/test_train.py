@@ -353,6 +353,9 @@ def test_time_budget_sizes_the_schedule_to_end_inside_it(small_archive, tmp_path
         return
     assert summary["epochs_run"] == summary["epochs_planned"] == result["epochs"]
     assert summary["stopped_reason"] is None
+    if expected == 1:  # a loaded machine: the plan, made after epoch 1, had no epoch left to decay over
+        assert len(history) == 1
+        return
     # The rate of the last step: the cosine has decayed to (almost) nothing inside the budget.
     assert history[-1]["learning_rate"] < 0.03 * 0.01
 
