@@ -20,7 +20,8 @@ touches every variant alike.
    against the project (32x32 batches, resize inside the model) without and
    with XLA, so the gain of each is separate.
 4. The ceiling: the model's FLOPs per training image and a large float32
-   matmul's GFLOP/s, a practical peak of this CPU.
+   matmul's GFLOP/s, a practical peak of this CPU; the same matmul in
+   bfloat16 beside it (what the CPU's bfloat16 instructions give a matmul).
 
 The data are random arrays of the train shard's shape and dtype (45,000
 standardized 32x32x3 float32 images; uint8 for the reference's host
@@ -201,26 +202,26 @@ def child_batch32(job: dict) -> dict:
 
 
 def child_matmul(job: dict) -> dict:
-    """GFLOP/s of a large float32 matmul: a practical peak for this CPU."""
+    """GFLOP/s of a large matmul in ``job["dtype"]``: in float32, a practical peak for this CPU."""
     import tensorflow as tf
 
     n = job["n"]
-    a = tf.random.normal((n, n), seed=1)
-    b = tf.random.normal((n, n), seed=2)
+    a = tf.cast(tf.random.normal((n, n), seed=1), job["dtype"])
+    b = tf.cast(tf.random.normal((n, n), seed=2), job["dtype"])
     tf.matmul(a, b).numpy()
     rates = []
     for _ in range(job["repeats"]):
         start = time.perf_counter()
         tf.matmul(a, b).numpy()
         rates.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
-    return {"n": n, "gflops": rates, **tf_facts()}
+    return {"n": n, "dtype": job["dtype"], "gflops": rates, **tf_facts()}
 
 
 CHILDREN = {"fast": child_fast, "input": child_input, "batch32": child_batch32, "matmul": child_matmul}
 
 
 # --------------------------------------------------------------------------- parent side
-def run_child(job: dict, env: dict) -> dict:
+def run_child(job: dict, env: dict, name: str = "") -> dict:
     environment = {**{k: v for k, v in os.environ.items() if not k.startswith(("TF_ENABLE_ONEDNN", "TF_NUM_"))},
                    "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO), **env}
     start = time.monotonic()
@@ -231,7 +232,8 @@ def run_child(job: dict, env: dict) -> dict:
         raise RuntimeError(f"child {job} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1][len(MARK):])
     result["process_seconds"] = time.monotonic() - start
-    print(f"  {job['what']} {env or ''}: {summary(result)} ({result['process_seconds']:.0f} s)", flush=True)
+    label = name or (f"{job.get('dtype', '')} {env or ''}".strip())
+    print(f"  {job['what']} {label}: {summary(result)} ({result['process_seconds']:.0f} s)", flush=True)
     return result
 
 
@@ -280,9 +282,11 @@ def main() -> None:
     payload = {"code": git_commit(), "argv": sys.argv[1:], "machine": {"cpus": os.cpu_count(), "processor": platform.processor()},
                "image_size": args.image_size, "data": "random arrays of the train shard's shape and dtype"}
     print("matmul peak and input path", flush=True)
-    payload["matmul"] = {name: run_child({"what": "matmul", "n": 4096, "repeats": 5}, env)
-                         for name, env in (("oneDNN on", {"TF_ENABLE_ONEDNN_OPTS": "1"}),
-                                           ("oneDNN off", {"TF_ENABLE_ONEDNN_OPTS": "0"}))}
+    # bfloat16 beside float32: what the CPU's bfloat16 instructions (AMX tiles, AVX512-BF16) give a matmul.
+    payload["matmul"] = {name: run_child({"what": "matmul", "n": 4096, "repeats": 5, "dtype": dtype}, env)
+                         for name, env, dtype in (("oneDNN on", {"TF_ENABLE_ONEDNN_OPTS": "1"}, "float32"),
+                                                  ("oneDNN off", {"TF_ENABLE_ONEDNN_OPTS": "0"}, "float32"),
+                                                  ("oneDNN on, bfloat16", {"TF_ENABLE_ONEDNN_OPTS": "1"}, "bfloat16"))}
     payload["input"] = run_child({"what": "input", "batch": 256, "epochs": 2}, {})
 
     print(f"fast recipe at {args.image_size}, batch 256: {args.warmup} warm-up + {args.steps} timed steps", flush=True)
@@ -292,7 +296,7 @@ def main() -> None:
             xla, env, *precision = FAST_VARIANTS[name]
             runs[name].append(run_child({"what": "fast", "xla": xla, "precision": (precision or ["float32"])[0],
                                          "image_size": args.image_size,
-                                         "steps": args.steps, "warmup": args.warmup}, env))
+                                         "steps": args.steps, "warmup": args.warmup}, env, name))
     base = median([r["images_per_second"] for r in runs[BASELINE]]) if BASELINE in runs else None
     fast_rows, fast = [], {}
     for name, results in runs.items():
@@ -309,7 +313,7 @@ def main() -> None:
 
     flops = next(iter(runs.values()))[0]["forward_flops"]
     best_name = max(fast, key=lambda name: fast[name]["median"])
-    peak = max(max(m["gflops"]) for m in payload["matmul"].values())
+    peak = max(max(m["gflops"]) for m in payload["matmul"].values() if m["dtype"] == "float32")
     train_flops = 3 * flops
     payload["ceiling"] = {
         "forward_flops_per_image": flops, "train_flops_per_image": train_flops,
