@@ -110,7 +110,10 @@ class Study:
 
 
 def run_pipeline(conf: dict, artifacts: Path, home: Path) -> dict:
-    env = {**os.environ, "ALEXNET_ARTIFACTS": str(artifacts), "AIRFLOW_HOME": str(home), "CONF": json.dumps(conf)}
+    # PYTHONPATH: the runs import this checkout's package, the one code_version() records, whichever
+    # checkout the virtualenv's editable install points at.
+    env = {**os.environ, "ALEXNET_ARTIFACTS": str(artifacts), "AIRFLOW_HOME": str(home), "CONF": json.dumps(conf),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.monotonic()
     log = subprocess.run([str(REPO / "scripts" / "run_local.sh")], env=env, capture_output=True, text=True)
     wall = time.monotonic() - started

@@ -86,8 +86,10 @@ def cpu_bfloat16_pays(onednn: bool, flags: set[str] | None = None) -> bool:
 
     On such a CPU (Intel Sapphire Rapids and later) oneDNN runs bfloat16
     convolutions and matmuls on AMX; docs/performance.md measures the step
-    1.7x faster than in float32. Without AMX (AVX512-BF16 alone, as on AMD
-    EPYC) it is not measured to pay, so float32 stays.
+    1.7x faster than in float32. Without AMX (AVX512-BF16 alone) bfloat16 is
+    slower: on an AMD EPYC Zen 4 the ``fast`` step ran at 0.85x its float32
+    rate, and on Intel's AVX512-BF16 kernels at 0.45x (docs/performance.md,
+    "bfloat16 on a CPU with AMX" and below), so float32 stays.
     """
     return onednn and "amx_bf16" in (cpu_flags() if flags is None else flags)
 
