@@ -30,7 +30,7 @@ def test_recipes_resolve_with_explicit_overrides():
     assert resolve_hyperparameters(PipelineConfig(recipe="reference"), 1, (9, 0)).precision == "float32"
     fast = resolve_hyperparameters(PipelineConfig(recipe="fast", epochs=3))
     assert fast.epochs == 3 and fast.batch_size == RECIPE_DEFAULTS["fast"]["batch_size"] and fast.augment
-    assert (fast.batch_size, fast.learning_rate, fast.jit_compile, fast.precision) == (256, 0.04, False, "float32")
+    assert (fast.batch_size, fast.learning_rate, fast.jit_compile, fast.precision) == (128, 0.04, False, "float32")
     on_gpu = resolve_hyperparameters(PipelineConfig(recipe="fast"), 1, (9, 0))
     assert (on_gpu.precision, on_gpu.jit_compile) == ("mixed_bfloat16", True)
 
