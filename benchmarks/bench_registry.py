@@ -26,7 +26,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,16 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, save, table
+from common import REPO, machine, save, table
 
 sys.path.insert(0, str(REPO))
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def build_published(root: Path, runs: int) -> str:
@@ -159,12 +151,12 @@ def main() -> None:
 
     rows = [[code, page, figures["first_s"], figures["median_s"], figures["bytes"]]
             for code, pages in results.items() for page, figures in pages.items()]
-    print(table(f"Results pages with {args.runs} published runs ({cpu_name()})",
+    print(table(f"Results pages with {args.runs} published runs ({machine()['cpu']})",
                 ["plugin", "page", "first request (s)", "median (s)", "bytes"], rows))
     print(f"(published/ built in {built:.1f} s; index.sqlite built from all {args.runs} lines in "
           f"{table_seconds:.2f} s)")
     if not args.no_save:
-        path = save("registry", {"runs": args.runs, "cpu": cpu_name(), "repeats": args.repeats,
+        path = save("registry", {"runs": args.runs, "cpu": machine()["cpu"], "repeats": args.repeats,
                                  "before": args.before, "table_build_s": round(table_seconds, 3),
                                  "results": results})
         print(f"saved {path}")

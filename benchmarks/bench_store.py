@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import REPO, real_or_synthetic_archive, save, table
+from common import REPO, machine, real_or_synthetic_archive, save, table
 
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -186,18 +185,8 @@ def main() -> None:
         print(f"{variant}: {figures['overhead_seconds']:+.1f} s ({figures['overhead_percent']:+.1f} % of the local "
               f"run's {local_total:.1f} s), {figures['bytes_up'] / 1e6:.1f} MB up, {figures['bytes_down'] / 1e6:.1f} MB down")
     save("store", {"archive": kind, "epochs": arguments.epochs, "train_limit": arguments.train_limit,
-                   "machine": platform.processor() or platform.machine(), "cpu": _cpu(), "steps": results,
+                   "machine": machine(), "steps": results,
                    "summary": summary, "local_seconds": round(local_total, 2)})
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

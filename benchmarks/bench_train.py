@@ -35,12 +35,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-from common import REPO, RESULTS, save, table
+from common import REPO, RESULTS, machine, save, table
 
 sys.path.insert(0, str(REPO))
 TRAIN_IMAGES = 45_000
@@ -279,7 +278,7 @@ def main() -> None:
         return
 
     started = time.monotonic()
-    payload = {"code": git_commit(), "argv": sys.argv[1:], "machine": {"cpus": os.cpu_count(), "processor": platform.processor()},
+    payload = {"code": git_commit(), "argv": sys.argv[1:], "machine": machine(),
                "image_size": args.image_size, "data": "random arrays of the train shard's shape and dtype"}
     print("matmul peak and input path", flush=True)
     # bfloat16 beside float32: what the CPU's bfloat16 instructions (AMX tiles, AVX512-BF16) give a matmul.

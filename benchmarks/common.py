@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -15,6 +17,25 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED = REPO.parent / "shared" / "cifar10"
 CACHE = Path("/tmp/alexnet-bench")
+
+
+def machine() -> dict:
+    """The machine a figure was measured on: the CPU's name, family and model, its bfloat16 flags, cores, OS."""
+    fields, flags = {}, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"),
+            "bfloat16": sorted(flags & {"avx512_bf16", "amx_bf16"}), "cpus": os.cpu_count(),
+            "platform": platform.platform()}
 
 
 def real_or_synthetic_archive() -> tuple[Path, str, str]:
