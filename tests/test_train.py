@@ -78,15 +78,21 @@ def test_mixed_precision_follows_the_compute_capability(capability, policy):
     assert precision_policy(capability) == policy
 
 
-def test_bfloat16_on_the_cpu_only_where_onednn_has_amx(tmp_path):
-    from alexnet_tasks.training.recipe import cpu_bfloat16_pays, cpu_flags
+def test_bfloat16_on_the_cpu_where_onednn_has_amx_or_amds_avx512_bf16(tmp_path):
+    from alexnet_tasks.training.recipe import cpu_bfloat16_pays, cpu_flags, cpu_vendor
 
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n\nprocessor\t: 1\n")
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n"
+                       "\nprocessor\t: 1\n")
     flags = cpu_flags(str(cpuinfo))
     assert {"amx_bf16", "avx512_bf16"} <= flags and cpu_flags(str(tmp_path / "missing")) == set()
-    assert cpu_bfloat16_pays(True, flags) and not cpu_bfloat16_pays(False, flags)
-    assert not cpu_bfloat16_pays(True, {"avx512f", "avx512_bf16"})  # AVX512-BF16 alone (AMD EPYC): float32
+    assert cpu_vendor(str(cpuinfo)) == "GenuineIntel" and cpu_vendor(str(tmp_path / "missing")) == ""
+    assert cpu_bfloat16_pays(True, flags, "GenuineIntel") and not cpu_bfloat16_pays(False, flags, "GenuineIntel")
+    # AVX512-BF16 without AMX: AMD's (EPYC Zen 4) pays, Intel's (Cooper Lake) runs the step at half speed.
+    assert cpu_bfloat16_pays(True, {"avx512f", "avx512_bf16"}, "AuthenticAMD")
+    assert not cpu_bfloat16_pays(False, {"avx512f", "avx512_bf16"}, "AuthenticAMD")
+    assert not cpu_bfloat16_pays(True, {"avx512f", "avx512_bf16"}, "GenuineIntel")
+    assert not cpu_bfloat16_pays(True, {"avx2", "fma"}, "AuthenticAMD")  # no native bfloat16 (EPYC Zen 3)
     fast = PipelineConfig(recipe="fast")
     assert resolve_hyperparameters(fast, cpu_bfloat16=True).precision == "mixed_bfloat16"
     assert resolve_hyperparameters(fast, cpu_bfloat16=False).precision == "float32"

@@ -46,7 +46,7 @@ class Hyperparameters:
     ema_momentum: float | None = None  # exponential moving average of the weights per step; BatchNorm
     # statistics are recomputed for the averaged weights after training (None: no averaging)
     test_time_augmentation: str = "none"  # evaluate's views (PipelineConfig.resolved_test_time_augmentation)
-    precision: str = FLOAT32  # Keras dtype policy: float32, mixed_bfloat16 (GPU, or CPU with AMX) or mixed_float16
+    precision: str = FLOAT32  # Keras dtype policy: float32, mixed_bfloat16 (GPU, CPU where it pays) or mixed_float16
     jit_compile: bool = False  # XLA-compile the train step (where it pays: see xla_pays)
     max_train_minutes: float | None = None  # time budget: the first epoch's time sizes the planned epochs
 
@@ -81,17 +81,30 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
-def cpu_bfloat16_pays(onednn: bool, flags: set[str] | None = None) -> bool:
-    """Whether the CPU trains faster in bfloat16: oneDNN on a CPU with AMX's bfloat16 tiles.
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's ``vendor_id`` as Linux lists it (``AuthenticAMD``, ``GenuineIntel``; empty where unknown)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if line.startswith("vendor_id"):
+            return line.partition(":")[2].strip()
+    return ""
 
-    On such a CPU (Intel Sapphire Rapids and later) oneDNN runs bfloat16
-    convolutions and matmuls on AMX; docs/performance.md measures the step
-    1.7x faster than in float32. Without AMX (AVX512-BF16 alone) bfloat16 is
-    slower: on an AMD EPYC Zen 4 the ``fast`` step ran at 0.85x its float32
-    rate, and on Intel's AVX512-BF16 kernels at 0.45x (docs/performance.md,
-    "bfloat16 on a CPU with AMX" and below), so float32 stays.
+
+def cpu_bfloat16_pays(onednn: bool, flags: set[str] | None = None, vendor: str | None = None) -> bool:
+    """Whether the CPU trains faster in bfloat16 under oneDNN: with AMX, or with AMD's AVX512-BF16.
+
+    With AMX's bfloat16 tiles (Intel Sapphire Rapids and later)
+    docs/performance.md measures the step 1.7x faster than in float32; with
+    AVX512-BF16 on an AMD EPYC Zen 4 an epoch 1.4x faster. Intel's
+    AVX512-BF16 kernels without AMX (Cooper Lake) run the step at 0.45x, so
+    float32 stays there, and on every CPU without native bfloat16.
     """
-    return onednn and "amx_bf16" in (cpu_flags() if flags is None else flags)
+    flags = cpu_flags() if flags is None else flags
+    vendor = cpu_vendor() if vendor is None else vendor
+    return onednn and ("amx_bf16" in flags or ("avx512_bf16" in flags and vendor == "AuthenticAMD"))
 
 
 def onednn_enabled() -> bool:
