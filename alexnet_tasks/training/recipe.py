@@ -69,28 +69,26 @@ def precision_policy(compute_capability: tuple[int, int] | None, cpu_bfloat16: b
     return FLOAT32
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty where there is no such file)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
-
-
-def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's ``vendor_id`` as Linux lists it (``AuthenticAMD``, ``GenuineIntel``; empty where unknown)."""
+def _cpuinfo_field(name: str, cpuinfo: str) -> str:
+    """The first value of field ``name`` in ``cpuinfo`` (Linux's /proc/cpuinfo format); empty where there is none."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
         return ""
     for line in text.splitlines():
-        if line.startswith("vendor_id"):
+        if line.startswith(name):
             return line.partition(":")[2].strip()
     return ""
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no such file)."""
+    return set(_cpuinfo_field("flags", cpuinfo).split())
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's ``vendor_id`` as Linux lists it (``AuthenticAMD``, ``GenuineIntel``; empty where unknown)."""
+    return _cpuinfo_field("vendor_id", cpuinfo)
 
 
 def cpu_bfloat16_pays(onednn: bool, flags: set[str] | None = None, vendor: str | None = None) -> bool:
