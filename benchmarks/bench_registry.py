@@ -151,12 +151,13 @@ def main() -> None:
 
     rows = [[code, page, figures["first_s"], figures["median_s"], figures["bytes"]]
             for code, pages in results.items() for page, figures in pages.items()]
-    print(table(f"Results pages with {args.runs} published runs ({machine()['cpu']})",
+    cpu = machine()["cpu"]
+    print(table(f"Results pages with {args.runs} published runs ({cpu})",
                 ["plugin", "page", "first request (s)", "median (s)", "bytes"], rows))
     print(f"(published/ built in {built:.1f} s; index.sqlite built from all {args.runs} lines in "
           f"{table_seconds:.2f} s)")
     if not args.no_save:
-        path = save("registry", {"runs": args.runs, "cpu": machine()["cpu"], "repeats": args.repeats,
+        path = save("registry", {"runs": args.runs, "cpu": cpu, "repeats": args.repeats,
                                  "before": args.before, "table_build_s": round(table_seconds, 3),
                                  "results": results})
         print(f"saved {path}")
